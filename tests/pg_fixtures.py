@@ -1,0 +1,41 @@
+"""Pytest fixtures backed by a real PostgreSQL server (see :mod:`tests.pg_server`).
+
+Import them into a conftest or test module::
+
+    from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
+
+* ``postgres_server`` (session scope): one :class:`~tests.pg_server.PostgresServer`
+  per test session (per xdist worker), stopped and deleted at session end.
+* ``postgres_url`` (function scope): SQLAlchemy URL
+  (``postgresql+asyncpg://...``) of a fresh, empty database with a unique name,
+  dropped (``WITH (FORCE)``) after the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.pg_server import PostgresServer
+
+__all__ = ["postgres_server", "postgres_url"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Start one throwaway PostgreSQL server for the whole test session."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """Return the URL of a fresh, empty database, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex}"
+    url = postgres_server.create_database(name)
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(name)
