@@ -1,0 +1,148 @@
+"""BatchService: the RPCs, in terms of the store, the validator and the engine.
+
+Only this module and service/grpc_errors.py know the servicer side of gRPC; errors raised here
+are `SluiceError`s and are turned into statuses by `translate_errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from sluice.v1 import batch_pb2, batch_pb2_grpc
+
+from service import convert
+from service.auth import Authenticator
+from service.domain import COMPLETION_WINDOWS, MAX_REQUESTS, BatchStatus, now
+from service.errors import InvalidRequest, NotImplementedYet, PayloadTooLarge
+from service.grpc_errors import translate_errors
+from service.routing import Router
+from service.store import NewRequest, Store, new_id
+from service.tables import BatchRow
+from service.validation import LineProblem, LineValidator, check_completion_window, check_endpoint, check_metadata
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Builds a batch from an uploaded file: (project, file id, validator) -> requests. Set by the
+# Files API; until then `input_file_id` answers UNIMPLEMENTED.
+FileLines = Callable[[str, str, LineValidator], Any]
+
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+DEFAULT_RESULTS_LIMIT, MAX_RESULTS_LIMIT = 100, 1000
+
+
+def page_size(limit: int | None, default: int, maximum: int, param: str = "limit") -> int:
+    if limit is None:
+        return default
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"{param} must be between 1 and {maximum}, got {limit}.", param=param,
+                             code="invalid_limit")
+    return limit
+
+
+def inline_requests(lines: Any, validator: LineValidator) -> list[NewRequest]:
+    if len(lines) > MAX_REQUESTS:
+        raise PayloadTooLarge(f"A batch holds at most {MAX_REQUESTS} requests; got {len(lines)}.",
+                              param="requests", code="too_many_requests")
+    out = []
+    for i, line in enumerate(lines):
+        raw = {"custom_id": line.custom_id, "method": line.method, "url": line.url,
+               "body": convert.struct_to_dict(line.body) if line.HasField("body") else None}
+        try:
+            out.append(validator.check(raw))
+        except LineProblem as p:
+            where = f"requests[{i}]"
+            raise InvalidRequest(f"{where}: {p.message}.", param=f"{where}.{p.field}" if p.field else where,
+                                 code=p.code) from None
+    return out
+
+
+@translate_errors
+class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
+    def __init__(self, store: Store, auth: Authenticator, router: Router, on_change: Callable[[], None],
+                 file_lines: FileLines | None = None) -> None:
+        self.store = store
+        self.auth = auth
+        self.router = router
+        self.on_change = on_change
+        self.file_lines = file_lines
+
+    async def _project(self, context: Context) -> str:
+        return await self.auth.project(context.invocation_metadata())
+
+    async def CreateBatch(self, request: batch_pb2.CreateBatchRequest,
+                          context: Context) -> batch_pb2.CreateBatchResponse:
+        project = await self._project(context)
+        if request.input_file_id and request.requests:
+            raise InvalidRequest("Give either input_file_id or requests, not both.", param="input_file_id",
+                                 code="conflicting_parameters")
+        if not request.input_file_id and not request.requests:
+            raise InvalidRequest("Missing required parameter: 'input_file_id' (or inline 'requests').",
+                                 param="input_file_id", code="missing_required_parameter")
+        endpoint = check_endpoint(request.endpoint)
+        window = check_completion_window(request.completion_window)
+        metadata = check_metadata(convert.struct_to_dict(request.metadata) if request.HasField("metadata") else None)
+        validator = LineValidator(endpoint=endpoint, router=self.router)
+        if request.input_file_id:
+            if self.file_lines is None:
+                raise NotImplementedYet("Batches from uploaded files are not available yet; send inline 'requests'.",
+                                        param="input_file_id", code="not_implemented")
+            requests = await self.file_lines(project, request.input_file_id, validator)
+        else:
+            requests = inline_requests(request.requests, validator)
+        created = now()
+        row = BatchRow(
+            id=new_id("batch_"), project=project, status=BatchStatus.VALIDATING.value, endpoint=endpoint,
+            completion_window=window, input_file_id=request.input_file_id, model=validator.model,
+            provider=validator.provider, metadata_json=json.dumps(metadata) if metadata else None,
+            created_at=created, expires_at=created + COMPLETION_WINDOWS[window],
+            total=0, completed=0, failed=0, input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0,
+            input_cost=0.0, output_cost=0.0, poll_failures=0,
+        )
+        batch = await self.store.create_batch(row, requests)
+        self.on_change()
+        return batch_pb2.CreateBatchResponse(batch=convert.batch_message(batch))
+
+    async def GetBatch(self, request: batch_pb2.GetBatchRequest, context: Context) -> batch_pb2.GetBatchResponse:
+        batch = await self.store.get_batch(await self._project(context), request.id)
+        return batch_pb2.GetBatchResponse(batch=convert.batch_message(batch))
+
+    async def ListBatches(self, request: batch_pb2.ListBatchesRequest,
+                          context: Context) -> batch_pb2.ListBatchesResponse:
+        project = await self._project(context)
+        limit = page_size(request.limit if request.HasField("limit") else None, DEFAULT_LIMIT, MAX_LIMIT)
+        rows, has_more = await self.store.list_batches(project, limit, request.after)
+        out = batch_pb2.ListBatchesResponse(object="list", has_more=has_more,
+                                            data=[convert.batch_message(r) for r in rows])
+        if rows:
+            out.first_id, out.last_id = rows[0].id, rows[-1].id
+        return out
+
+    async def CancelBatch(self, request: batch_pb2.CancelBatchRequest,
+                          context: Context) -> batch_pb2.CancelBatchResponse:
+        batch = await self.store.request_cancel(await self._project(context), request.id)
+        self.on_change()
+        return batch_pb2.CancelBatchResponse(batch=convert.batch_message(batch))
+
+    async def ListBatchResults(self, request: batch_pb2.ListBatchResultsRequest,
+                               context: Context) -> batch_pb2.ListBatchResultsResponse:
+        project = await self._project(context)
+        limit = page_size(request.limit if request.HasField("limit") else None, DEFAULT_RESULTS_LIMIT,
+                          MAX_RESULTS_LIMIT)
+        batch = await self.store.get_batch(project, request.id)
+        rows, has_more = await self.store.list_results(project, request.id, limit, request.after)
+        out = batch_pb2.ListBatchResultsResponse(
+            object="list", batch_id=batch.id, has_more=has_more,
+            data=[convert.result_message(batch, req, res) for req, res in rows])
+        if rows:
+            out.first_id, out.last_id = rows[0][0].custom_id, rows[-1][0].custom_id
+            if has_more:
+                out.next_cursor = out.last_id
+        return out
+
+    async def GetBatchResult(self, request: batch_pb2.GetBatchResultRequest,
+                             context: Context) -> batch_pb2.GetBatchResultResponse:
+        batch, req, res = await self.store.get_result(await self._project(context), request.batch_id,
+                                                      request.custom_id)
+        return batch_pb2.GetBatchResultResponse(result=convert.result_message(batch, req, res))

@@ -1,0 +1,73 @@
+"""Settings, read once from the environment (documented in README.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw not in (None, "") else default
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _int(name: str, default: int) -> int:
+    return int(_float(name, default))
+
+
+def parse_api_keys(raw: str) -> dict[str, str]:
+    """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        project, sep, key = item.partition("=")
+        if not sep or not project.strip() or not key.strip():
+            raise SystemExit(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
+        keys[key.strip()] = project.strip()
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8080
+    database_url: str = DEFAULT_DATABASE_URL
+    # raw key -> project; hashed before it touches storage (service/auth.py)
+    api_keys: dict[str, str] = field(default_factory=dict)
+    providers_file: Path | None = None
+    sim_latency_ms: float = 50.0
+    sim_failure_rate: float = 0.0
+    engine_tick_seconds: float = 0.5
+    executor_concurrency: int = 16
+    lease_seconds: float = 30.0
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        keys = parse_api_keys(os.environ.get("SLUICE_API_KEYS", ""))
+        default_key = os.environ.get("SLUICE_API_KEY", "").strip()
+        if default_key:
+            keys[default_key] = "default"
+        providers = os.environ.get("SLUICE_PROVIDERS_FILE", "").strip()
+        return cls(
+            grpc_host=os.environ.get("SLUICE_GRPC_HOST", "127.0.0.1"),
+            grpc_port=_int("SLUICE_GRPC_PORT", 50051),
+            http_port=_int("SLUICE_HTTP_PORT", 8080),
+            database_url=os.environ.get("SLUICE_DATABASE_URL", "") or DEFAULT_DATABASE_URL,
+            api_keys=keys,
+            providers_file=Path(providers) if providers else None,
+            sim_latency_ms=_float("SLUICE_SIM_LATENCY_MS", 50.0),
+            sim_failure_rate=_float("SLUICE_SIM_FAILURE_RATE", 0.0),
+            engine_tick_seconds=_float("SLUICE_ENGINE_TICK_SECONDS", 0.5),
+            executor_concurrency=_int("SLUICE_EXECUTOR_CONCURRENCY", 16),
+            lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
+            replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
+        )

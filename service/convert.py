@@ -1,0 +1,109 @@
+"""Rows to protobuf messages, and protobuf JSON values back to plain JSON.
+
+`google.protobuf.Struct` holds every number as a double, so `{"max_tokens": 100}` arrives as
+100.0; providers with strict schemas reject that. `plain_json` turns integral doubles back into
+integers before a body is stored or sent anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from sluice.v1 import batch_pb2
+
+from service.domain import ResultStatus
+from service.tables import BatchRow, RequestRow, ResultRow
+
+MAX_SAFE_INT = 2**53
+
+
+def plain_json(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_SAFE_INT:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: plain_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_json(v) for v in value]
+    return value
+
+
+def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
+    result: dict[str, Any] = plain_json(json_format.MessageToDict(message))
+    return result
+
+
+def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def _usage(row: BatchRow | ResultRow) -> batch_pb2.BatchUsage:
+    return batch_pb2.BatchUsage(
+        input_tokens=_u32(row.input_tokens),
+        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=_u32(row.cached_tokens)),
+        output_tokens=_u32(row.output_tokens),
+        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=_u32(row.reasoning_tokens)),
+        total_tokens=_u32(row.input_tokens + row.output_tokens),
+        input_cost=row.input_cost, output_cost=row.output_cost, total_cost=row.input_cost + row.output_cost,
+    )
+
+
+def _u32(value: int | None) -> int:
+    """Saturate: a uint32 token count of 4.29 billion is the API's documented ceiling."""
+    return min(max(value or 0, 0), 2**32 - 1)
+
+
+def batch_message(row: BatchRow) -> batch_pb2.Batch:
+    msg = batch_pb2.Batch(
+        id=row.id, object="batch", endpoint=row.endpoint, input_file_id=row.input_file_id or "",
+        completion_window=row.completion_window, status=row.status, created_at=_u32(row.created_at),
+        expires_at=_u32(row.expires_at), provider=row.provider,
+        request_counts=batch_pb2.BatchRequestCounts(
+            total=row.total,
+            completed=max(row.completed, row.provider_completed or 0),
+            failed=max(row.failed, row.provider_failed or 0),
+        ),
+        usage=_usage(row),
+    )
+    for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                 "cancelling_at", "cancelled_at"):
+        value = getattr(row, name)
+        if value is not None:
+            setattr(msg, name, _u32(value))
+    for name in ("model", "output_file_id", "error_file_id", "provider_batch_id"):
+        value = getattr(row, name)
+        if value:
+            setattr(msg, name, value)
+    if row.metadata_json:
+        msg.metadata.update(json.loads(row.metadata_json))
+    if row.errors_json:
+        json_format.ParseDict(json.loads(row.errors_json), msg.errors)
+    return msg
+
+
+def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None) -> batch_pb2.BatchResult:
+    msg = batch_pb2.BatchResult(custom_id=req.custom_id, index=req.idx, model=req.model,
+                                provider=batch.provider, url=batch.endpoint)
+    if res is None:
+        msg.status = (ResultStatus.RUNNING if batch.status == "in_progress" else ResultStatus.PENDING).value
+        return msg
+    msg.status = res.status
+    msg.status_code = res.status_code
+    msg.usage.CopyFrom(_usage(res))
+    if res.response_json:
+        body = json.loads(res.response_json)
+        if isinstance(body, dict):
+            msg.response.update(body)
+    if res.error_code or res.status_code >= 400:
+        message, code = res.error_message, res.error_code
+        if not message and msg.HasField("response"):
+            error = struct_to_dict(msg.response).get("error") or {}
+            message = error.get("message") if isinstance(error, dict) else None
+            code = code or (error.get("code") if isinstance(error, dict) else None)
+        msg.error.CopyFrom(batch_pb2.BatchResultError(
+            message=message or f"The provider answered HTTP {res.status_code}.",
+            type=res.error_type or "provider_error", code=code or str(res.status_code or "")))
+    return msg

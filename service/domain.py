@@ -1,0 +1,126 @@
+"""The batch's vocabulary: statuses and their state machine, limits, usage arithmetic.
+
+No I/O here: storage, the engine and the API all speak these types.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class BatchStatus(StrEnum):
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def timestamp_field(self) -> str | None:
+        """The `Batch` field stamped when a batch enters this status."""
+        return None if self is BatchStatus.VALIDATING else f"{self.value}_at"
+
+
+TERMINAL = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+
+# Only the server moves a batch, and only along these edges. `cancelling -> completed` is the
+# cancel race: the provider finished before it saw the cancel.
+TRANSITIONS: dict[BatchStatus, frozenset[BatchStatus]] = {
+    BatchStatus.VALIDATING: frozenset({BatchStatus.IN_PROGRESS, BatchStatus.FAILED, BatchStatus.CANCELLING,
+                                       BatchStatus.EXPIRED}),
+    BatchStatus.IN_PROGRESS: frozenset({BatchStatus.FINALIZING, BatchStatus.FAILED, BatchStatus.CANCELLING,
+                                        BatchStatus.EXPIRED}),
+    BatchStatus.FINALIZING: frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED,
+                                       BatchStatus.CANCELLED}),
+    BatchStatus.CANCELLING: frozenset({BatchStatus.CANCELLED, BatchStatus.COMPLETED, BatchStatus.FAILED,
+                                       BatchStatus.EXPIRED}),
+    BatchStatus.COMPLETED: frozenset(),
+    BatchStatus.FAILED: frozenset(),
+    BatchStatus.EXPIRED: frozenset(),
+    BatchStatus.CANCELLED: frozenset(),
+}
+
+CANCELLABLE = frozenset({BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS})
+
+
+def can_transition(src: BatchStatus, dst: BatchStatus) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+class ResultStatus(StrEnum):
+    """A request line's own status (Sail's lookup): pending until a result is stored."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+MAX_REQUESTS = 50_000
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_LEN = 64
+MAX_METADATA_VALUE_LEN = 512
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage of one request or a sum of them, normalised to OpenAI's batch usage."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_cost: float = 0.0
+    output_cost: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def total_cost(self) -> float:
+        return self.input_cost + self.output_cost
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.cached_tokens + other.cached_tokens,
+            self.output_tokens + other.output_tokens,
+            self.reasoning_tokens + other.reasoning_tokens,
+            self.input_cost + other.input_cost,
+            self.output_cost + other.output_cost,
+        )
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens at the provider's list price, and its batch discount."""
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    batch_discount: float = 0.5
+
+    def cost(self, usage: Usage) -> Usage:
+        factor = (1.0 - self.batch_discount) / 1_000_000
+        return Usage(
+            usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens,
+            input_cost=round(usage.input_tokens * self.input_per_mtok * factor, 10),
+            output_cost=round(usage.output_tokens * self.output_per_mtok * factor, 10),
+        )

@@ -1,0 +1,367 @@
+"""The engine: drives every unfinished batch to a terminal status, in the background.
+
+Replicas share the work through leases on batch rows (`Store.claim`): a batch is driven by one
+replica at a time, and a replica that dies loses its leases after `lease_seconds`. Every step
+is written so that running it again after a crash is harmless:
+
+- executor providers (sim, OpenAI-compatible endpoints): only lines without a stored result
+  are run; results are stored as they arrive; storing one twice counts it once.
+- native batch APIs: `submit_started_at` is persisted before the provider is called and the
+  provider's batch id right after; a batch found with the first and not the second asks the
+  adapter whether the provider already has it (`find_submitted`) before submitting again.
+  Results are stored before the batch is marked terminal, and lines the provider did not
+  return get an explicit error result, so none goes missing silently.
+
+Provider hiccups (429, 5xx, timeouts) slow the batch down with exponential backoff and jitter,
+never fail it. The engine knows nothing of gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from adapters.base import (
+    BatchJob,
+    LineError,
+    LineExecutor,
+    LineResult,
+    NativeBatchAdapter,
+    ProviderStatus,
+    RequestLine,
+)
+from service.domain import BatchStatus, Price, ResultStatus, now
+from service.errors import ProviderError
+from service.routing import Route, Router
+from service.store import Store, StoredResult
+from service.tables import BatchRow, RequestRow
+
+log = logging.getLogger(__name__)
+
+STORE_CHUNK = 500
+CHECK_SECONDS = 0.5
+EXECUTOR_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    replica_id: str
+    tick_seconds: float = 0.5
+    lease_seconds: float = 30.0
+    poll_seconds: float = 5.0
+    max_backoff_seconds: float = 300.0
+    max_parallel_batches: int = 32
+
+
+# Called once a batch's results are all stored, before it is marked terminal: writes the
+# output and error files and returns the fields to set (output_file_id, error_file_id).
+Finalizer = Callable[[BatchRow], Awaitable[dict[str, str | None]]]
+
+
+async def _no_files(_: BatchRow) -> dict[str, str | None]:
+    return {}
+
+
+class Engine:
+    def __init__(self, store: Store, router: Router, settings: EngineSettings,
+                 finalizer: Finalizer = _no_files) -> None:
+        self.store = store
+        self.router = router
+        self.settings = settings
+        self.finalizer = finalizer
+        self._wake = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="sluice-engine")
+
+    def wake(self) -> None:
+        """Look for work now rather than at the next tick (a batch was created or cancelled)."""
+        self._wake.set()
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop claiming work, give running steps a moment to reach a stored state, cancel the
+        rest and hand their leases back so another replica can pick them up at once."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        tasks = list(self._running.values())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                free = self.settings.max_parallel_batches - len(self._running)
+                if free > 0:
+                    for batch_id in await self.store.claim(self.settings.replica_id,
+                                                           self.settings.lease_seconds, free + len(self._running)):
+                        if batch_id not in self._running:
+                            self._running[batch_id] = asyncio.create_task(self._drive(batch_id))
+            except Exception:
+                log.exception("engine: claiming work failed; retrying at the next tick")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.tick_seconds)
+            self._wake.clear()
+
+    async def _drive(self, batch_id: str) -> None:
+        next_poll: float | None = None
+        renewer = asyncio.create_task(self._renew(batch_id))
+        try:
+            batch = await self.store.get_batch(None, batch_id)
+            entry = self.router.entry(batch.provider)
+            if isinstance(entry.provider, LineExecutor):
+                await self._run_executor(batch, entry.provider)
+            elif isinstance(entry.provider, NativeBatchAdapter):
+                next_poll = await self._step_native(batch, entry.provider)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("engine: batch %s step failed; retrying later", batch_id)
+            next_poll = time.time() + self.settings.poll_seconds
+        finally:
+            renewer.cancel()
+            self._running.pop(batch_id, None)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.store.release(batch_id, self.settings.replica_id, next_poll))
+            if not self._stopping:
+                self._wake.set()
+
+    async def _renew(self, batch_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            if not await self.store.renew(batch_id, self.settings.replica_id, self.settings.lease_seconds):
+                log.warning("engine: lost the lease on %s", batch_id)
+
+    # --- shared helpers ---------------------------------------------------------------------
+
+    def _route(self, req: RequestRow, batch: BatchRow) -> tuple[Route, RequestLine]:
+        route = self.router.resolve(req.model)
+        body = json.loads(req.body_json)
+        body["model"] = route.model
+        return route, RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
+
+    def _priced(self, result: LineResult, price: Price) -> LineResult:
+        return LineResult(result.index, result.status_code, result.body, result.error,
+                          price.cost(result.usage), result.request_id)
+
+    async def _close_unfinished(self, batch: BatchRow, status: ResultStatus, code: str, message: str) -> None:
+        """Give every line without a result an explicit error result (cancelled/expired/lost)."""
+        while pending := await self.store.pending_requests(batch.id, STORE_CHUNK):
+            await self.store.store_results(batch.id, [
+                StoredResult(r.custom_id, status, LineResult(index=r.idx, status_code=0,
+                                                             error=LineError(code=code, message=message,
+                                                                             type="batch_error")))
+                for r in pending])
+
+    async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus) -> None:
+        fresh = await self.store.get_batch(None, batch.id)
+        files = await self.finalizer(fresh)
+        if await self.store.transition(batch.id, src, dst, **files):
+            log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,
+                     fresh.completed, fresh.failed, fresh.total)
+
+    async def _end_early(self, batch: BatchRow, status: BatchStatus) -> bool:
+        """Handle cancel and expiry; True when the batch is done."""
+        if status is BatchStatus.CANCELLING:
+            await self._close_unfinished(batch, ResultStatus.CANCELLED, "batch_cancelled",
+                                         "The batch was cancelled before this request ran.")
+            await self._finish(batch, BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+            return True
+        if now() >= batch.expires_at and status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+            await self._close_unfinished(batch, ResultStatus.EXPIRED, "batch_expired",
+                                         "The batch expired before this request ran.")
+            await self._finish(batch, status, BatchStatus.EXPIRED)
+            return True
+        return False
+
+    # --- executor providers -------------------------------------------------------------------
+
+    async def _run_executor(self, batch: BatchRow, provider: LineExecutor) -> None:
+        status = BatchStatus(batch.status)
+        if status is BatchStatus.VALIDATING:
+            await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
+            status = BatchStatus.IN_PROGRESS
+        while status is BatchStatus.IN_PROGRESS:
+            if await self._end_early(batch, status):
+                return
+            pending = await self.store.pending_requests(batch.id, max(provider.concurrency * 2, 16))
+            if not pending:
+                if await self.store.transition(batch.id, status, BatchStatus.FINALIZING):
+                    await self._finish(batch, BatchStatus.FINALIZING, BatchStatus.COMPLETED)
+                return
+            await self._execute_page(batch, provider, pending)
+            status = BatchStatus((await self.store.get_batch(None, batch.id)).status)
+        if status is BatchStatus.FINALIZING:
+            await self._finish(batch, status, BatchStatus.COMPLETED)
+        elif not status.terminal:
+            await self._end_early(batch, status)
+
+    async def _execute_page(self, batch: BatchRow, provider: LineExecutor, page: list[RequestRow]) -> None:
+        """Run a page of lines; store results as they finish (at least every `CHECK_SECONDS`),
+        and stop at once when the batch is cancelled meanwhile (from this replica or another)."""
+        limit = asyncio.Semaphore(provider.concurrency)
+
+        async def one(req: RequestRow) -> StoredResult:
+            route, line = self._route(req, batch)
+            async with limit:
+                result = await self._execute_with_retries(provider, line)
+            status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
+            return StoredResult(req.custom_id, status, self._priced(result, self.router.price(route)))
+
+        pending = {asyncio.create_task(one(r)) for r in page}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=CHECK_SECONDS)
+                await self.store.store_results(batch.id, [t.result() for t in done])
+                if pending and (await self.store.get_batch(None, batch.id)).status != BatchStatus.IN_PROGRESS:
+                    return
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _execute_with_retries(self, provider: LineExecutor, line: RequestLine) -> LineResult:
+        for attempt in range(EXECUTOR_RETRIES + 1):
+            try:
+                return await provider.execute(line)
+            except ProviderError as exc:
+                if not exc.retryable or attempt == EXECUTOR_RETRIES:
+                    return LineResult(index=line.index, status_code=exc.status_code or 0,
+                                      error=LineError(code=exc.code or "provider_error", message=exc.message))
+                await asyncio.sleep(self._backoff(attempt, exc.retry_after, base=0.5))
+        raise AssertionError("unreachable")
+
+    def _backoff(self, failures: int, retry_after: float | None, base: float | None = None) -> float:
+        """Exponential backoff with full jitter, never shorter than the provider asked."""
+        base = self.settings.poll_seconds if base is None else base
+        delay = min(base * 2 ** failures, self.settings.max_backoff_seconds)
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        return max(delay, retry_after or 0.0)
+
+    # --- native batch APIs ----------------------------------------------------------------------
+
+    async def _step_native(self, batch: BatchRow, adapter: NativeBatchAdapter) -> float | None:
+        """One step; returns when to look at the batch again (None: it is done)."""
+        status = BatchStatus(batch.status)
+        try:
+            if batch.provider_batch_id is None:
+                if await self._end_early(batch, status):
+                    return None
+                await self._submit(batch, adapter)
+                return time.time() + self.settings.poll_seconds
+            if status is BatchStatus.CANCELLING and batch.cancel_sent_at is None:
+                await adapter.cancel(batch.provider_batch_id)
+                await self.store.set_fields(batch.id, cancel_sent_at=now())
+                log.info("batch %s: cancel sent to %s", batch.id, adapter.name)
+            state = await adapter.poll(batch.provider_batch_id)
+        except ProviderError as exc:
+            if not exc.retryable:
+                await self._fail(batch, status, "provider_error", f"{adapter.name}: {exc.message}")
+                return None
+            failures = batch.poll_failures + 1
+            await self.store.set_fields(batch.id, poll_failures=failures)
+            delay = self._backoff(failures, exc.retry_after)
+            log.warning("batch %s: %s answered %s (%s); next try in %.1fs", batch.id, adapter.name,
+                        exc.status_code, exc.message, delay)
+            return time.time() + delay
+        await self.store.set_fields(batch.id, poll_failures=0, provider_status=state.raw_status,
+                                    provider_completed=state.completed, provider_failed=state.failed)
+        if not state.ended:
+            if status is BatchStatus.VALIDATING and state.status is not BatchStatus.VALIDATING:
+                await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
+            return time.time() + self.settings.poll_seconds
+        await self._collect(batch, adapter, status, state)
+        return None
+
+    async def _submit(self, batch: BatchRow, adapter: NativeBatchAdapter) -> None:
+        provider_id = None
+        if batch.submit_started_at is not None:
+            provider_id = await adapter.find_submitted(batch.id)
+            if provider_id:
+                log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
+        if provider_id is None:
+            first = await self.store.get_batch(None, batch.id)
+            await self.store.set_fields(batch.id, submit_started_at=now())
+            job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint,
+                           model=self.router.resolve(first.model or "").model if first.model else "",
+                           completion_window=batch.completion_window, line_count=batch.total)
+            provider_id = await adapter.submit(job, self._lines(batch))
+            log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
+        await self.store.set_fields(batch.id, provider_batch_id=provider_id)
+        await self.store.transition(batch.id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+
+    async def _lines(self, batch: BatchRow) -> AsyncIterator[RequestLine]:
+        async for req in self.store.iter_requests(batch.id):
+            yield self._route(req, batch)[1]
+
+    async def _fail(self, batch: BatchRow, status: BatchStatus, code: str, message: str,
+                    errors: list[dict[str, object]] | None = None) -> None:
+        payload = errors or [{"code": code, "message": message, "param": None, "line": None}]
+        dst = BatchStatus.FAILED
+        if not status.terminal and await self.store.transition(
+                batch.id, status, dst, errors_json=json.dumps({"object": "list", "data": payload})):
+            log.warning("batch %s failed: %s", batch.id, message)
+
+    async def _collect(self, batch: BatchRow, adapter: NativeBatchAdapter, status: BatchStatus,
+                       state: ProviderStatus) -> None:
+        """The provider says the batch ended: store every result, then mark it terminal."""
+        assert batch.provider_batch_id is not None
+        if state.status is BatchStatus.FAILED:
+            await self._fail(batch, status, "provider_error", f"{adapter.name} rejected the batch",
+                             [{"code": e.code, "message": e.message, "param": e.param, "line": e.line}
+                              for e in state.errors] or None)
+            return
+        final = state.status  # completed, expired or cancelled
+        early = status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+        if early and final in (BatchStatus.COMPLETED, BatchStatus.CANCELLED):
+            step = BatchStatus.FINALIZING if final is BatchStatus.COMPLETED else BatchStatus.CANCELLING
+            if not await self.store.transition(batch.id, status, step):
+                return  # moved meanwhile (a cancel): decide again at the next step
+            status = step
+        buffer: list[LineResult] = []
+        async for result in adapter.results(batch.provider_batch_id):
+            buffer.append(result)
+            if len(buffer) >= STORE_CHUNK:
+                await self._store_native(batch, buffer)
+                buffer = []
+        await self._store_native(batch, buffer)
+        code, result_status = {
+            BatchStatus.EXPIRED: ("batch_expired", ResultStatus.EXPIRED),
+            BatchStatus.CANCELLED: ("batch_cancelled", ResultStatus.CANCELLED),
+        }.get(final, ("missing_result", ResultStatus.FAILED))
+        await self._close_unfinished(batch, result_status, code,
+                                     f"{adapter.name} returned no result for this request ({state.raw_status}).")
+        await self._finish(batch, status, final)
+
+    async def _store_native(self, batch: BatchRow, results: list[LineResult]) -> None:
+        if not results:
+            return
+        keys = await self.store.request_keys(batch.id, [r.index for r in results])
+        stored = []
+        for r in results:
+            if r.index not in keys:
+                log.warning("batch %s: %s returned a result for unknown line %d; ignored",
+                            batch.id, batch.provider, r.index)
+                continue
+            custom_id, model = keys[r.index]
+            status = ResultStatus.COMPLETED if r.ok else ResultStatus.FAILED
+            price = self.router.price(self.router.resolve(model))
+            stored.append(StoredResult(custom_id, status, self._priced(r, price)))
+        await self.store.store_results(batch.id, stored)

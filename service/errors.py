@@ -1,0 +1,109 @@
+"""Sluice's one exception tree.
+
+Everything that can go wrong for a caller is a `SluiceError` subclass. The gRPC boundary
+(`service/grpc_errors.py`) is the only place that turns them into a status code, a
+`google.rpc.ErrorInfo` detail and OpenAI's `{"error": {...}}` envelope; nothing else knows
+about gRPC or HTTP. Each class fixes its envelope `type`, its gRPC code name, and, where the
+gRPC code maps to the wrong HTTP status through Envoy, the HTTP status to use instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SluiceError(Exception):
+    """Base of every error a caller may see. `message` is safe to show to the caller."""
+
+    error_type: ClassVar[str] = "server_error"
+    grpc_code: ClassVar[str] = "INTERNAL"
+    http_status: ClassVar[int | None] = None  # None: what Envoy maps the gRPC code to
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
+                          "code": self.code}}
+
+
+class InvalidRequest(SluiceError):
+    """The request is malformed or breaks a documented limit: HTTP 400."""
+
+    error_type = "invalid_request_error"
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """An upload or batch over the size or line limit: HTTP 413."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    http_status = 413
+
+
+class Conflict(InvalidRequest):
+    """The request is valid but the resource's state forbids it (e.g. cancel a completed batch).
+
+    409 makes SDKs retry by default, so the boundary also sends `x-should-retry: false`.
+    """
+
+    grpc_code = "FAILED_PRECONDITION"
+    http_status = 409
+
+
+class Unauthenticated(SluiceError):
+    error_type = "authentication_error"
+    grpc_code = "UNAUTHENTICATED"
+
+
+class NotFound(SluiceError):
+    """No such object in the caller's project (another project's objects are not found too)."""
+
+    error_type = "not_found_error"
+    grpc_code = "NOT_FOUND"
+
+
+class RateLimited(SluiceError):
+    error_type = "rate_limit_error"
+    grpc_code = "RESOURCE_EXHAUSTED"
+    retryable = True
+
+
+class NotImplementedYet(SluiceError):
+    error_type = "invalid_request_error"
+    grpc_code = "UNIMPLEMENTED"
+
+
+class ProviderError(SluiceError):
+    """An upstream provider failed. `retryable` errors slow the engine down; others fail work."""
+
+    error_type = "provider_error"
+    grpc_code = "UNAVAILABLE"
+    http_status = 502
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.provider = provider
+        self.status_code = status_code
+        self.retry_after = retry_after
+        self.retryable = retryable  # type: ignore[misc]  # per instance, not per class
+
+
+class Internal(SluiceError):
+    """A bug or outage inside Sluice. The message never carries internals."""
+
+    error_type = "server_error"
+    grpc_code = "INTERNAL"

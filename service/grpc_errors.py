@@ -1,0 +1,111 @@
+"""The one place where errors become gRPC statuses (and, through Envoy, HTTP responses).
+
+`translate_errors` wraps every RPC of a servicer class: a `SluiceError` aborts with its status
+code, a `google.rpc.ErrorInfo` detail and the OpenAI envelope in trailing metadata
+(`x-openai-error`, plus `x-http-status` where the gRPC code maps to the wrong HTTP status);
+anything else is logged with its traceback and becomes a bare INTERNAL error.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from service.errors import Internal, SluiceError
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "sluice"
+T = TypeVar("T")
+
+
+def status_parts(err: SluiceError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """The status code, message and trailing metadata that stand for `err` on the wire."""
+    code = grpc.StatusCode[err.grpc_code]
+    info = error_details_pb2.ErrorInfo(
+        reason=err.error_type.upper(),
+        domain=ERROR_DOMAIN,
+        metadata={k: v for k, v in (("type", err.error_type), ("param", err.param), ("code", err.code)) if v},
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.value[0], message=err.message, details=[detail])
+    metadata: list[tuple[str, str | bytes]] = [
+        ("x-openai-error", json.dumps(err.envelope(), ensure_ascii=True, separators=(",", ":"))),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    ]
+    if err.http_status is not None:
+        metadata.append(("x-http-status", str(err.http_status)))
+    if err.http_status == 409:
+        metadata.append(("x-should-retry", "false"))
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after:
+        metadata.append(("retry-after", str(int(retry_after))))
+    return code, err.message, tuple(metadata)
+
+
+def as_sluice_error(exc: BaseException) -> SluiceError:
+    if isinstance(exc, SluiceError):
+        return exc
+    return Internal("The server had an error while processing your request. Please retry; "
+                    "if it keeps failing, report it with the time of the request.")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    if not isinstance(exc, SluiceError):
+        log.exception("unexpected error in %s", _method_name(context), exc_info=exc)
+    code, message, metadata = status_parts(as_sluice_error(exc))
+    await context.abort(code, message, trailing_metadata=metadata)
+
+
+def _method_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # pragma: no cover - peer is informational only
+        return "rpc"
+
+
+def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return unary
+
+
+C = TypeVar("C", bound=type)
+
+
+def translate_errors(cls: C) -> C:
+    """Wrap every public RPC method defined on `cls` with the error translation."""
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            setattr(cls, name, _wrap(fn))
+    return cls

@@ -1,0 +1,88 @@
+"""The grpc.aio server: wiring, health, reflection, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sluice.v1 import batch_pb2, batch_pb2_grpc
+
+from service.api import BatchServicer
+from service.auth import Authenticator
+from service.config import Settings
+from service.db import create_engine, migrate
+from service.engine import Engine, EngineSettings
+from service.providers import build_router
+from service.routing import Router
+from service.store import Store
+
+log = logging.getLogger(__name__)
+SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,)
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    store: Store
+    engine: Engine
+    router: Router
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """In-flight RPCs get `grace` seconds; the engine finishes its current steps."""
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.engine.stop()
+        await self.router.aclose()
+        await self.store.close()
+
+
+async def start(settings: Settings, router: Router | None = None, poll_seconds: float = 5.0) -> App:
+    await migrate(settings.database_url)
+    store = Store(create_engine(settings.database_url))
+    auth = Authenticator(store)
+    await auth.register(settings.api_keys)
+    router = router or build_router(settings)
+    engine = Engine(store, router, EngineSettings(
+        replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
+        lease_seconds=settings.lease_seconds, poll_seconds=poll_seconds))
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(store, auth, router, engine.wake), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.grpc_host}:{settings.grpc_port} (port in use?)")
+    await server.start()
+    engine.start()
+    for name in (*SERVICE_NAMES, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
+             settings.database_url.split("@")[-1])
+    return App(server, store, engine, router, health_servicer, port)
+
+
+async def serve(settings: Settings, ready_line: bool = False) -> None:
+    """Run until SIGTERM/SIGINT, then shut down gracefully."""
+    app = await start(settings)
+    if ready_line:
+        print(f"LISTENING {app.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()

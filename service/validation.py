@@ -1,0 +1,130 @@
+"""Checks on a new batch and on each of its request lines.
+
+Inline `requests` and uploaded JSONL lines go through the same `LineValidator`, so both get the
+same rules and the same error codes; only the way a problem is located differs (`requests[3]`
+for inline, `line 4` for files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.domain import (
+    COMPLETION_WINDOWS,
+    MAX_METADATA_KEY_LEN,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_LEN,
+    SUPPORTED_ENDPOINTS,
+)
+from service.errors import InvalidRequest
+from service.routing import Router, UnknownModel
+from service.store import NewRequest
+
+MAX_CUSTOM_ID_LEN = 512
+
+
+@dataclass(frozen=True)
+class LineProblem(Exception):
+    """What is wrong with one line: `field` is the line's field at fault (`custom_id`, ...)."""
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+def check_endpoint(endpoint: str) -> str:
+    if endpoint not in SUPPORTED_ENDPOINTS:
+        raise InvalidRequest(
+            f"Unsupported endpoint {endpoint!r}; use one of {', '.join(SUPPORTED_ENDPOINTS)}.",
+            param="endpoint", code="invalid_endpoint")
+    return endpoint
+
+
+def check_completion_window(window: str) -> str:
+    window = window or "24h"
+    if window not in COMPLETION_WINDOWS:
+        raise InvalidRequest(f"Unsupported completion_window {window!r}; only '24h' is supported.",
+                             param="completion_window", code="invalid_completion_window")
+    return window
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if not metadata:
+        return None
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidRequest(f"metadata has {len(metadata)} keys; at most {MAX_METADATA_KEYS} are allowed.",
+                             param="metadata", code="too_many_metadata_keys")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY_LEN:
+            raise InvalidRequest(f"metadata key {key[:20]!r}... is longer than {MAX_METADATA_KEY_LEN} characters.",
+                                 param=f"metadata.{key}", code="invalid_metadata")
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_LEN:
+            raise InvalidRequest(
+                f"metadata value of {key!r} must be a string of at most {MAX_METADATA_VALUE_LEN} characters.",
+                param=f"metadata.{key}", code="invalid_metadata")
+    return {k: str(v) for k, v in metadata.items()}
+
+
+@dataclass
+class LineValidator:
+    """Validates lines one at a time (so files can stream) and remembers what it needs across
+    lines: custom_ids seen, providers the models route to."""
+
+    endpoint: str
+    router: Router
+    seen: set[str] = field(default_factory=set)
+    providers: dict[str, str] = field(default_factory=dict)  # provider -> first model routed there
+    models: set[str] = field(default_factory=set)
+
+    def check(self, raw: Any) -> NewRequest:
+        if not isinstance(raw, dict):
+            raise LineProblem("invalid_json_line", "must be a JSON object")
+        custom_id = raw.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise LineProblem("missing_custom_id", "custom_id is required and must be a non-empty string",
+                              "custom_id")
+        if len(custom_id) > MAX_CUSTOM_ID_LEN:
+            raise LineProblem("invalid_custom_id", f"custom_id is longer than {MAX_CUSTOM_ID_LEN} characters",
+                              "custom_id")
+        if custom_id in self.seen:
+            raise LineProblem("duplicate_custom_id", f"custom_id {custom_id!r} is used more than once",
+                              "custom_id")
+        method = raw.get("method")
+        if method != "POST":
+            raise LineProblem("invalid_method", f"method must be 'POST', got {method!r}", "method")
+        url = raw.get("url")
+        if url not in SUPPORTED_ENDPOINTS:
+            raise LineProblem("invalid_url", f"url {url!r} is not a supported endpoint "
+                              f"({', '.join(SUPPORTED_ENDPOINTS)})", "url")
+        if url != self.endpoint:
+            raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
+                              "url")
+        body = raw.get("body")
+        if not isinstance(body, dict):
+            raise LineProblem("invalid_body", "body must be a JSON object", "body")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise LineProblem("missing_model", "body.model is required", "body.model")
+        try:
+            route = self.router.resolve(model)
+        except UnknownModel:
+            raise LineProblem("model_not_found", f"model {model!r} is not served by any configured provider",
+                              "body.model") from None
+        self.providers.setdefault(route.provider, model)
+        if len(self.providers) > 1:
+            found = ", ".join(f"{p} (e.g. {m!r})" for p, m in self.providers.items())
+            raise LineProblem("mixed_providers", "all lines of a batch must go to one provider; "
+                              f"this batch needs {found}: split it into one batch per provider", "body.model")
+        self.seen.add(custom_id)
+        self.models.add(model)
+        return NewRequest(custom_id=custom_id, model=model, body=body)
+
+    @property
+    def provider(self) -> str:
+        return next(iter(self.providers), "")
+
+    @property
+    def model(self) -> str | None:
+        """The batch's `model` field: set when every line uses the same model."""
+        return next(iter(self.models)) if len(self.models) == 1 else None
