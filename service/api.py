@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 from service import convert
 from service.auth import Authenticator
@@ -22,6 +21,7 @@ from service.routing import Router
 from service.store import NewRequest, Store, new_id
 from service.tables import BatchRow
 from service.validation import LineProblem, LineValidator, check_completion_window, check_endpoint, check_metadata
+from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Builds a batch from an uploaded file: (project, file id, validator) -> requests. Set by the

@@ -45,6 +45,7 @@ class Settings:
     sim_latency_ms: float = 50.0
     sim_failure_rate: float = 0.0
     engine_tick_seconds: float = 0.5
+    poll_seconds: float = 5.0  # how often in-flight native batches are polled
     executor_concurrency: int = 16
     lease_seconds: float = 30.0
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -67,6 +68,7 @@ class Settings:
             sim_latency_ms=_float("SLUICE_SIM_LATENCY_MS", 50.0),
             sim_failure_rate=_float("SLUICE_SIM_FAILURE_RATE", 0.0),
             engine_tick_seconds=_float("SLUICE_ENGINE_TICK_SECONDS", 0.5),
+            poll_seconds=_float("SLUICE_POLL_SECONDS", 5.0),
             executor_concurrency=_int("SLUICE_EXECUTOR_CONCURRENCY", 16),
             lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",

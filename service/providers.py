@@ -1,14 +1,103 @@
-"""Builds the Router from settings: the built-in sim provider, plus configured providers."""
+"""Builds the Router from settings: the built-in `sim` provider plus the providers declared in
+the configuration file (`SLUICE_PROVIDERS_FILE`, YAML; see providers.example.yaml).
+
+A declared provider whose API key variable is unset is skipped with a log line, so one file
+serves every environment: with no keys at all, everything runs on `sim`.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapters.base import Provider
 from adapters.sim import SimProvider
 from service.config import Settings
+from service.domain import Price
 from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+
+log = logging.getLogger(__name__)
+
+# kind -> "module:Class". Every class takes (name, *, base_url, api_key, options).
+ADAPTER_KINDS: dict[str, str] = {
+    "openai": "adapters.openai:OpenAIAdapter",
+    "azure": "adapters.openai:AzureOpenAIAdapter",
+    "groq": "adapters.openai:GroqAdapter",
+    "together": "adapters.together:TogetherAdapter",
+    "anthropic": "adapters.anthropic:AnthropicAdapter",
+    "gemini": "adapters.gemini:GeminiAdapter",
+    "mistral": "adapters.mistral:MistralAdapter",
+    "openai_compatible": "adapters.openai_compatible:OpenAICompatibleExecutor",
+}
+
+
+class ConfigError(SystemExit):
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+
+
+def _adapter_class(kind: str) -> type[Provider]:
+    module, _, cls = ADAPTER_KINDS[kind].partition(":")
+    found: type[Provider] = getattr(importlib.import_module(module), cls)
+    return found
+
+
+def _price(raw: Any, discount: float) -> Price:
+    raw = raw or {}
+    return Price(input_per_mtok=float(raw.get("input_per_mtok", 0.0)),
+                 output_per_mtok=float(raw.get("output_per_mtok", 0.0)),
+                 batch_discount=float(raw.get("batch_discount", discount)))
+
+
+def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str, ProviderEntry]:
+    env = os.environ if environ is None else environ
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(path, f"cannot read providers file: {exc}") from None
+    providers = data.get("providers") or {}
+    if not isinstance(providers, dict):
+        raise ConfigError(path, "'providers' must be a mapping of name -> settings")
+    entries: dict[str, ProviderEntry] = {}
+    for name, spec in providers.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(path, f"provider {name!r}: settings must be a mapping")
+        kind = spec.get("kind", name)
+        if kind not in ADAPTER_KINDS:
+            raise ConfigError(path, f"provider {name!r}: unknown kind {kind!r} (known: {', '.join(ADAPTER_KINDS)})")
+        if name == SIM or "/" in name:
+            raise ConfigError(path, f"provider name {name!r} is reserved or contains '/'")
+        key_env = spec.get("api_key_env")
+        api_key = env.get(key_env, "") if key_env else ""
+        if key_env and not api_key:
+            log.info("provider %s skipped: %s is not set", name, key_env)
+            continue
+        if "base_url" not in spec:
+            raise ConfigError(path, f"provider {name!r}: base_url is required")
+        discount = float(spec.get("batch_discount", 0.5))
+        models = spec.get("models") or {}
+        if isinstance(models, list):
+            models = {m: None for m in models}
+        adapter = _adapter_class(kind)(name, base_url=spec["base_url"], api_key=api_key,  # type: ignore[call-arg]
+                                       options=spec.get("options") or {})
+        entries[name] = ProviderEntry(
+            provider=adapter, models=set(models), aliases=dict(spec.get("aliases") or {}),
+            prices={m: _price(p, discount) for m, p in models.items()},
+            default_price=_price(spec.get("default_price"), discount),
+        )
+        log.info("provider %s (%s) at %s: %d models", name, kind, spec["base_url"], len(models))
+    return entries
 
 
 def build_router(settings: Settings) -> Router:
     sim = SimProvider(SIM, latency_ms=settings.sim_latency_ms, failure_rate=settings.sim_failure_rate,
                       concurrency=settings.executor_concurrency)
     entries = {SIM: ProviderEntry(provider=sim, default_price=DEFAULT_SIM_PRICE)}
+    if settings.providers_file:
+        entries.update(load_entries(settings.providers_file))
     return Router(entries)

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 from service.api import BatchServicer
 from service.auth import Authenticator
@@ -20,6 +19,7 @@ from service.engine import Engine, EngineSettings
 from service.providers import build_router
 from service.routing import Router
 from service.store import Store
+from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,)
@@ -44,7 +44,7 @@ class App:
         await self.store.close()
 
 
-async def start(settings: Settings, router: Router | None = None, poll_seconds: float = 5.0) -> App:
+async def start(settings: Settings, router: Router | None = None) -> App:
     await migrate(settings.database_url)
     store = Store(create_engine(settings.database_url))
     auth = Authenticator(store)
@@ -52,7 +52,7 @@ async def start(settings: Settings, router: Router | None = None, poll_seconds: 
     router = router or build_router(settings)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
-        lease_seconds=settings.lease_seconds, poll_seconds=poll_seconds))
+        lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds))
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),

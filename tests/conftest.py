@@ -1,0 +1,32 @@
+"""Shared fixtures: databases (SQLite and a real PostgreSQL) and an in-process gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Client, gateway, make_settings
+from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every storage-touching test runs on both backends, so no SQLite-only habit creeps in."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+
+
+@pytest.fixture
+async def sluice(sqlite_url: str) -> AsyncIterator[Client]:
+    """A gateway on SQLite with the sim provider answering at once."""
+    async with gateway(make_settings(sqlite_url)) as (_, c):
+        yield c

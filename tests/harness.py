@@ -1,0 +1,136 @@
+"""Starting real Sluice servers for tests: in-process (fast) or as a `sluice serve` process
+(for restarts and crashes), always on ports chosen at run time, talking real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from service.config import Settings
+from service.routing import Router
+from service.server import App, start
+from sluice.v1 import batch_pb2, batch_pb2_grpc
+
+KEY_A = "sk-test-alpha-0123456789"
+KEY_B = "sk-test-beta-9876543210"
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    base = Settings(grpc_port=0, database_url=database_url, api_keys={KEY_A: "alpha", KEY_B: "beta"},
+                    sim_latency_ms=0, engine_tick_seconds=0.05, poll_seconds=0.05, lease_seconds=5,
+                    replica_id=f"test-{os.getpid()}-{time.monotonic_ns()}")
+    return replace(base, **overrides)
+
+
+def md(key: str = KEY_A) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def chat_line(custom_id: str, text: str = "hello there", model: str = "sim/small",
+              **extra: Any) -> batch_pb2.BatchRequestLine:
+    body = struct_pb2.Struct()
+    body.update({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16, **extra})
+    return batch_pb2.BatchRequestLine(custom_id=custom_id, method="POST", url="/v1/chat/completions", body=body)
+
+
+@dataclass
+class Client:
+    """A gRPC client bound to one server, with helpers that wait by polling with a deadline."""
+
+    channel: grpc.aio.Channel
+    stub: batch_pb2_grpc.BatchServiceStub
+
+    async def create(self, lines: Iterable[batch_pb2.BatchRequestLine], key: str = KEY_A,
+                     endpoint: str = "/v1/chat/completions", **fields: Any) -> batch_pb2.Batch:
+        req = batch_pb2.CreateBatchRequest(endpoint=endpoint, requests=list(lines), **fields)
+        return (await self.stub.CreateBatch(req, metadata=md(key))).batch
+
+    async def get(self, batch_id: str, key: str = KEY_A) -> batch_pb2.Batch:
+        return (await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))).batch
+
+    async def wait_for(self, batch_id: str, statuses: set[str] | None = None, timeout: float = 60.0,
+                       key: str = KEY_A) -> batch_pb2.Batch:
+        """Poll GetBatch until the batch reaches one of `statuses` (default: any terminal one)."""
+        wanted = statuses or TERMINAL
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = await self.get(batch_id, key)
+            if batch.status in wanted:
+                return batch
+            if time.monotonic() > deadline:
+                raise AssertionError(f"batch {batch_id} is {batch.status!r} after {timeout}s, wanted {wanted}")
+            await asyncio.sleep(0.05)
+
+    async def results(self, batch_id: str, key: str = KEY_A, limit: int = 1000) -> list[batch_pb2.BatchResult]:
+        out: list[batch_pb2.BatchResult] = []
+        after = ""
+        while True:
+            page = await self.stub.ListBatchResults(
+                batch_pb2.ListBatchResultsRequest(id=batch_id, limit=limit, after=after), metadata=md(key))
+            out.extend(page.data)
+            if not page.has_more:
+                return out
+            after = page.next_cursor
+
+
+@asynccontextmanager
+async def client(port: int) -> AsyncIterator[Client]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Client(channel, batch_pb2_grpc.BatchServiceStub(channel))
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, router: Router | None = None) -> AsyncIterator[tuple[App, Client]]:
+    """An in-process server (real grpc.aio on a free port) and a client for it."""
+    app = await start(settings, router)
+    try:
+        async with client(app.port) as c:
+            yield app, c
+    finally:
+        await app.stop(grace=1.0)
+
+
+class ServerProcess:
+    """`sluice serve` in a child process, for tests that restart or kill the server."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "0", "--ready-line"],
+                                     cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("LISTENING "):
+                self.port = int(line.split()[1])
+                return self
+            if not line and self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"sluice did not start; log:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
