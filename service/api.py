@@ -72,7 +72,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         return await self.auth.project(context.invocation_metadata())
 
     async def CreateBatch(self, request: batch_pb2.CreateBatchRequest,
-                          context: Context) -> batch_pb2.CreateBatchResponse:
+                          context: Context) -> batch_pb2.Batch:
         project = await self._project(context)
         if request.input_file_id and request.requests:
             raise InvalidRequest("Give either input_file_id or requests, not both.", param="input_file_id",
@@ -102,11 +102,11 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         )
         batch = await self.store.create_batch(row, requests)
         self.on_change()
-        return batch_pb2.CreateBatchResponse(batch=convert.batch_message(batch))
+        return convert.batch_message(batch)
 
-    async def GetBatch(self, request: batch_pb2.GetBatchRequest, context: Context) -> batch_pb2.GetBatchResponse:
+    async def GetBatch(self, request: batch_pb2.GetBatchRequest, context: Context) -> batch_pb2.Batch:
         batch = await self.store.get_batch(await self._project(context), request.id)
-        return batch_pb2.GetBatchResponse(batch=convert.batch_message(batch))
+        return convert.batch_message(batch)
 
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest,
                           context: Context) -> batch_pb2.ListBatchesResponse:
@@ -120,10 +120,10 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         return out
 
     async def CancelBatch(self, request: batch_pb2.CancelBatchRequest,
-                          context: Context) -> batch_pb2.CancelBatchResponse:
+                          context: Context) -> batch_pb2.Batch:
         batch = await self.store.request_cancel(await self._project(context), request.id)
         self.on_change()
-        return batch_pb2.CancelBatchResponse(batch=convert.batch_message(batch))
+        return convert.batch_message(batch)
 
     async def ListBatchResults(self, request: batch_pb2.ListBatchResultsRequest,
                                context: Context) -> batch_pb2.ListBatchResultsResponse:
@@ -142,7 +142,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         return out
 
     async def GetBatchResult(self, request: batch_pb2.GetBatchResultRequest,
-                             context: Context) -> batch_pb2.GetBatchResultResponse:
+                             context: Context) -> batch_pb2.BatchResult:
         batch, req, res = await self.store.get_result(await self._project(context), request.batch_id,
                                                       request.custom_id)
-        return batch_pb2.GetBatchResultResponse(result=convert.result_message(batch, req, res))
+        return convert.result_message(batch, req, res)

@@ -57,10 +57,10 @@ class Client:
     async def create(self, lines: Iterable[batch_pb2.BatchRequestLine], key: str = KEY_A,
                      endpoint: str = "/v1/chat/completions", **fields: Any) -> batch_pb2.Batch:
         req = batch_pb2.CreateBatchRequest(endpoint=endpoint, requests=list(lines), **fields)
-        return (await self.stub.CreateBatch(req, metadata=md(key))).batch
+        return await self.stub.CreateBatch(req, metadata=md(key))
 
     async def get(self, batch_id: str, key: str = KEY_A) -> batch_pb2.Batch:
-        return (await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))).batch
+        return await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))
 
     async def wait_for(self, batch_id: str, statuses: set[str] | None = None, timeout: float = 60.0,
                        key: str = KEY_A) -> batch_pb2.Batch:

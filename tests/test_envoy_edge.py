@@ -25,10 +25,10 @@ import httpx2
 import openai
 import pytest
 from google.api import httpbody_pb2
-from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
 from service.envoy import EnvoyProcess, render_config
 from service.multipart import MultipartError, parse_multipart
+from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 from tests.openapi_schemas import validate
 
 CREATED = 1_763_950_000

@@ -148,23 +148,11 @@ class CreateBatchRequest(_message.Message):
     requests: _containers.RepeatedCompositeFieldContainer[BatchRequestLine]
     def __init__(self, input_file_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[BatchRequestLine, _Mapping]]] = ...) -> None: ...
 
-class CreateBatchResponse(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: Batch
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
-
 class GetBatchRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
-
-class GetBatchResponse(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: Batch
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
 class ListBatchesRequest(_message.Message):
     __slots__ = ("limit", "after")
@@ -193,12 +181,6 @@ class CancelBatchRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
-
-class CancelBatchResponse(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: Batch
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("custom_id", "index", "model", "provider", "status_code", "url", "response", "error", "status", "usage")
@@ -269,9 +251,3 @@ class GetBatchResultRequest(_message.Message):
     batch_id: str
     custom_id: str
     def __init__(self, batch_id: _Optional[str] = ..., custom_id: _Optional[str] = ...) -> None: ...
-
-class GetBatchResultResponse(_message.Message):
-    __slots__ = ("result",)
-    RESULT_FIELD_NUMBER: _ClassVar[int]
-    result: BatchResult
-    def __init__(self, result: _Optional[_Union[BatchResult, _Mapping]] = ...) -> None: ...

@@ -38,12 +38,12 @@ class BatchServiceStub:
         self.CreateBatch = channel.unary_unary(
                 '/sluice.v1.BatchService/CreateBatch',
                 request_serializer=sluice_dot_v1_dot_batch__pb2.CreateBatchRequest.SerializeToString,
-                response_deserializer=sluice_dot_v1_dot_batch__pb2.CreateBatchResponse.FromString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.Batch.FromString,
                 _registered_method=True)
         self.GetBatch = channel.unary_unary(
                 '/sluice.v1.BatchService/GetBatch',
                 request_serializer=sluice_dot_v1_dot_batch__pb2.GetBatchRequest.SerializeToString,
-                response_deserializer=sluice_dot_v1_dot_batch__pb2.GetBatchResponse.FromString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.Batch.FromString,
                 _registered_method=True)
         self.ListBatches = channel.unary_unary(
                 '/sluice.v1.BatchService/ListBatches',
@@ -53,7 +53,7 @@ class BatchServiceStub:
         self.CancelBatch = channel.unary_unary(
                 '/sluice.v1.BatchService/CancelBatch',
                 request_serializer=sluice_dot_v1_dot_batch__pb2.CancelBatchRequest.SerializeToString,
-                response_deserializer=sluice_dot_v1_dot_batch__pb2.CancelBatchResponse.FromString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.Batch.FromString,
                 _registered_method=True)
         self.ListBatchResults = channel.unary_unary(
                 '/sluice.v1.BatchService/ListBatchResults',
@@ -63,7 +63,7 @@ class BatchServiceStub:
         self.GetBatchResult = channel.unary_unary(
                 '/sluice.v1.BatchService/GetBatchResult',
                 request_serializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.SerializeToString,
-                response_deserializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultResponse.FromString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.BatchResult.FromString,
                 _registered_method=True)
 
 
@@ -73,6 +73,9 @@ class BatchServiceServicer:
 
     def CreateBatch(self, request, context):
         """Creates a batch from an uploaded JSONL file (`input_file_id`) or inline `requests`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +83,9 @@ class BatchServiceServicer:
 
     def GetBatch(self, request, context):
         """Returns one batch of the caller's project.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +100,9 @@ class BatchServiceServicer:
 
     def CancelBatch(self, request, context):
         """Cancels a batch: it moves to `cancelling`, then `cancelled`; finished results are kept.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +117,9 @@ class BatchServiceServicer:
 
     def GetBatchResult(self, request, context):
         """Returns one request's result by its `custom_id` (`status` says whether it has finished).
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,12 +131,12 @@ def add_BatchServiceServicer_to_server(servicer, server):
             'CreateBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateBatch,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.CreateBatchRequest.FromString,
-                    response_serializer=sluice_dot_v1_dot_batch__pb2.CreateBatchResponse.SerializeToString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.Batch.SerializeToString,
             ),
             'GetBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBatch,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.GetBatchRequest.FromString,
-                    response_serializer=sluice_dot_v1_dot_batch__pb2.GetBatchResponse.SerializeToString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.Batch.SerializeToString,
             ),
             'ListBatches': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBatches,
@@ -134,7 +146,7 @@ def add_BatchServiceServicer_to_server(servicer, server):
             'CancelBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelBatch,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.CancelBatchRequest.FromString,
-                    response_serializer=sluice_dot_v1_dot_batch__pb2.CancelBatchResponse.SerializeToString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.Batch.SerializeToString,
             ),
             'ListBatchResults': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBatchResults,
@@ -144,7 +156,7 @@ def add_BatchServiceServicer_to_server(servicer, server):
             'GetBatchResult': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBatchResult,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.FromString,
-                    response_serializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultResponse.SerializeToString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.BatchResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,7 +186,7 @@ class BatchService:
             target,
             '/sluice.v1.BatchService/CreateBatch',
             sluice_dot_v1_dot_batch__pb2.CreateBatchRequest.SerializeToString,
-            sluice_dot_v1_dot_batch__pb2.CreateBatchResponse.FromString,
+            sluice_dot_v1_dot_batch__pb2.Batch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -201,7 +213,7 @@ class BatchService:
             target,
             '/sluice.v1.BatchService/GetBatch',
             sluice_dot_v1_dot_batch__pb2.GetBatchRequest.SerializeToString,
-            sluice_dot_v1_dot_batch__pb2.GetBatchResponse.FromString,
+            sluice_dot_v1_dot_batch__pb2.Batch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,7 +267,7 @@ class BatchService:
             target,
             '/sluice.v1.BatchService/CancelBatch',
             sluice_dot_v1_dot_batch__pb2.CancelBatchRequest.SerializeToString,
-            sluice_dot_v1_dot_batch__pb2.CancelBatchResponse.FromString,
+            sluice_dot_v1_dot_batch__pb2.Batch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,7 +321,7 @@ class BatchService:
             target,
             '/sluice.v1.BatchService/GetBatchResult',
             sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.SerializeToString,
-            sluice_dot_v1_dot_batch__pb2.GetBatchResultResponse.FromString,
+            sluice_dot_v1_dot_batch__pb2.BatchResult.FromString,
             options,
             channel_credentials,
             insecure,
