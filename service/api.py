@@ -7,15 +7,14 @@ are `SluiceError`s and are turned into statuses by `translate_errors`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
-
-import grpc
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import Any, TypeAlias
 
 from service import convert
 from service.auth import Authenticator
 from service.domain import COMPLETION_WINDOWS, MAX_REQUESTS, BatchStatus, now
-from service.errors import InvalidRequest, NotImplementedYet, PayloadTooLarge
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.files import BatchInputs
 from service.grpc_errors import translate_errors
 from service.routing import Router
 from service.store import NewRequest, Store, new_id
@@ -23,10 +22,7 @@ from service.tables import BatchRow
 from service.validation import LineProblem, LineValidator, check_completion_window, check_endpoint, check_metadata
 from sluice.v1 import batch_pb2, batch_pb2_grpc
 
-Context = grpc.aio.ServicerContext[Any, Any]
-# Builds a batch from an uploaded file: (project, file id, validator) -> requests. Set by the
-# Files API; until then `input_file_id` answers UNIMPLEMENTED.
-FileLines = Callable[[str, str, LineValidator], Any]
+Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
 DEFAULT_RESULTS_LIMIT, MAX_RESULTS_LIMIT = 100, 1000
@@ -61,12 +57,12 @@ def inline_requests(lines: Any, validator: LineValidator) -> list[NewRequest]:
 @translate_errors
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     def __init__(self, store: Store, auth: Authenticator, router: Router, on_change: Callable[[], None],
-                 file_lines: FileLines | None = None) -> None:
+                 inputs: BatchInputs) -> None:
         self.store = store
         self.auth = auth
         self.router = router
         self.on_change = on_change
-        self.file_lines = file_lines
+        self.inputs = inputs
 
     async def _project(self, context: Context) -> str:
         return await self.auth.project(context.invocation_metadata())
@@ -84,22 +80,21 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         window = check_completion_window(request.completion_window)
         metadata = check_metadata(convert.struct_to_dict(request.metadata) if request.HasField("metadata") else None)
         validator = LineValidator(endpoint=endpoint, router=self.router)
-        if request.input_file_id:
-            if self.file_lines is None:
-                raise NotImplementedYet("Batches from uploaded files are not available yet; send inline 'requests'.",
-                                        param="input_file_id", code="not_implemented")
-            requests = await self.file_lines(project, request.input_file_id, validator)
-        else:
-            requests = inline_requests(request.requests, validator)
         created = now()
         row = BatchRow(
             id=new_id("batch_"), project=project, status=BatchStatus.VALIDATING.value, endpoint=endpoint,
-            completion_window=window, input_file_id=request.input_file_id, model=validator.model,
-            provider=validator.provider, metadata_json=json.dumps(metadata) if metadata else None,
+            completion_window=window, input_file_id=request.input_file_id,
+            metadata_json=json.dumps(metadata) if metadata else None,
             created_at=created, expires_at=created + COMPLETION_WINDOWS[window],
             total=0, completed=0, failed=0, input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0,
             input_cost=0.0, output_cost=0.0, poll_failures=0,
         )
+        requests: Iterable[NewRequest] | AsyncIterable[NewRequest]
+        if request.input_file_id:
+            requests = await self.inputs.prepare(project, request.input_file_id, validator, row) or ()
+        else:
+            requests = inline_requests(request.requests, validator)
+        row.model, row.provider = validator.model, validator.provider
         batch = await self.store.create_batch(row, requests)
         self.on_change()
         return convert.batch_message(batch)

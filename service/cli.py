@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
+import secrets
 import sys
+from pathlib import Path
 
 from service.config import Settings
 
 ENV_HELP = """environment:
   SLUICE_GRPC_HOST / SLUICE_GRPC_PORT   where gRPC listens (127.0.0.1:50051)
+  SLUICE_HTTP_PORT                      where Envoy serves REST, with `sluice run` (8080)
+  SLUICE_PROVIDERS_FILE                 providers YAML (see providers.example.yaml)
   SLUICE_DATABASE_URL                   sqlite+aiosqlite:///var/sluice.db (default) or
                                         postgresql+asyncpg://user:pass@host/db
   SLUICE_API_KEY                        API key of the 'default' project
@@ -30,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="gRPC port (overrides SLUICE_GRPC_PORT; 0 picks a free one)")
     serve.add_argument("--ready-line", action="store_true",
                        help="print 'LISTENING <port>' once serving (for scripts and tests)")
+    run = sub.add_parser("run", help="run the gRPC server, the engine and Envoy's REST edge (what `make run` does)",
+                         epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--work-dir", default="var", help="where Envoy's rendered config and logs go (var/)")
     sub.add_parser("migrate", help="apply database migrations and exit")
     args = parser.parse_args(argv)
 
@@ -42,19 +50,43 @@ def main(argv: list[str] | None = None) -> int:
 
         asyncio.run(migrate(settings.database_url))
         return 0
-    if args.port is not None:
-        settings = Settings(**{**settings.__dict__, "grpc_port": args.port})
+    if getattr(args, "port", None) is not None:
+        settings = dataclasses.replace(settings, grpc_port=args.port)
+    generated = ""
+    if not settings.api_keys and args.command == "run":
+        generated = "sk-sluice-" + secrets.token_urlsafe(24)
+        settings = dataclasses.replace(settings, api_keys={generated: "default"})
     if not settings.api_keys:
         print("sluice: no API key configured: set SLUICE_API_KEY (or SLUICE_API_KEYS=project=key,...)",
               file=sys.stderr)
         return 2
-    from service.server import serve as run
+    from service import server
 
     try:
-        asyncio.run(run(settings, ready_line=args.ready_line))
+        if args.command == "serve":
+            asyncio.run(server.serve(settings, ready_line=args.ready_line))
+        else:
+            key = generated or next(iter(settings.api_keys))
+            asyncio.run(server.run_with_envoy(settings, Path(args.work_dir) / "envoy",
+                                              lambda http, grpc: _banner(http, grpc, settings, key, bool(generated))))
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _banner(http_port: int, grpc_port: int, settings: Settings, key: str, generated: bool) -> None:
+    host = settings.grpc_host
+    print(f"""
+Sluice is running (Ctrl-C stops it).
+  REST, OpenAI-compatible:  http://{host}:{http_port}/v1
+  gRPC (sluice.v1):         {host}:{grpc_port}
+  API key:                  {key}{"   (generated; set SLUICE_API_KEY to choose one)" if generated else ""}
+  Database:                 {settings.database_url.split("@")[-1]}
+
+Try it:
+  export OPENAI_BASE_URL=http://{host}:{http_port}/v1 OPENAI_API_KEY={key}
+  curl -s $OPENAI_BASE_URL/batches -H "Authorization: Bearer $OPENAI_API_KEY"
+""", flush=True)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ class Engine:
         base = self.settings.poll_seconds if base is None else base
         delay = min(base * 2 ** failures, self.settings.max_backoff_seconds)
         delay = delay / 2 + random.uniform(0, delay / 2)
-        return max(delay, retry_after or 0.0)
+        return float(max(delay, retry_after or 0.0))
 
     # --- native batch APIs ----------------------------------------------------------------------
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,13 +19,17 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.db import create_engine, migrate
 from service.engine import Engine, EngineSettings
+from service.envoy import EnvoyProcess, render_config
+from service.files import BatchInputs, FileServicer
+from service.outputs import OutputFiles
 from service.providers import build_router
 from service.routing import Router
 from service.store import Store
-from sluice.v1 import batch_pb2, batch_pb2_grpc
+from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,)
+SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
+                 file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name)
 
 
 @dataclass
@@ -52,13 +59,15 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     router = router or build_router(settings)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
-        lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds))
+        lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds), finalizer=OutputFiles(store))
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ])
-    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchServicer(store, auth, router, engine.wake), server)
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(
+        BatchServicer(store, auth, router, engine.wake, BatchInputs(store)), server)
+    file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(store, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -74,15 +83,41 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     return App(server, store, engine, router, health_servicer, port)
 
 
-async def serve(settings: Settings, ready_line: bool = False) -> None:
-    """Run until SIGTERM/SIGINT, then shut down gracefully."""
-    app = await start(settings)
-    if ready_line:
-        print(f"LISTENING {app.port}", flush=True)
+async def _until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+
+
+async def serve(settings: Settings, ready_line: bool = False) -> None:
+    """Run the gRPC server until SIGTERM/SIGINT, then shut down gracefully."""
+    app = await start(settings)
+    if ready_line:
+        print(f"LISTENING {app.port}", flush=True)
+    await _until_signal()
     await app.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def run_with_envoy(settings: Settings, work_dir: Path, banner: Callable[[int, int], None]) -> None:
+    """The gRPC server plus Envoy's REST edge in front of it, until SIGTERM/SIGINT."""
+    app = await start(settings)
+    config = render_config(settings.grpc_host, settings.http_port, app.port, _free_port(settings.grpc_host),
+                           work_dir, grpc_host=settings.grpc_host)
+    envoy = EnvoyProcess(config, settings.grpc_host, settings.http_port)
+    try:
+        await asyncio.to_thread(envoy.start)
+        banner(settings.http_port, app.port)
+        await _until_signal()
+    finally:
+        await asyncio.to_thread(envoy.stop)
+        await app.stop()

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -26,6 +26,7 @@ from service.errors import Conflict, NotFound
 from service.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 
 INSERT_CHUNK = 500
+UPLOADING = "uploading"
 
 
 def new_id(prefix: str) -> str:
@@ -77,14 +78,16 @@ class Store:
 
     # --- batches: API side ----------------------------------------------------------------
 
-    async def create_batch(self, batch: BatchRow, requests: Iterable[NewRequest]) -> BatchRow:
-        """Insert the batch and its lines in one transaction: all or nothing."""
+    async def create_batch(self, batch: BatchRow,
+                           requests: Iterable[NewRequest] | AsyncIterable[NewRequest]) -> BatchRow:
+        """Insert the batch and its lines in one transaction: all or nothing. `requests` may be
+        an async iterable (lines streamed from a file), inserted 500 at a time."""
         async with self.sessions.begin() as s:
             s.add(batch)
             await s.flush()
             chunk: list[dict[str, Any]] = []
             count = 0
-            for req in requests:
+            async for req in _aiter(requests):
                 chunk.append({"batch_id": batch.id, "idx": count, "custom_id": req.custom_id,
                               "model": req.model, "body_json": json.dumps(req.body, separators=(",", ":"))})
                 count += 1
@@ -141,7 +144,7 @@ class Store:
     async def list_results(self, project: str, batch_id: str, limit: int,
                            after: str) -> tuple[list[tuple[RequestRow, ResultRow]], bool]:
         await self.get_batch(project, batch_id)
-        query: Select[tuple[RequestRow, ResultRow]] = (
+        query = (
             select(RequestRow, ResultRow)
             .join(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id, ResultRow.idx == RequestRow.idx))
             .where(RequestRow.batch_id == batch_id)
@@ -154,7 +157,8 @@ class Store:
                     raise NotFound(f"No request with custom_id '{after}' in batch '{batch_id}'.",
                                    param="after", code="cursor_not_found")
                 query = query.where(RequestRow.idx > anchor)
-            rows = [(r[0], r[1]) for r in (await s.execute(query.order_by(RequestRow.idx).limit(limit + 1))).all()]
+            result = await s.execute(query.order_by(RequestRow.idx).limit(limit + 1))
+            rows = [(req, res) for req, res in result.tuples().all()]
         return rows[:limit], len(rows) > limit
 
     async def get_result(self, project: str, batch_id: str,
@@ -289,25 +293,33 @@ class Store:
 
     # --- files ------------------------------------------------------------------------------
 
-    async def create_file(self, row: FileRow, chunks: AsyncIterator[bytes]) -> FileRow:
-        """Store a file's metadata and content, chunk by chunk, in one transaction."""
+    async def begin_file(self, row: FileRow) -> FileRow:
+        """Register an upload in `uploading` status (invisible to the API until `finish_file`).
+        Content goes in chunk by chunk, each in its own short transaction, so a slow 200 MB
+        upload never holds the database's write lock."""
         async with self.sessions.begin() as s:
             s.add(row)
-            await s.flush()
-            size = 0
-            seq = 0
-            async for data in chunks:
-                if not data:
-                    continue
-                await s.execute(self._insert(FileChunkRow).values(file_id=row.id, seq=seq, data=data))
-                seq += 1
-                size += len(data)
-            row.bytes = size
         return row
+
+    async def add_file_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(FileChunkRow).values(file_id=file_id, seq=seq, data=data))
+
+    async def finish_file(self, file_id: str, size: int, line_count: int, status: str = "processed") -> FileRow:
+        async with self.sessions.begin() as s:
+            await s.execute(update(FileRow).where(FileRow.id == file_id).values(
+                bytes=size, line_count=line_count, status=status))
+        return await self.get_file(None, file_id)
+
+    async def discard_file(self, file_id: str) -> None:
+        """Remove a file and its content whatever its status (failed uploads, rewritten outputs)."""
+        async with self.sessions.begin() as s:
+            await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
+            await s.execute(delete(FileRow).where(FileRow.id == file_id))
 
     async def get_file(self, project: str | None, file_id: str) -> FileRow:
         async with self.sessions() as s:
-            query = select(FileRow).where(FileRow.id == file_id)
+            query = select(FileRow).where(FileRow.id == file_id, FileRow.status != UPLOADING)
             if project is not None:
                 query = query.where(FileRow.project == project)
             row = await s.scalar(query)
@@ -317,7 +329,7 @@ class Store:
 
     async def list_files(self, project: str, purpose: str, limit: int, after: str,
                          ascending: bool) -> tuple[list[FileRow], bool]:
-        query = select(FileRow).where(FileRow.project == project)
+        query = select(FileRow).where(FileRow.project == project, FileRow.status != UPLOADING)
         if purpose:
             query = query.where(FileRow.purpose == purpose)
         if after:
@@ -334,9 +346,7 @@ class Store:
 
     async def delete_file(self, project: str, file_id: str) -> None:
         await self.get_file(project, file_id)
-        async with self.sessions.begin() as s:
-            await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
-            await s.execute(delete(FileRow).where(FileRow.id == file_id, FileRow.project == project))
+        await self.discard_file(file_id)
 
     async def iter_file_chunks(self, file_id: str) -> AsyncIterator[bytes]:
         """The content, one stored chunk (≤1 MiB) at a time, each read in its own query."""
@@ -370,3 +380,12 @@ def _result_row(batch_id: str, r: StoredResult, t: int) -> dict[str, Any]:
         "output_tokens": res.usage.output_tokens, "reasoning_tokens": res.usage.reasoning_tokens,
         "input_cost": res.usage.input_cost, "output_cost": res.usage.output_cost, "created_at": t,
     }
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -71,8 +71,8 @@ class LineValidator:
     """Validates lines one at a time (so files can stream) and remembers what it needs across
     lines: custom_ids seen, providers the models route to."""
 
-    endpoint: str
-    router: Router
+    endpoint: str | None  # None: the first line's url sets it (uploads, before any batch exists)
+    router: Router | None = None  # None: models are not routed (uploads)
     seen: set[str] = field(default_factory=set)
     providers: dict[str, str] = field(default_factory=dict)  # provider -> first model routed there
     models: set[str] = field(default_factory=set)
@@ -97,6 +97,8 @@ class LineValidator:
         if url not in SUPPORTED_ENDPOINTS:
             raise LineProblem("invalid_url", f"url {url!r} is not a supported endpoint "
                               f"({', '.join(SUPPORTED_ENDPOINTS)})", "url")
+        if self.endpoint is None:
+            self.endpoint = url
         if url != self.endpoint:
             raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
                               "url")
@@ -106,8 +108,15 @@ class LineValidator:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise LineProblem("missing_model", "body.model is required", "body.model")
+        if self.router is not None:
+            self._route(self.router, model)
+        self.seen.add(custom_id)
+        self.models.add(model)
+        return NewRequest(custom_id=custom_id, model=model, body=body)
+
+    def _route(self, router: Router, model: str) -> None:
         try:
-            route = self.router.resolve(model)
+            route = router.resolve(model)
         except UnknownModel:
             raise LineProblem("model_not_found", f"model {model!r} is not served by any configured provider",
                               "body.model") from None
@@ -116,9 +125,6 @@ class LineValidator:
             found = ", ".join(f"{p} (e.g. {m!r})" for p, m in self.providers.items())
             raise LineProblem("mixed_providers", "all lines of a batch must go to one provider; "
                               f"this batch needs {found}: split it into one batch per provider", "body.model")
-        self.seen.add(custom_id)
-        self.models.add(model)
-        return NewRequest(custom_id=custom_id, model=model, body=body)
 
     @property
     def provider(self) -> str:
