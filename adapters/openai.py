@@ -1,0 +1,300 @@
+"""Native batch adapters for the OpenAI family: OpenAI, Azure OpenAI and Groq (notes §2, §3, §6a).
+
+All three share one flow, implemented once in `OpenAIAdapter`:
+
+1. spool the lines as OpenAI `BatchRequestInput` JSONL into a temporary file (never one big string);
+2. upload it (`POST /files`, multipart, purpose `batch`) and wait while the file is `pending` (Azure);
+3. `POST /batches` with `metadata.sluice_batch_id`, so `find_submitted` can recognise it after a crash;
+4. `poll` maps `status` + `request_counts` + `errors`; `results` streams both the output and the error
+   file line by line (either may be absent or zero-byte) and joins on `custom_id` = `sl-<index>`.
+
+The subclasses only override hooks: auth header and query, endpoint spelling, allowed endpoints, how
+batches are listed, and per-line checks. Every HTTP call goes through `HttpClient`, so only
+`ProviderError` leaves an adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from typing import IO, Any
+
+from adapters.base import BatchJob, LineResult, NativeBatchAdapter, ProviderStatus, RequestLine
+from adapters.http import HttpClient
+from adapters.openai_format import (
+    iter_jsonl,
+    openai_batch_status,
+    openai_input_line,
+    result_from_output_line,
+    spool_jsonl,
+)
+from service.domain import BatchStatus
+from service.errors import ProviderError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "sluice_batch_id"
+PENDING_FILE_STATUSES = frozenset({"pending", "running"})
+FAILED_FILE_STATUSES = frozenset({"error", "failed", "deleted"})
+
+
+def require(obj: Any, key: str, provider: str) -> str:
+    """A non-empty string field of a provider response; a malformed answer is a retryable error."""
+    value = obj.get(key) if isinstance(obj, Mapping) else None
+    if not isinstance(value, str) or not value:
+        raise ProviderError(f"{provider} sent a response without {key!r}", provider=provider, retryable=True,
+                            code="invalid_provider_response")
+    return value
+
+
+class OpenAIAdapter(NativeBatchAdapter):
+    """OpenAI's Files + Batches API (`base_url` like `https://api.openai.com/v1`).
+
+    Options: `organization`, `project` (OpenAI headers), `completion_window` (overrides the
+    batch's), `find_pages` (how many pages of 100 batches `find_submitted` looks through, default
+    10), `file_ready_timeout` (seconds to wait for a `pending` upload, default 300).
+    """
+
+    kind = "openai"
+    file_purpose = "batch"
+    # Endpoints this provider batches; None: whatever Sluice accepts.
+    endpoints: frozenset[str] | None = None
+
+    def __init__(self, name: str, *, base_url: str, api_key: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name)
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.options: dict[str, Any] = dict(options or {})
+        self.find_pages = int(self.options.get("find_pages", 10))
+        self.file_ready_timeout = float(self.options.get("file_ready_timeout", 300.0))
+        self._http: HttpClient | None = None
+
+    # --- hooks --------------------------------------------------------------------------------
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        if self.options.get("organization"):
+            headers["OpenAI-Organization"] = str(self.options["organization"])
+        if self.options.get("project"):
+            headers["OpenAI-Project"] = str(self.options["project"])
+        return headers
+
+    def query(self) -> dict[str, str] | None:
+        return None
+
+    def endpoint_path(self, endpoint: str) -> str:
+        """How this provider spells a Sluice endpoint (`/v1/chat/completions`) in `endpoint`/`url`."""
+        return endpoint
+
+    def encode_line(self, line: RequestLine) -> dict[str, Any]:
+        return openai_input_line(line, self.endpoint_path(line.url))
+
+    def check_job(self, job: BatchJob) -> None:
+        if self.endpoints is not None and job.endpoint not in self.endpoints:
+            raise ProviderError(
+                f"{self.name} ({self.kind}) batches only support {', '.join(sorted(self.endpoints))}, "
+                f"not {job.endpoint}", provider=self.name, retryable=False, code="unsupported_endpoint")
+
+    def line_checker(self, job: BatchJob) -> Any:
+        """A callable run on every line while spooling (raise ProviderError to refuse), or None."""
+        return None
+
+    def create_body(self, job: BatchJob, file_id: str) -> dict[str, Any]:
+        return {"input_file_id": file_id, "endpoint": self.endpoint_path(job.endpoint),
+                "completion_window": str(self.options.get("completion_window") or job.completion_window),
+                "metadata": {METADATA_KEY: job.batch_id}}
+
+    def created_id(self, response: Any) -> str:
+        return require(response, "id", self.name)
+
+    def status_of(self, batch: Mapping[str, Any]) -> ProviderStatus:
+        return openai_batch_status(batch)
+
+    async def list_batches(self) -> AsyncIterator[Mapping[str, Any]]:
+        """Recent batches, newest first, following OpenAI's `after` cursor for `find_pages` pages."""
+        after: str | None = None
+        for _ in range(self.find_pages):
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["after"] = after
+            page = await self.http.json("GET", "/batches", params=params)
+            data = page.get("data") if isinstance(page, Mapping) else None
+            if not isinstance(data, list) or not data:
+                return
+            for batch in data:
+                if isinstance(batch, Mapping):
+                    yield batch
+            last = page.get("last_id") or (data[-1].get("id") if isinstance(data[-1], Mapping) else None)
+            if not page.get("has_more") or not last:
+                return
+            after = str(last)
+
+    def sluice_id_of(self, batch: Mapping[str, Any]) -> str | None:
+        metadata = batch.get("metadata")
+        value = metadata.get(METADATA_KEY) if isinstance(metadata, Mapping) else None
+        return str(value) if value else None
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def http(self) -> HttpClient:
+        """The provider's client, created on first use (and again after `aclose`)."""
+        if self._http is None:
+            self._http = HttpClient(self.name, self.base_url, self.headers(), params=self.query())
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
+
+    async def upload(self, spool: IO[bytes], filename: str) -> Mapping[str, Any]:
+        """Multipart `POST /files`; httpx streams the spooled file in chunks."""
+        file_obj = await self.http.json("POST", "/files", data={"purpose": self.file_purpose},
+                                        files={"file": (filename, spool, "application/jsonl")})
+        require(file_obj, "id", self.name)
+        return dict(file_obj)
+
+    async def wait_file_ready(self, file_obj: Mapping[str, Any]) -> None:
+        """Azure answers uploads with `status: pending` and wants `processed` before a batch
+        references the file. Other providers say `processed` (or `uploaded`) at once."""
+        file_id = str(file_obj["id"])
+        deadline = time.monotonic() + self.file_ready_timeout
+        delay = 0.05
+        while True:
+            status = str(file_obj.get("status") or "").lower()
+            if status in FAILED_FILE_STATUSES:
+                details = file_obj.get("status_details") or status
+                raise ProviderError(f"{self.name} rejected the input file {file_id}: {details}", provider=self.name,
+                                    retryable=False, code="file_rejected")
+            if status not in PENDING_FILE_STATUSES:
+                return
+            if time.monotonic() > deadline:
+                raise ProviderError(f"{self.name} did not process the input file {file_id} within "
+                                    f"{self.file_ready_timeout:.0f}s", provider=self.name, retryable=True,
+                                    code="file_not_ready")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            file_obj = await self.http.json("GET", f"/files/{file_id}")
+
+    # --- NativeBatchAdapter -------------------------------------------------------------------
+
+    async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
+        self.check_job(job)
+        spool, count = await spool_jsonl(lines, self.encode_line, self.line_checker(job))
+        try:
+            if count == 0:
+                raise ProviderError(f"batch {job.batch_id} has no lines to submit", provider=self.name,
+                                    retryable=False, code="empty_batch")
+            file_obj = await self.upload(spool, f"sluice-{job.batch_id}.jsonl")
+        finally:
+            spool.close()
+        await self.wait_file_ready(file_obj)
+        created = await self.http.json("POST", "/batches", json=self.create_body(job, str(file_obj["id"])))
+        return self.created_id(created)
+
+    async def find_submitted(self, batch_id: str) -> str | None:
+        async for batch in self.list_batches():
+            if self.sluice_id_of(batch) == batch_id and batch.get("id"):
+                return str(batch["id"])
+        return None
+
+    async def get_batch(self, provider_batch_id: str) -> Mapping[str, Any]:
+        batch = await self.http.json("GET", f"/batches/{provider_batch_id}")
+        if not isinstance(batch, Mapping):
+            raise ProviderError(f"{self.name} sent a batch that is not an object", provider=self.name,
+                                retryable=True, code="invalid_provider_response")
+        return batch
+
+    async def poll(self, provider_batch_id: str) -> ProviderStatus:
+        return self.status_of(await self.get_batch(provider_batch_id))
+
+    async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
+        batch = await self.get_batch(provider_batch_id)
+        for key in ("output_file_id", "error_file_id"):
+            file_id = batch.get(key)
+            if not file_id:
+                continue
+            async for obj in iter_jsonl(self.http, f"/files/{file_id}/content"):
+                result = result_from_output_line(obj)
+                if result is not None:
+                    yield result
+
+    async def cancel(self, provider_batch_id: str) -> None:
+        try:
+            await self.http.json("POST", f"/batches/{provider_batch_id}/cancel")
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            # A batch that ended meanwhile cannot be cancelled; the next poll will say how it ended.
+            state = await self.poll(provider_batch_id)
+            if not (state.ended or state.status is BatchStatus.CANCELLING):
+                raise
+            log.info("%s: cancel of %s refused (%s); it is already %s", self.name, provider_batch_id,
+                     exc.message, state.raw_status)
+
+
+class AzureOpenAIAdapter(OpenAIAdapter):
+    """Azure OpenAI (notes §3). `base_url` is `https://{resource}.openai.azure.com/openai` for the
+    dated API (`api-version` query, paths and endpoints without `/v1`), or `…/openai/v1` for the v1
+    surface (no `api-version`, OpenAI spelling).
+
+    Options: `api_version` (default `2024-10-21`), `deployments` (model → deployment name; the router's
+    aliases usually do this already). Every line must use the same deployment (Azure's `model_mismatch`),
+    which is checked before anything is uploaded.
+    """
+
+    kind = "azure"
+    DEFAULT_API_VERSION = "2024-10-21"
+
+    def __init__(self, name: str, *, base_url: str, api_key: str, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
+        self.v1_surface = self.base_url.endswith("/v1")
+        self.api_version = str(self.options.get("api_version") or self.DEFAULT_API_VERSION)
+        self.deployments: dict[str, str] = {str(k): str(v) for k, v in (self.options.get("deployments") or {}).items()}
+
+    def headers(self) -> dict[str, str]:
+        return {"api-key": self.api_key}
+
+    def query(self) -> dict[str, str] | None:
+        return None if self.v1_surface else {"api-version": self.api_version}
+
+    def endpoint_path(self, endpoint: str) -> str:
+        return endpoint if self.v1_surface else endpoint.removeprefix("/v1")
+
+    def encode_line(self, line: RequestLine) -> dict[str, Any]:
+        model = str(line.body.get("model") or "")
+        if model in self.deployments:
+            line = RequestLine(line.index, line.custom_id, line.url, {**line.body, "model": self.deployments[model]})
+        return super().encode_line(line)
+
+    def line_checker(self, job: BatchJob) -> Any:
+        seen: set[str] = set()
+
+        def check(line: RequestLine) -> None:
+            model = str(line.body.get("model") or "")
+            seen.add(self.deployments.get(model, model))
+            if len(seen) > 1:
+                raise ProviderError(
+                    f"{self.name}: all lines of an Azure batch must use one deployment; found {sorted(seen)}. "
+                    "Split the batch per deployment.", provider=self.name, retryable=False, code="model_mismatch")
+
+        return check
+
+
+class GroqAdapter(OpenAIAdapter):
+    """Groq (notes §6a): OpenAI-compatible at `https://api.groq.com/openai/v1`, chat completions
+    only, `completion_window` from 24h to 7d (option `completion_window`), and a batch list
+    without pagination."""
+
+    kind = "groq"
+    endpoints = frozenset({"/v1/chat/completions"})
+
+    async def list_batches(self) -> AsyncIterator[Mapping[str, Any]]:
+        page = await self.http.json("GET", "/batches")
+        data = page.get("data") if isinstance(page, Mapping) else page
+        for batch in data if isinstance(data, list) else []:
+            if isinstance(batch, Mapping):
+                yield batch
