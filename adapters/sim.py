@@ -23,13 +23,23 @@ OUTPUT_TOKENS = 8
 EMBEDDING_DIMENSIONS = 8
 
 
+def _strings(value: Any) -> list[str]:
+    """The text in a prompt, input or message list: strings, and the `content`/`text` of
+    messages and content parts (not JSON keys, roles or part types)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for key in ("content", "text") for s in _strings(value.get(key))]
+    return []
+
+
 def _text_of(body: dict[str, Any]) -> str:
     """All text the request carries, wherever the endpoint puts it."""
     parts: list[str] = []
     for key in ("messages", "input", "prompt"):
-        value = body.get(key)
-        if value is not None:
-            parts.append(value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+        parts.extend(_strings(body.get(key)))
     return " ".join(parts)
 
 
