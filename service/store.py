@@ -114,7 +114,11 @@ class Store:
         """Newest first; `after` is the id of the last batch of the previous page."""
         query = select(BatchRow).where(BatchRow.project == project)
         if after:
-            anchor = await self.get_batch(project, after)
+            try:
+                anchor = await self.get_batch(project, after)
+            except NotFound:
+                raise NotFound(f"No batch found with id '{after}' to list after.", param="after",
+                               code="cursor_not_found") from None
             query = query.where(or_(BatchRow.created_at < anchor.created_at,
                                     and_(BatchRow.created_at == anchor.created_at, BatchRow.id < anchor.id)))
         query = query.order_by(BatchRow.created_at.desc(), BatchRow.id.desc()).limit(limit + 1)
