@@ -1,0 +1,58 @@
+# Sluice: `make run` to try it, `make test` for the whole suite. Both set up everything they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run serve test lint typecheck proto proto-check buf-lint buf-breaking pytest bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+## Start the gRPC server, the engine and Envoy (REST) on SQLite with the simulated provider.
+## Real providers join when their keys are in the environment (see providers.example.yaml).
+run: $(STAMP)
+	SLUICE_PROVIDERS_FILE=$${SLUICE_PROVIDERS_FILE:-providers.example.yaml} $(BIN)/sluice run
+
+## The gRPC server alone (no Envoy).
+serve: $(STAMP)
+	SLUICE_PROVIDERS_FILE=$${SLUICE_PROVIDERS_FILE:-providers.example.yaml} $(BIN)/sluice serve
+
+## Everything CI checks: lint, types, protobuf lint/breaking/freshness, then the test suite
+## (which installs and starts its own PostgreSQL server when it needs one).
+test: $(STAMP) lint typecheck buf-lint buf-breaking proto-check pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy service adapters
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py --check
+
+buf-lint: $(STAMP)
+	$(BIN)/buf lint
+
+## The contract may not break against the previous commit (skipped when there is none).
+buf-breaking: $(STAMP)
+	@if git rev-parse -q --verify HEAD~1 >/dev/null 2>&1 && \
+	    git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+	  echo "buf breaking --against .git#ref=HEAD~1"; \
+	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit with buf.yaml; skipped"; fi
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(STAMP)
+	$(BIN)/python bench/upload.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
