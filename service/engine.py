@@ -297,10 +297,9 @@ class Engine:
             if provider_id:
                 log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
         if provider_id is None:
-            first = await self.store.get_batch(None, batch.id)
             await self.store.set_fields(batch.id, submit_started_at=now())
             job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint,
-                           model=self.router.resolve(first.model or "").model if first.model else "",
+                           model=self.router.resolve(batch.model).model if batch.model else "",
                            completion_window=batch.completion_window, line_count=batch.total)
             provider_id = await adapter.submit(job, self._lines(batch))
             log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
