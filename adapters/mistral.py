@@ -1,0 +1,156 @@
+"""Mistral batch jobs (`/v1/batch/jobs` with uploaded input files).
+
+The lines are uploaded as one JSONL file (purpose `batch`) of `{custom_id, body}` (no
+method/url; the model is set once on the job, so every line must name the same model), then a
+job is created with `input_files`, `model`, `endpoint` and `metadata {"sluice_batch_id": …}`.
+`find_submitted` pages through the job list (newest first) looking for that metadata, so a job
+created just before a crash is found instead of submitted twice.
+
+Statuses: QUEUED → validating, RUNNING → in_progress, SUCCESS → completed, FAILED → failed,
+TIMEOUT_EXCEEDED → expired, CANCELLATION_REQUESTED → cancelling, CANCELLED → cancelled (an
+unknown status is read as in_progress). Results: the `output_file` and `error_file`, whose lines
+are OpenAI-shaped (`{custom_id, response:{status_code, body}, error}`). Validation failures come
+back as 422 `{"detail": [...]}` and fail the batch.
+
+Chat bodies are passed through with OpenAI-only fields Mistral would reject dropped or renamed
+(`seed` → `random_seed`, `max_completion_tokens` → `max_tokens`). Supported endpoints:
+`/v1/chat/completions`, `/v1/embeddings`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from adapters.base import (
+    BatchJob,
+    LineResult,
+    NativeBatchAdapter,
+    ProviderStatus,
+    RequestLine,
+    provider_line_id,
+)
+from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, UnsupportedRequest, submit_error
+from adapters.http import HttpClient
+from adapters.openai_format import as_int, batch_errors, iter_jsonl, map_status, result_from_output_line, spool_jsonl
+from service.domain import BatchStatus
+from service.errors import ProviderError
+
+log = logging.getLogger(__name__)
+
+STATUSES: dict[str, BatchStatus] = {
+    "QUEUED": BatchStatus.VALIDATING, "RUNNING": BatchStatus.IN_PROGRESS, "SUCCESS": BatchStatus.COMPLETED,
+    "FAILED": BatchStatus.FAILED, "TIMEOUT_EXCEEDED": BatchStatus.EXPIRED,
+    "CANCELLATION_REQUESTED": BatchStatus.CANCELLING, "CANCELLED": BatchStatus.CANCELLED,
+}
+ENDPOINTS = (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT)
+METADATA_KEY = "sluice_batch_id"
+DEFAULT_FIND_PAGES = 20
+# OpenAI chat fields Mistral does not accept; dropped.
+CHAT_DROPPED = frozenset({"model", "user", "store", "metadata", "stream", "stream_options", "service_tier",
+                          "reasoning_effort", "logit_bias", "logprobs", "top_logprobs", "modalities", "audio",
+                          "web_search_options", "prediction_content", "max_completion_tokens", "seed"})
+EMBEDDINGS_DROPPED = frozenset({"model", "user"})
+
+
+def to_mistral_body(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    """An OpenAI request body as Mistral's (the model is set on the job, not per line)."""
+    if endpoint == EMBEDDINGS_ENDPOINT:
+        out = {k: v for k, v in body.items() if k not in EMBEDDINGS_DROPPED}
+        if "dimensions" in out:
+            out["output_dimension"] = out.pop("dimensions")
+        return out
+    out = {k: v for k, v in body.items() if k not in CHAT_DROPPED}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
+    if body.get("seed") is not None:
+        out["random_seed"] = body["seed"]
+    return out
+
+
+def job_status(job: dict[str, Any]) -> ProviderStatus:
+    raw = job.get("status")
+    return ProviderStatus(status=map_status(raw, STATUSES, fold=str.upper), raw_status=str(raw),
+                          total=as_int(job.get("total_requests")), completed=as_int(job.get("succeeded_requests")),
+                          failed=as_int(job.get("failed_requests")), errors=batch_errors(job.get("errors")))
+
+
+class MistralAdapter(NativeBatchAdapter):
+    kind = "mistral"
+
+    def __init__(self, name: str, *, base_url: str = "https://api.mistral.ai/v1", api_key: str = "",
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(name)
+        options = options or {}
+        self.timeout_hours = int(options.get("timeout_hours", 24))
+        self.find_pages = int(options.get("find_max_pages", DEFAULT_FIND_PAGES))
+        self.http = HttpClient(name, base_url, {"Authorization": f"Bearer {api_key}"})
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
+        if job.endpoint not in ENDPOINTS:
+            raise ProviderError(f"{self.name}: Mistral batches serve {', '.join(ENDPOINTS)} through Sluice, "
+                                f"not {job.endpoint}", provider=self.name, retryable=False,
+                                code="unsupported_endpoint")
+        models: list[str] = []
+
+        def encode(line: RequestLine) -> dict[str, Any]:
+            model = str(line.body.get("model") or job.model)
+            if not models:
+                models.append(model)
+            if model != models[0]:
+                raise submit_error(self.name, line.index, line.custom_id, str(UnsupportedRequest(
+                    f"model {model!r} differs from the batch's {models[0]!r}; Mistral fixes the model per job: "
+                    "split the batch by model")))
+            return {"custom_id": provider_line_id(line.index), "body": to_mistral_body(line.body, job.endpoint)}
+
+        spool, count = await spool_jsonl(lines, encode)
+        try:
+            if not count:
+                raise ProviderError(f"{self.name}: the batch has no requests", provider=self.name, retryable=False)
+            uploaded = await self.http.json("POST", "/files", data={"purpose": "batch"},
+                                            files={"file": (f"{job.batch_id}.jsonl", spool, "application/jsonl")})
+        finally:
+            spool.close()
+        created = await self.http.json("POST", "/batch/jobs", json={
+            "input_files": [uploaded["id"]], "model": models[0], "endpoint": job.endpoint,
+            "metadata": {METADATA_KEY: job.batch_id}, "timeout_hours": self.timeout_hours})
+        return str(created["id"])
+
+    async def find_submitted(self, batch_id: str) -> str | None:
+        for page in range(self.find_pages):
+            listing = await self.http.json("GET", "/batch/jobs", params={
+                "page": page, "page_size": 100, "order_by": "-created"})
+            jobs = listing.get("data") or []
+            for job in jobs:
+                if (job.get("metadata") or {}).get(METADATA_KEY) == batch_id and job.get("id"):
+                    return str(job["id"])
+            if len(jobs) < 100 or (page + 1) * 100 >= as_int(listing.get("total")):
+                return None
+        log.warning("%s: batch %s not found in the first %d pages of jobs", self.name, batch_id, self.find_pages)
+        return None
+
+    async def poll(self, provider_batch_id: str) -> ProviderStatus:
+        return job_status(await self.http.json("GET", f"/batch/jobs/{provider_batch_id}"))
+
+    async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
+        job = await self.http.json("GET", f"/batch/jobs/{provider_batch_id}")
+        for key in ("output_file", "error_file"):
+            file_id = job.get(key)
+            if not file_id:
+                continue
+            async for row in iter_jsonl(self.http, f"/files/{file_id}/content"):
+                result = result_from_output_line(row)
+                if result is not None:
+                    yield result
+
+    async def cancel(self, provider_batch_id: str) -> None:
+        try:
+            await self.http.json("POST", f"/batch/jobs/{provider_batch_id}/cancel")
+        except ProviderError as exc:
+            if exc.retryable or not (await self.poll(provider_batch_id)).ended:
+                raise
