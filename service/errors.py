@@ -74,7 +74,7 @@ class RateLimited(SluiceError):
 
 
 class NotImplementedYet(SluiceError):
-    error_type = "invalid_request_error"
+    error_type = "not_implemented_error"
     grpc_code = "UNIMPLEMENTED"
 
 
