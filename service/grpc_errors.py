@@ -59,18 +59,18 @@ def as_sluice_error(exc: BaseException) -> SluiceError:
                     "if it keeps failing, report it with the time of the request.")
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, rpc: str) -> None:
     if not isinstance(exc, SluiceError):
-        log.exception("unexpected error in %s", _method_name(context), exc_info=exc)
+        log.exception("unexpected error in %s (peer %s)", rpc, _peer(context), exc_info=exc)
     code, message, metadata = status_parts(as_sluice_error(exc))
     await context.abort(code, message, trailing_metadata=metadata)
 
 
-def _method_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     try:
         return str(context.peer())
     except Exception:  # pragma: no cover - peer is informational only
-        return "rpc"
+        return "unknown"
 
 
 def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -84,7 +84,7 @@ def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort(context, exc)
+                await _abort(context, exc, fn.__qualname__)
 
         return stream
 
@@ -95,7 +95,7 @@ def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, fn.__qualname__)
 
     return unary
 
