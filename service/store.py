@@ -162,7 +162,7 @@ class Store:
                                    param="after", code="cursor_not_found")
                 query = query.where(RequestRow.idx > anchor)
             result = await s.execute(query.order_by(RequestRow.idx).limit(limit + 1))
-            rows = [(req, res) for req, res in result.tuples().all()]
+            rows = [(req, res) for req, res in result.all()]
         return rows[:limit], len(rows) > limit
 
     async def get_result(self, project: str, batch_id: str,

@@ -1,0 +1,35 @@
+"""Two replicas on one database share the work without losing or duplicating any of it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import func, select
+
+from service.tables import ResultRow
+from tests.harness import chat_line, gateway, make_settings
+
+
+async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None:
+    # Slow enough that both replicas are busy at once, so leases really are contended.
+    settings = make_settings(db_url, sim_latency_ms=20, executor_concurrency=2)
+    async with gateway(settings) as (app_a, client_a), gateway(
+            make_settings(db_url, sim_latency_ms=20, executor_concurrency=2, replica_id="replica-b")) as (_, client_b):
+        created = []
+        for n in range(6):
+            client = client_a if n % 2 else client_b
+            created.append(await client.create([chat_line(f"b{n}-r{i}", f"question {i}") for i in range(8)]))
+        finished = await asyncio.gather(*(client_a.wait_for(b.id) for b in created))
+
+        for batch in finished:
+            assert batch.status == "completed"
+            counts = batch.request_counts
+            assert (counts.total, counts.completed, counts.failed) == (8, 8, 0)
+            results = await client_b.results(batch.id)
+            assert len(results) == 8 and len({r.custom_id for r in results}) == 8
+            # Usage is summed once per result: 8 results, 8 output tokens each.
+            assert batch.usage.output_tokens == 8 * 8
+
+        async with app_a.store.sessions() as session:
+            stored = await session.scalar(select(func.count()).select_from(ResultRow))
+        assert stored == 6 * 8
