@@ -139,13 +139,17 @@ class MistralAdapter(NativeBatchAdapter):
 
     async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
         job = await self.http.json("GET", f"/batch/jobs/{provider_batch_id}")
+        # Lines that ended the way the whole job did (batch_cancelled in a cancelled job, batch_expired
+        # in a timed-out one) are left to the engine, which records them as cancelled/expired.
+        skip = {BatchStatus.CANCELLED: "batch_cancelled", BatchStatus.EXPIRED: "batch_expired"}.get(
+            job_status(job).status)
         for key in ("output_file", "error_file"):
             file_id = job.get(key)
             if not file_id:
                 continue
             async for row in iter_jsonl(self.http, f"/files/{file_id}/content"):
                 result = result_from_output_line(row)
-                if result is not None:
+                if result is not None and not (result.error and result.error.code == skip):
                     yield result
 
     async def cancel(self, provider_batch_id: str) -> None:

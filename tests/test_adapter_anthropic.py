@@ -1,0 +1,250 @@
+"""Anthropic Message Batches adapter: translations (unit) and whole batches through Sluice and the fake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters.anthropic import (
+    AnthropicAdapter,
+    batch_status,
+    to_chat_completion,
+    to_line_result,
+    to_messages_params,
+    usage_of,
+)
+from adapters.chat_format import UnsupportedRequest
+from service.domain import BatchStatus
+from service.errors import ProviderError
+from tests.native_chat_scenarios import (  # noqa: F401 - fixtures
+    ANTHROPIC,
+    HOLD,
+    cancel_batch,
+    expire_batch,
+    fake,
+    fake_server,
+    full_batch,
+    line,
+    mixed_results,
+    requests_to,
+    restart_mid_poll,
+    submit_rejected,
+    submit_unsupported,
+    transient_faults,
+)
+from tests.harness import gateway, make_settings
+from tests.native_chat_scenarios import make_router, results_by_id
+from tests.provider_fake import ProviderFake
+
+# --------------------------------------------------------------------------- request translation
+
+
+def test_system_messages_extracted_and_max_tokens_defaulted() -> None:
+    params = to_messages_params({
+        "model": "claude-x", "temperature": 0.2, "top_p": 0.9, "stop": "END", "seed": 7, "logprobs": False,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "developer", "content": "no lies"},
+                     {"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": "there"}]}],
+    })
+    assert params == {
+        "model": "claude-x", "max_tokens": 4096, "system": "be brief\n\nno lies",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
+        "stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9,
+    }
+    assert to_messages_params({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 99)["max_tokens"] == 99
+    assert to_messages_params({"model": "m", "max_tokens": 5, "max_completion_tokens": 7,
+                               "messages": [{"role": "user", "content": "x"}]})["max_tokens"] == 7
+
+
+def test_tools_tool_choice_and_tool_turns() -> None:
+    params = to_messages_params({
+        "model": "m", "max_tokens": 10, "parallel_tool_calls": False,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                    "parameters": {"type": "object", "properties": {"city": {}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "messages": [
+            {"role": "user", "content": "weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+        ],
+    })
+    assert params["tools"] == [{"name": "get_weather", "description": "Weather",
+                                "input_schema": {"type": "object", "properties": {"city": {}}}}]
+    assert params["tool_choice"] == {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    assert params["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "weather in Oslo?"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_1", "name": "get_weather",
+                                           "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_1", "content": "sunny"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]},
+    ]
+    assert to_messages_params({"model": "m", "tools": [{"type": "function", "function": {"name": "f"}}],
+                               "tool_choice": "required",
+                               "messages": [{"role": "user", "content": "x"}]})["tool_choice"] == {"type": "any"}
+
+
+@pytest.mark.parametrize("body, problem", [
+    ({"n": 2}, "n=2"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+    ({"messages": []}, "messages"),
+    ({"max_tokens": 0}, "max_tokens"),
+])
+def test_unsupported_requests(body: dict, problem: str) -> None:
+    with pytest.raises(UnsupportedRequest, match=problem):
+        to_messages_params({"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
+
+
+# --------------------------------------------------------------------------- response translation
+
+
+def test_message_to_chat_completion_with_tool_calls_and_cache_usage() -> None:
+    body, usage = to_chat_completion({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+        "content": [{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                    {"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "cache_creation_input_tokens": 5, "cache_read_input_tokens": 20,
+                  "output_tokens": 7, "service_tier": "batch"},
+    })
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["id"] == "msg_1" and body["model"] == "claude-x"
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me check."
+    assert choice["message"]["tool_calls"] == [{"id": "toolu_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}]
+    assert body["usage"] == {"prompt_tokens": 35, "completion_tokens": 7, "total_tokens": 42,
+                             "prompt_tokens_details": {"cached_tokens": 20},
+                             "completion_tokens_details": {"reasoning_tokens": 0}}
+    assert (usage.input_tokens, usage.cached_tokens, usage.output_tokens) == (35, 20, 7)
+    assert usage_of({"input_tokens": 3, "output_tokens": 1}).input_tokens == 3
+
+
+@pytest.mark.parametrize("stop_reason, finish", [("end_turn", "stop"), ("max_tokens", "length"),
+                                                  ("stop_sequence", "stop"), ("refusal", "content_filter")])
+def test_stop_reasons(stop_reason: str, finish: str) -> None:
+    body, _ = to_chat_completion({"id": "m", "content": [{"type": "text", "text": "x"}], "stop_reason": stop_reason})
+    assert body["choices"][0]["finish_reason"] == finish
+
+
+def test_errored_canceled_expired_results() -> None:
+    errored = to_line_result(3, {"type": "errored", "error": {
+        "type": "error", "error": {"type": "overloaded_error", "message": "busy"}, "request_id": "req_9"}})
+    assert (errored.index, errored.status_code, errored.request_id) == (3, 529, "req_9")
+    assert errored.body == {"error": {"message": "busy", "type": "overloaded_error", "param": None,
+                                      "code": "overloaded_error"}}
+    assert to_line_result(0, {"type": "errored", "error": {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "bad"}}}).status_code == 400
+    for kind, code in (("canceled", "batch_cancelled"), ("expired", "batch_expired")):
+        r = to_line_result(1, {"type": kind})
+        assert r.status_code == 0 and r.error is not None and r.error.code == code and not r.ok
+
+
+def test_batch_status_mapping() -> None:
+    counts = {"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0, "expired": 0}
+    assert batch_status({"processing_status": "in_progress", "request_counts": {**counts, "processing": 3,
+                                                                                 "succeeded": 0, "errored": 0}}
+                        ) .status is BatchStatus.IN_PROGRESS
+    s = batch_status({"processing_status": "ended", "request_counts": counts})
+    assert (s.status, s.total, s.completed, s.failed) == (BatchStatus.COMPLETED, 3, 2, 1)
+    assert batch_status({"processing_status": "canceling", "request_counts": counts}).status is BatchStatus.CANCELLING
+    assert batch_status({"processing_status": "ended", "cancel_initiated_at": "2026-01-01T00:00:00Z",
+                         "request_counts": {**counts, "canceled": 1}}).status is BatchStatus.CANCELLED
+    assert batch_status({"processing_status": "ended", "request_counts": {
+        "processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 4}}).status is BatchStatus.EXPIRED
+    assert batch_status({"processing_status": "ended", "request_counts": {
+        **counts, "expired": 1}}).status is BatchStatus.COMPLETED
+
+
+async def test_404_is_retryable_only_right_after_create(fake: ProviderFake) -> None:
+    adapter = AnthropicAdapter("anthropic", base_url=fake.base_url + "/anthropic", api_key=fake.key("anthropic"),
+                               options={"not_found_retries": 1})
+    try:
+        with pytest.raises(ProviderError) as first:
+            await adapter.poll("msgbatch_unknown")
+        assert first.value.retryable and first.value.status_code == 404
+        with pytest.raises(ProviderError) as second:
+            await adapter.poll("msgbatch_unknown")
+        assert not second.value.retryable
+        assert await adapter.find_submitted("batch_x") is None
+    finally:
+        await adapter.aclose()
+
+
+def test_sends_version_and_key_headers() -> None:
+    adapter = AnthropicAdapter("anthropic", base_url="http://127.0.0.1:1", api_key="k")
+    headers = adapter.http.client.headers
+    assert headers["x-api-key"] == "k" and headers["anthropic-version"] == "2023-06-01"
+
+
+# --------------------------------------------------------------------------- whole batches
+
+
+async def test_full_batch(fake: ProviderFake, sqlite_url: str) -> None:
+    await full_batch(fake, sqlite_url, ANTHROPIC)
+    create = requests_to(fake, ANTHROPIC, "POST", "/messages/batches")
+    assert len(create) == 1
+
+
+async def test_mixed_success_and_failure(fake: ProviderFake, sqlite_url: str) -> None:
+    await mixed_results(fake, sqlite_url, ANTHROPIC)
+
+
+async def test_cancel_keeps_finished_results(fake: ProviderFake, sqlite_url: str) -> None:
+    await cancel_batch(fake, sqlite_url, ANTHROPIC)
+
+
+async def test_expiry_of_every_request(fake: ProviderFake, sqlite_url: str) -> None:
+    await expire_batch(fake, sqlite_url, ANTHROPIC, {"s1": "SLOW one", "s2": "SLOW two"}, "expired",
+                       {"s1": "expired", "s2": "expired"})
+
+
+async def test_partial_expiry_ends_completed(fake: ProviderFake, sqlite_url: str) -> None:
+    """`ended` with only some requests expired is `completed`; the expired line is a batch_expired
+    error (stored as expired by an engine that maps that code, else as failed)."""
+    await expire_batch(fake, sqlite_url, ANTHROPIC, {"ok": "hello world", "s1": "SLOW one"}, "completed",
+                       {"ok": "completed", "s1": "expired|failed"})
+
+
+async def test_transient_faults_while_polling(fake: ProviderFake, sqlite_url: str) -> None:
+    await transient_faults(fake, sqlite_url, ANTHROPIC)
+
+
+async def test_submit_rejected(fake: ProviderFake, sqlite_url: str) -> None:
+    await submit_rejected(fake, sqlite_url, ANTHROPIC)
+
+
+async def test_eventual_404_right_after_create(fake: ProviderFake, sqlite_url: str) -> None:
+    fake.configure(anthropic_eventual_404=True)
+    async with gateway(make_settings(sqlite_url, poll_seconds=0.05), make_router(fake, ANTHROPIC)) as (_, c):
+        created = await c.create([line(ANTHROPIC, "a", "hello world")])
+        done = await c.wait_for(created.id)
+        results = await results_by_id(c, created.id)
+    assert done.status == "completed"
+    assert results["a"]["status"] == "completed"
+    gets = [r["status"] for r in requests_to(fake, ANTHROPIC, "GET", "/messages/batches/")
+            if not r["path"].endswith("/results")]
+    assert gets[0] == 404 and 200 in gets
+
+
+async def test_n_greater_than_one_fails_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
+    await submit_unsupported(fake, sqlite_url, ANTHROPIC, [line(ANTHROPIC, "a", "hi"), line(ANTHROPIC, "b", "x", n=2)],
+                             "line 1 (custom_id 'b'): n=2 is not supported")
+
+
+async def test_embeddings_endpoint_fails_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
+    await submit_unsupported(fake, sqlite_url, ANTHROPIC, [line(ANTHROPIC, "a", "hi", url="/v1/embeddings")],
+                             "serve /v1/chat/completions only", endpoint="/v1/embeddings")
+
+
+async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:
+    await restart_mid_poll(fake, sqlite_url, ANTHROPIC)
+
+
+def test_hold_constant_is_large() -> None:  # keeps the scenarios' "held" batches from moving by polls
+    assert HOLD > 10**6
+    assert Path(__file__).name == "test_adapter_anthropic.py"
