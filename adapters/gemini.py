@@ -321,6 +321,7 @@ class GeminiAdapter(NativeBatchAdapter):
         self.version = str(options.get("api_version", API_VERSION))
         self.inline_limit = int(options.get("inline_limit_bytes", DEFAULT_INLINE_LIMIT))
         self.find_pages = int(options.get("find_max_pages", DEFAULT_FIND_PAGES))
+        self.page_size = int(options.get("list_page_size", 100))
         self.http = HttpClient(name, base_url, {"x-goog-api-key": api_key})
 
     async def aclose(self) -> None:
@@ -399,7 +400,7 @@ class GeminiAdapter(NativeBatchAdapter):
     async def find_submitted(self, batch_id: str) -> str | None:
         token = ""
         for _ in range(self.find_pages):
-            params = {"pageSize": "100", **({"pageToken": token} if token else {})}
+            params = {"pageSize": str(self.page_size), **({"pageToken": token} if token else {})}
             page = await self.http.json("GET", f"/{self.version}/batches", params=params)
             for op in page.get("operations") or []:
                 meta = op.get("metadata") or {}

@@ -86,6 +86,7 @@ class MistralAdapter(NativeBatchAdapter):
         options = options or {}
         self.timeout_hours = int(options.get("timeout_hours", 24))
         self.find_pages = int(options.get("find_max_pages", DEFAULT_FIND_PAGES))
+        self.page_size = int(options.get("list_page_size", 100))
         self.http = HttpClient(name, base_url, {"Authorization": f"Bearer {api_key}"})
 
     async def aclose(self) -> None:
@@ -124,12 +125,12 @@ class MistralAdapter(NativeBatchAdapter):
     async def find_submitted(self, batch_id: str) -> str | None:
         for page in range(self.find_pages):
             listing = await self.http.json("GET", "/batch/jobs", params={
-                "page": page, "page_size": 100, "order_by": "-created"})
+                "page": page, "page_size": self.page_size, "order_by": "-created"})
             jobs = listing.get("data") or []
             for job in jobs:
                 if (job.get("metadata") or {}).get(METADATA_KEY) == batch_id and job.get("id"):
                     return str(job["id"])
-            if len(jobs) < 100 or (page + 1) * 100 >= as_int(listing.get("total")):
+            if len(jobs) < self.page_size or (page + 1) * self.page_size >= as_int(listing.get("total")):
                 return None
         log.warning("%s: batch %s not found in the first %d pages of jobs", self.name, batch_id, self.find_pages)
         return None

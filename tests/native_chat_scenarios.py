@@ -71,17 +71,17 @@ MISTRAL = Flavor("mistral", MistralAdapter, "mistral-test", r"/batch/jobs/[^/]+$
 # --------------------------------------------------------------------------- fake control
 
 
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[ProviderFake]:
+def serve_fake() -> Iterator[ProviderFake]:
+    """Body of a module-scoped fixture: one fake per test module."""
     with ProviderFake() as fake:
         yield fake
 
 
-@pytest.fixture
-def fake(fake_server: ProviderFake) -> ProviderFake:
-    fake_server.reset()
-    fake_server.configure(polls_per_state=1, anthropic_eventual_404=False)
-    return fake_server
+def fresh(fake: ProviderFake) -> ProviderFake:
+    """Body of a per-test fixture: no batches, faults or counters from earlier tests."""
+    fake.reset()
+    fake.configure(polls_per_state=1, anthropic_eventual_404=False)
+    return fake
 
 
 def fake_id(provider_batch_id: str) -> str:
@@ -384,13 +384,13 @@ async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -
         created = await c.create([line(flavor, "a", "hello world")])
 
         async def create_in_flight() -> bool:
-            return fake.state()["faults_pending"] == [0]
+            return bool(fake.state()["faults_pending"] == [0])
         await until("the create call in flight", create_in_flight)
         await app.engine.stop(grace_seconds=0.05)  # the crash: the submit step is cancelled mid-call
         assert not (await c.get(created.id)).HasField("provider_batch_id")
 
     async def created_at_provider() -> bool:
-        return fake.state()["batch_creates"][flavor.provider] == 1
+        return bool(fake.state()["batch_creates"][flavor.provider] == 1)
     await until("the provider to create the batch", created_at_provider)
     async with gateway(make_settings(db, poll_seconds=0.05), make_router(fake, flavor)) as (_, c):
         done = await c.wait_for(created.id, timeout=WAIT)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -18,25 +19,36 @@ from adapters.anthropic import (
 from adapters.chat_format import UnsupportedRequest
 from service.domain import BatchStatus
 from service.errors import ProviderError
-from tests.native_chat_scenarios import (  # noqa: F401 - fixtures
+from tests.harness import gateway, make_settings
+from tests.native_chat_scenarios import (
     ANTHROPIC,
-    HOLD,
     cancel_batch,
     expire_batch,
-    fake,
-    fake_server,
+    fresh,
     full_batch,
     line,
+    make_router,
     mixed_results,
     requests_to,
     restart_mid_poll,
+    results_by_id,
+    serve_fake,
     submit_rejected,
     submit_unsupported,
     transient_faults,
 )
-from tests.harness import gateway, make_settings
-from tests.native_chat_scenarios import make_router, results_by_id
 from tests.provider_fake import ProviderFake
+
+
+@pytest.fixture(scope="module")
+def fake_server() -> Iterator[ProviderFake]:
+    yield from serve_fake()
+
+
+@pytest.fixture
+def fake(fake_server: ProviderFake) -> ProviderFake:
+    return fresh(fake_server)
+
 
 # --------------------------------------------------------------------------- request translation
 
@@ -45,7 +57,8 @@ def test_system_messages_extracted_and_max_tokens_defaulted() -> None:
     params = to_messages_params({
         "model": "claude-x", "temperature": 0.2, "top_p": 0.9, "stop": "END", "seed": 7, "logprobs": False,
         "messages": [{"role": "system", "content": "be brief"}, {"role": "developer", "content": "no lies"},
-                     {"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text", "text": "there"}]}],
+                     {"role": "user", "content": "hi"},
+                     {"role": "user", "content": [{"type": "text", "text": "there"}]}],
     })
     assert params == {
         "model": "claude-x", "max_tokens": 4096, "system": "be brief\n\nno lies",
@@ -66,7 +79,8 @@ def test_tools_tool_choice_and_tool_turns() -> None:
         "messages": [
             {"role": "user", "content": "weather in Oslo?"},
             {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
         ],
@@ -93,7 +107,7 @@ def test_tools_tool_choice_and_tool_turns() -> None:
     ({"messages": []}, "messages"),
     ({"max_tokens": 0}, "max_tokens"),
 ])
-def test_unsupported_requests(body: dict, problem: str) -> None:
+def test_unsupported_requests(body: dict[str, Any], problem: str) -> None:
     with pytest.raises(UnsupportedRequest, match=problem):
         to_messages_params({"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
 
@@ -243,8 +257,3 @@ async def test_embeddings_endpoint_fails_at_submit(fake: ProviderFake, sqlite_ur
 
 async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:
     await restart_mid_poll(fake, sqlite_url, ANTHROPIC)
-
-
-def test_hold_constant_is_large() -> None:  # keeps the scenarios' "held" batches from moving by polls
-    assert HOLD > 10**6
-    assert Path(__file__).name == "test_adapter_anthropic.py"
