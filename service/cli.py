@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from service import server
+    from service.envoy import EnvoyError
 
     try:
         if args.command == "serve":
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                                               lambda http, grpc: _banner(http, grpc, settings, key, bool(generated))))
     except KeyboardInterrupt:
         pass
+    except EnvoyError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

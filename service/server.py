@@ -19,7 +19,7 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.db import create_engine, migrate
 from service.engine import Engine, EngineSettings
-from service.envoy import EnvoyProcess, render_config
+from service.envoy import EnvoyError, EnvoyProcess, render_config
 from service.files import BatchInputs, FileServicer
 from service.outputs import OutputFiles
 from service.providers import build_router
@@ -108,8 +108,36 @@ def _free_port(host: str) -> int:
         return port
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Envoy's "is it listening" check would take another program's listener for Envoy's."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Envoy: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"cannot serve REST on {host}:{port} ({exc.strerror}): "
+                             "set SLUICE_HTTP_PORT to a free port") from None
+
+
+async def _until_signal_or_envoy_exit(envoy: EnvoyProcess, every: float = 0.5) -> None:
+    """Until SIGTERM/SIGINT; raise EnvoyError if Envoy exits on its own meanwhile."""
+    signalled = asyncio.ensure_future(_until_signal())
+    try:
+        while not signalled.done():
+            if not envoy.running:
+                # Ctrl-C in a terminal reaches Envoy too: give our own handler the chance to win.
+                await asyncio.wait({signalled}, timeout=every)
+                if not signalled.done():
+                    raise EnvoyError(f"envoy (the REST edge) exited on its own; stopping.\n{envoy.log_tail()}")
+                break
+            await asyncio.wait({signalled}, timeout=every)
+    finally:
+        signalled.cancel()
+
+
 async def run_with_envoy(settings: Settings, work_dir: Path, banner: Callable[[int, int], None]) -> None:
-    """The gRPC server plus Envoy's REST edge in front of it, until SIGTERM/SIGINT."""
+    """The gRPC server plus Envoy's REST edge in front of it, until SIGTERM/SIGINT (or Envoy dies)."""
+    _check_port_free(settings.grpc_host, settings.http_port)
     app = await start(settings)
     config = render_config(settings.grpc_host, settings.http_port, app.port, _free_port(settings.grpc_host),
                            work_dir, grpc_host=settings.grpc_host)
@@ -117,7 +145,7 @@ async def run_with_envoy(settings: Settings, work_dir: Path, banner: Callable[[i
     try:
         await asyncio.to_thread(envoy.start)
         banner(settings.http_port, app.port)
-        await _until_signal()
+        await _until_signal_or_envoy_exit(envoy)
     finally:
         await asyncio.to_thread(envoy.stop)
         await app.stop()
