@@ -64,6 +64,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # A fixed 4 MiB receive window per stream instead of BDP auto-tuning, which lets a busy
+        # server buffer tens of MB of a streaming upload in gRPC's core (169 MB peak RSS against
+        # 114 MB for a 200 MB upload under CPU load); 4 MiB still fills a fast WAN link.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
     ])
     batch_pb2_grpc.add_BatchServiceServicer_to_server(
         BatchServicer(store, auth, router, engine.wake, BatchInputs(store)), server)
