@@ -198,7 +198,7 @@ class Engine:
         if status is BatchStatus.VALIDATING:
             await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
             status = BatchStatus.IN_PROGRESS
-        while status is BatchStatus.IN_PROGRESS:
+        while status is BatchStatus.IN_PROGRESS and not self._stopping:
             if await self._end_early(batch, status):
                 return
             pending = await self.store.pending_requests(batch.id, max(provider.concurrency * 2, 16))
@@ -230,7 +230,8 @@ class Engine:
             while pending:
                 done, pending = await asyncio.wait(pending, timeout=CHECK_SECONDS)
                 await self.store.store_results(batch.id, [t.result() for t in done])
-                if pending and (await self.store.get_batch(None, batch.id)).status != BatchStatus.IN_PROGRESS:
+                if pending and (self._stopping or (await self.store.get_batch(None, batch.id)).status
+                                != BatchStatus.IN_PROGRESS):
                     return
         finally:
             for task in pending:
