@@ -92,6 +92,15 @@ def render_config(
     return config
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: have Linux send SIGTERM if the parent dies, even by SIGKILL, so
+    a crashed server never leaves an orphan Envoy holding the REST port."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class EnvoyProcess:
     """One Envoy process serving `config`, listening on `http_host:http_port`.
 
@@ -161,7 +170,8 @@ class EnvoyProcess:
             args += ["--concurrency", str(self.concurrency)]
         with open(self.log_path.with_suffix(".stdout"), "wb") as stdout:
             self._proc = subprocess.Popen(
-                args, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         try:
             self._wait_listening(timeout)

@@ -30,7 +30,9 @@ UPLOADING = "uploading"
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex}"
+    """Time-ordered (nanosecond clock first, then randomness), so ids sort in creation order even
+    between objects created in the same second."""
+    return f"{prefix}{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
 
 
 @dataclass(frozen=True)
