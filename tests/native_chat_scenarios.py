@@ -150,10 +150,12 @@ def line(flavor: Flavor, custom_id: str, text: str, url: str = "/v1/chat/complet
 
 
 async def submitted(c: Client, batch_id: str) -> str:
-    """Wait until Sluice has submitted the batch; its provider batch id."""
+    """Wait until Sluice has submitted the batch and marked it in_progress; its provider batch id.
+    (Both: the engine stores the id and then moves validating → in_progress in a second write.)"""
     async def check() -> str | None:
         batch = await c.get(batch_id)
-        return batch.provider_batch_id if batch.HasField("provider_batch_id") else None
+        ready = batch.HasField("provider_batch_id") and batch.status == "in_progress"
+        return batch.provider_batch_id if ready else None
     pid: str = await until(f"{batch_id} submitted", check)
     return pid
 
