@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 STORE_CHUNK = 500
 CHECK_SECONDS = 0.5
 EXECUTOR_RETRIES = 3
+# A provider's own "the batch ended before this ran" line (OpenAI's output-line error codes) gets
+# the same status as a line the provider did not return at all.
+_ENDED_BY_BATCH = {"batch_cancelled": ResultStatus.CANCELLED, "batch_expired": ResultStatus.EXPIRED}
 
 
 @dataclass(frozen=True)
@@ -361,7 +364,8 @@ class Engine:
                             batch.id, batch.provider, r.index)
                 continue
             custom_id, model = keys[r.index]
-            status = ResultStatus.COMPLETED if r.ok else ResultStatus.FAILED
+            status = ResultStatus.COMPLETED if r.ok else _ENDED_BY_BATCH.get(
+                r.error.code if r.error else "", ResultStatus.FAILED)
             price = self.router.price(self.router.resolve(model))
             stored.append(StoredResult(custom_id, status, self._priced(r, price)))
         await self.store.store_results(batch.id, stored)
