@@ -1,0 +1,159 @@
+"""Together native batch adapter: whole batches through the real Sluice engine against the provider
+fake (the same scenarios as OpenAI's), plus Together's own wire details and status map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base import BatchJob, RequestLine
+from adapters.openai_format import together_job_status, together_status
+from adapters.together import TogetherAdapter
+from service.domain import BatchStatus
+from service.providers import load_entries
+from tests import native_scenarios as sc
+from tests.harness import gateway
+from tests.native_scenarios import Flavor, fake_server  # noqa: F401  (module-scoped fixture)
+from tests.provider_fake import ProviderFake
+
+TOGETHER = Flavor("together", TogetherAdapter, "meta-llama/Llama-3.3-70B-Instruct-Turbo", detailed_usage=False,
+                  has_cancelling=False)
+MULTIPART = Flavor("together", TogetherAdapter, "meta-llama/Llama-3.3-70B-Instruct-Turbo", detailed_usage=False,
+                   has_cancelling=False, options={"upload": "multipart"})
+
+
+@pytest.fixture
+def fake(fake_server: ProviderFake) -> ProviderFake:  # noqa: F811
+    return sc.fresh(fake_server)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+
+
+async def test_full_batch(fake: ProviderFake, db: str) -> None:
+    await sc.full_batch(fake, db, TOGETHER)
+
+
+async def test_full_batch_multipart_upload(fake: ProviderFake, db: str) -> None:
+    await sc.full_batch(fake, db, MULTIPART)
+    assert not any(r["method"] == "PUT" for r in fake.state()["requests"])
+
+
+async def test_cancel(fake: ProviderFake, db: str) -> None:
+    await sc.cancel_batch(fake, db, TOGETHER)
+
+
+async def test_expiry(fake: ProviderFake, db: str) -> None:
+    await sc.expire_batch(fake, db, TOGETHER)
+
+
+async def test_transient_faults_do_not_fail_the_batch(fake: ProviderFake, db: str) -> None:
+    await sc.transient_faults(fake, db, TOGETHER)
+
+
+async def test_non_retryable_submit_error_fails_the_batch(fake: ProviderFake, db: str) -> None:
+    await sc.submit_rejected(fake, db, TOGETHER)
+
+
+async def test_provider_side_failure(fake: ProviderFake, db: str) -> None:
+    await sc.provider_failed(fake, db, TOGETHER)
+
+
+async def test_restart_mid_poll_creates_one_provider_batch(fake: ProviderFake, db: str) -> None:
+    await sc.restart_mid_poll(fake, db, TOGETHER)
+
+
+async def test_find_submitted_recovers_a_lost_submission(fake: ProviderFake, db: str) -> None:
+    await sc.recover_lost_submission(fake, db, TOGETHER)
+
+
+async def test_redirect_upload_flow_and_input_format(fake: ProviderFake) -> None:
+    """Form POST /files → 302 signed URL → PUT without credentials → preprocess; lines are
+    `{custom_id, body}` with Sluice's ids; purpose `batch-api`; the `{"job": ...}` wrapper is read."""
+    adapter = TogetherAdapter("together", base_url=fake.url("together"), api_key=fake.key("together"), options={})
+
+    async def two() -> Any:
+        for i in range(2):
+            yield RequestLine(i, f"mine-{i}", "/v1/chat/completions",
+                              {"model": "m", "messages": [{"role": "user", "content": f"line {i}"}]})
+
+    pid = await adapter.submit(BatchJob("batch_t1", "/v1/chat/completions", "m", "24h", 2), two())
+    calls = [(r["method"], r["path"], r["status"]) for r in fake.state()["requests"]]
+    assert calls[0] == ("POST", "/together/v1/files", 302)
+    assert calls[1][0] == "PUT" and calls[1][1].startswith("/together/_signed_upload/") and calls[1][2] == 200
+    assert calls[2][0] == "POST" and calls[2][1].endswith("/preprocess")
+    assert calls[3] == ("POST", "/together/v1/batches", 200)
+    with fake.store.lock:
+        batch = fake.store.batches["together"][pid]
+        f = fake.store.files["together"][batch.data["input_file_id"]]
+        assert f.purpose == "batch-api" and f.filename == "sluice-batch_t1.jsonl" and f.extra["processed"]
+        rows = [json.loads(x) for x in f.data.splitlines()]
+    assert rows == [{"custom_id": f"sl-{i}", "body": {"model": "m", "messages": [{"role": "user",
+                                                                                   "content": f"line {i}"}]}}
+                    for i in range(2)]
+    assert await adapter.find_submitted("batch_t1") == pid
+    assert await adapter.find_submitted("batch_unknown") is None
+    await adapter.aclose()
+
+
+async def test_embeddings_rejected_at_submit(fake: ProviderFake, db: str) -> None:
+    from google.protobuf import struct_pb2
+
+    from sluice.v1 import batch_pb2
+
+    body = struct_pb2.Struct()
+    body.update({"model": TOGETHER.sluice_model, "input": "hello"})
+    async with gateway(sc.settings(db), sc.make_router(fake, TOGETHER)) as (_, c):
+        created = await c.create([batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings",
+                                                             body=body)], endpoint="/v1/embeddings")
+        batch = await c.wait_for(created.id)
+    assert batch.status == "failed" and "/v1/chat/completions" in batch.errors.data[0].message
+    assert fake.state()["file_uploads"]["together"] == 0
+
+
+async def test_providers_yaml(fake: ProviderFake, tmp_path: Path) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text(f"""
+providers:
+  together:
+    base_url: {fake.url("together")}
+    api_key_env: TOGETHER_KEY
+    options: {{upload: multipart}}
+    models: [meta-llama/Llama-3.3-70B-Instruct-Turbo]
+""")
+    entries = load_entries(path, {"TOGETHER_KEY": "k"})
+    adapter = entries["together"].provider
+    assert isinstance(adapter, TogetherAdapter) and adapter.upload_mode == "multipart"
+    await adapter.aclose()
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("VALIDATING", BatchStatus.VALIDATING), ("IN_PROGRESS", BatchStatus.IN_PROGRESS),
+    ("COMPLETED", BatchStatus.COMPLETED), ("FAILED", BatchStatus.FAILED), ("EXPIRED", BatchStatus.EXPIRED),
+    ("CANCELLED", BatchStatus.CANCELLED), ("CANCELING", BatchStatus.CANCELLING),
+    ("completed", BatchStatus.COMPLETED), ("QUEUED_SOMEHOW", BatchStatus.IN_PROGRESS),
+])
+def test_together_status_map(raw: str, want: BatchStatus) -> None:
+    assert together_status(raw) is want
+
+
+def test_together_job_status() -> None:
+    job = {"id": "5f1c", "status": "FAILED", "progress": 0.0, "created_at": "2026-01-02T03:04:05.000Z",
+           "error": "line 3: custom_id must be a string of 1-64 characters"}
+    state = together_job_status(job)
+    assert state.status is BatchStatus.FAILED and state.ended and state.raw_status == "FAILED"
+    assert (state.total, state.completed, state.failed) == (None, None, None)  # Together has no counts
+    assert state.errors[0].message.startswith("line 3")
+    running = together_job_status({"status": "IN_PROGRESS", "progress": 50.0, "error": None})
+    assert running.status is BatchStatus.IN_PROGRESS and running.errors == ()
+
+
+def test_created_response_is_unwrapped() -> None:
+    adapter = TogetherAdapter("together", base_url="http://x/v1", api_key="k", options={})
+    assert adapter.created_id({"job": {"id": "abc"}, "warning": "slow model"}) == "abc"
+    assert adapter.created_id({"id": "bare"}) == "bare"
