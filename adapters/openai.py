@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import IO, Any
 
 from adapters.base import BatchJob, LineResult, NativeBatchAdapter, ProviderStatus, RequestLine
@@ -97,7 +97,7 @@ class OpenAIAdapter(NativeBatchAdapter):
                 f"{self.name} ({self.kind}) batches only support {', '.join(sorted(self.endpoints))}, "
                 f"not {job.endpoint}", provider=self.name, retryable=False, code="unsupported_endpoint")
 
-    def line_checker(self, job: BatchJob) -> Any:
+    def line_checker(self, job: BatchJob) -> Callable[[RequestLine], None] | None:
         """A callable run on every line while spooling (raise ProviderError to refuse), or None."""
         return None
 
@@ -270,7 +270,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
             line = RequestLine(line.index, line.custom_id, line.url, {**line.body, "model": self.deployments[model]})
         return super().encode_line(line)
 
-    def line_checker(self, job: BatchJob) -> Any:
+    def line_checker(self, job: BatchJob) -> Callable[[RequestLine], None] | None:
         seen: set[str] = set()
 
         def check(line: RequestLine) -> None:
