@@ -93,17 +93,23 @@ def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None) -> b
     msg.status = res.status
     msg.status_code = res.status_code
     msg.usage.CopyFrom(_usage(res))
-    if res.response_json:
-        body = json.loads(res.response_json)
-        if isinstance(body, dict):
-            msg.response.update(body)
+    body = json.loads(res.response_json) if res.response_json else None
+    if isinstance(body, dict):
+        msg.response.update(body)
     if res.error_code or res.status_code >= 400:
-        message, code = res.error_message, res.error_code
-        if not message and msg.HasField("response"):
-            error = struct_to_dict(msg.response).get("error") or {}
-            message = error.get("message") if isinstance(error, dict) else None
-            code = code or (error.get("code") if isinstance(error, dict) else None)
-        msg.error.CopyFrom(batch_pb2.BatchResultError(
-            message=message or f"The provider answered HTTP {res.status_code}.",
-            type=res.error_type or "provider_error", code=code or str(res.status_code or "")))
+        msg.error.CopyFrom(_result_error(res, body))
     return msg
+
+
+def _result_error(res: ResultRow, body: Any) -> batch_pb2.BatchResultError:
+    """A failed line's error: Sluice's own (no response: cancelled, expired, lost) or the one the
+    provider put in its HTTP error body, whose type and code win over generic ones."""
+    provider_error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(provider_error, dict):
+        provider_error = {}
+    return batch_pb2.BatchResultError(
+        message=res.error_message or str(provider_error.get("message") or "")
+        or f"The provider answered HTTP {res.status_code}.",
+        type=res.error_type or str(provider_error.get("type") or "provider_error"),
+        code=res.error_code or str(provider_error.get("code") or res.status_code or ""),
+    )

@@ -21,7 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from adapters.base import LineResult
-from service.domain import BatchStatus, ResultStatus, Usage, can_transition, now
+from service.domain import CANCELLABLE, BatchStatus, ResultStatus, Usage, can_transition, now
 from service.errors import Conflict, NotFound
 from service.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 
@@ -129,20 +129,19 @@ class Store:
         return rows[:limit], len(rows) > limit
 
     async def request_cancel(self, project: str, batch_id: str) -> BatchRow:
-        """validating/in_progress → cancelling; cancelling/cancelled stay as they are (a repeated
-        cancel is not an error); any other status is a conflict."""
+        """validating/in_progress → cancelling in one conditional UPDATE (so an engine moving the
+        batch meanwhile cannot make a cancellable batch look uncancellable); cancelling/cancelled
+        stay as they are (a repeated cancel is not an error); any other status is a conflict."""
+        await self.get_batch(project, batch_id)
+        async with self.sessions.begin() as s:
+            await s.execute(update(BatchRow).where(
+                BatchRow.id == batch_id, BatchRow.project == project,
+                BatchRow.status.in_([st.value for st in CANCELLABLE]),
+            ).values(status=BatchStatus.CANCELLING.value, cancelling_at=now()))
         batch = await self.get_batch(project, batch_id)
-        status = BatchStatus(batch.status)
-        if status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             return batch
-        moved = await self.transition(batch_id, status, BatchStatus.CANCELLING) if status in (
-            BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS) else False
-        if moved:
-            return await self.get_batch(project, batch_id)
-        fresh = await self.get_batch(project, batch_id)
-        if fresh.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
-            return fresh
-        raise Conflict(f"Cannot cancel a batch with status '{fresh.status}'.", param="id",
+        raise Conflict(f"Cannot cancel a batch with status '{batch.status}'.", param="id",
                        code="batch_not_cancellable")
 
     # --- results ----------------------------------------------------------------------------
