@@ -140,9 +140,13 @@ class Engine:
             next_poll = time.time() + self.settings.poll_seconds
         finally:
             renewer.cancel()
-            self._running.pop(batch_id, None)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.release(batch_id, self.settings.replica_id, next_poll))
+            # Release before forgetting the task: until the lease is handed back, the loop must not
+            # start a second step for this batch on this replica.
+            try:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release(batch_id, self.settings.replica_id, next_poll))
+            finally:
+                self._running.pop(batch_id, None)
             if not self._stopping:
                 self._wake.set()
 
@@ -201,45 +205,70 @@ class Engine:
         if status is BatchStatus.VALIDATING:
             await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
             status = BatchStatus.IN_PROGRESS
-        while status is BatchStatus.IN_PROGRESS and not self._stopping:
-            if await self._end_early(batch, status):
-                return
-            pending = await self.store.pending_requests(batch.id, max(provider.concurrency * 2, 16))
-            if not pending:
-                if await self.store.transition(batch.id, status, BatchStatus.FINALIZING):
-                    await self._finish(batch, BatchStatus.FINALIZING, BatchStatus.COMPLETED)
-                return
-            await self._execute_page(batch, provider, pending)
-            status = BatchStatus((await self.store.get_batch(None, batch.id)).status)
+        if status is BatchStatus.IN_PROGRESS and not await self._end_early(batch, status):
+            if not await self._execute_pending(batch, provider):
+                status = BatchStatus((await self.store.get_batch(None, batch.id)).status)
+            elif await self.store.transition(batch.id, status, BatchStatus.FINALIZING):
+                status = BatchStatus.FINALIZING
+        if self._stopping:
+            return
         if status is BatchStatus.FINALIZING:
             await self._finish(batch, status, BatchStatus.COMPLETED)
         elif not status.terminal:
             await self._end_early(batch, status)
 
-    async def _execute_page(self, batch: BatchRow, provider: LineExecutor, page: list[RequestRow]) -> None:
-        """Run a page of lines; store results as they finish (at least every `CHECK_SECONDS`),
-        and stop at once when the batch is cancelled meanwhile (from this replica or another)."""
-        limit = asyncio.Semaphore(provider.concurrency)
+    async def _pending_lines(self, batch_id: str) -> AsyncIterator[RequestRow]:
+        after = -1
+        while page := await self.store.pending_requests(batch_id, STORE_CHUNK, after):
+            for req in page:
+                yield req
+            after = page[-1].idx
 
-        async def one(req: RequestRow) -> StoredResult:
-            route, line = self._route(req, batch)
-            async with limit:
-                result = await self._execute_with_retries(provider, line)
-            status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
-            return StoredResult(req.custom_id, status, self._priced(result, self.router.price(route)))
+    async def _execute_one(self, batch: BatchRow, provider: LineExecutor, req: RequestRow) -> StoredResult:
+        route, line = self._route(req, batch)
+        result = await self._execute_with_retries(provider, line)
+        status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
+        return StoredResult(req.custom_id, status, self._priced(result, self.router.price(route)))
 
-        pending = {asyncio.create_task(one(r)) for r in page}
+    async def _execute_pending(self, batch: BatchRow, provider: LineExecutor) -> bool:
+        """Run every line without a result, `provider.concurrency` at a time, starting the next
+        line as soon as one finishes (a slow line never holds the others back). Results are stored
+        in groups, at least every `CHECK_SECONDS`. Returns False if it stopped early: the batch
+        left in_progress meanwhile (a cancel, from any replica) or the engine is shutting down;
+        lines still running then stay pending and run again later."""
+        lines = self._pending_lines(batch.id)
+        running: set[asyncio.Task[StoredResult]] = set()
+        finished: list[StoredResult] = []
+        more = True
+        last_check = time.monotonic()
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, timeout=CHECK_SECONDS)
-                await self.store.store_results(batch.id, [t.result() for t in done])
-                if pending and (self._stopping or (await self.store.get_batch(None, batch.id)).status
-                                != BatchStatus.IN_PROGRESS):
-                    return
+            while more or running:
+                while more and len(running) < provider.concurrency:
+                    req = await anext(lines, None)
+                    if req is None:
+                        more = False
+                    else:
+                        running.add(asyncio.create_task(self._execute_one(batch, provider, req)))
+                if running:
+                    done, running = await asyncio.wait(running, timeout=CHECK_SECONDS,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    finished.extend(task.result() for task in done)
+                checking = time.monotonic() - last_check >= CHECK_SECONDS
+                if len(finished) >= STORE_CHUNK or checking:
+                    await self.store.store_results(batch.id, finished)
+                    finished = []
+                if checking:
+                    last_check = time.monotonic()
+                    fresh = await self.store.get_batch(None, batch.id)
+                    if self._stopping or fresh.status != BatchStatus.IN_PROGRESS or now() >= fresh.expires_at:
+                        return False
+            return not self._stopping
         finally:
-            for task in pending:
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
+            finished.extend(t.result() for t in running if not t.cancelled() and t.exception() is None)
+            await self.store.store_results(batch.id, finished)
 
     async def _execute_with_retries(self, provider: LineExecutor, line: RequestLine) -> LineResult:
         for attempt in range(EXECUTOR_RETRIES + 1):

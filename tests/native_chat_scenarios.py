@@ -341,7 +341,8 @@ async def submit_rejected(fake: ProviderFake, db: str, flavor: Flavor, status: i
     assert len(done.errors.data) == 1
     assert f"HTTP {status}" in done.errors.data[0].message
     assert message in done.errors.data[0].message
-    assert fake.state()["batch_creates"][flavor.provider] == 0
+    state = fake.state()
+    assert state["batch_creates"][flavor.provider] == 0, state["requests"]
 
 
 async def submit_unsupported(fake: ProviderFake, db: str, flavor: Flavor, lines: list[batch_pb2.BatchRequestLine],

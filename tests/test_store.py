@@ -104,12 +104,10 @@ async def test_migrations_apply_twice_idempotently(db_url: str) -> None:
         await s.close()
 
 
-def test_concurrent_migrations_on_postgres(db_url: str) -> None:
+def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
     """Replicas starting together serialise on an advisory lock (PostgreSQL only: SQLite is one
     node). Each replica is its own process, as in production: Alembic's context is per process."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("replicas share only PostgreSQL")
-    env = {**os.environ, "SLUICE_DATABASE_URL": db_url, "SLUICE_API_KEY": ""}
+    env = {**os.environ, "SLUICE_DATABASE_URL": postgres_url, "SLUICE_API_KEY": ""}
     procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
