@@ -41,10 +41,12 @@ from adapters.base import (
 from adapters.chat_format import (
     CHAT_ENDPOINT,
     UnsupportedRequest,
+    append_turn,
     assistant_message,
     chat_completion,
     content_parts,
     content_text,
+    function_of,
     image_url_of,
     json_array_body,
     max_output_tokens,
@@ -99,21 +101,8 @@ def _user_blocks(content: Any) -> list[dict[str, Any]]:
     return blocks
 
 
-def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    """Add blocks, merging with the previous message of the same role (Anthropic alternates)."""
-    if not blocks:
-        return
-    if messages and messages[-1]["role"] == role:
-        messages[-1]["content"].extend(blocks)
-    else:
-        messages.append({"role": role, "content": blocks})
-
-
 def _tool(tool: Any) -> dict[str, Any]:
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(
-            tool.get("function"), dict):
-        raise UnsupportedRequest("only tools of type 'function' are supported by Anthropic")
-    fn = tool["function"]
+    fn = function_of(tool, "Anthropic")
     out: dict[str, Any] = {"name": fn.get("name"),
                            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
     if fn.get("description"):
@@ -161,7 +150,7 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
         if role in ("system", "developer"):
             system.append(content_text(m.get("content")))
         elif role == "user":
-            _append(messages, "user", _user_blocks(m.get("content")))
+            append_turn(messages, "user", _user_blocks(m.get("content")), "content")
         elif role == "assistant":
             blocks: list[dict[str, Any]] = []
             text = content_text(m.get("content"))
@@ -171,10 +160,10 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
                 fn = call.get("function") or {}
                 blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
                                "input": tool_arguments(fn.get("arguments"))})
-            _append(messages, "assistant", blocks)
+            append_turn(messages, "assistant", blocks, "content")
         elif role == "tool":
-            _append(messages, "user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
-                                        "content": content_text(m.get("content"))}])
+            append_turn(messages, "user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
+                                        "content": content_text(m.get("content"))}], "content")
         else:
             raise UnsupportedRequest(f"message role {role!r} is not supported by Anthropic")
     params: dict[str, Any] = {"model": body.get("model"), "max_tokens": max_output_tokens(body) or default_max_tokens,

@@ -97,6 +97,26 @@ def tool_arguments(raw: Any) -> dict[str, Any]:
     return value
 
 
+def function_of(tool: Any, provider: str) -> dict[str, Any]:
+    """The `function` of an OpenAI tool: the only kind of tool the other providers take."""
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(
+            tool.get("function"), dict):
+        raise UnsupportedRequest(f"only tools of type 'function' are supported by {provider}")
+    fn: dict[str, Any] = tool["function"]
+    return fn
+
+
+def append_turn(turns: list[dict[str, Any]], role: str, items: list[dict[str, Any]], key: str) -> None:
+    """Add a turn's items (`key`: `content` blocks or `parts`), merging with the previous turn of
+    the same role: Anthropic and Gemini want roles to alternate, OpenAI chats need not."""
+    if not items:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][key].extend(items)
+    else:
+        turns.append({"role": role, key: items})
+
+
 def stop_list(stop: Any) -> list[str] | None:
     if stop is None:
         return None

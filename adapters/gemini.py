@@ -43,10 +43,12 @@ from adapters.chat_format import (
     GRPC_HTTP,
     GRPC_NAMES,
     UnsupportedRequest,
+    append_turn,
     assistant_message,
     chat_completion,
     content_parts,
     content_text,
+    function_of,
     image_url_of,
     json_array_body,
     max_output_tokens,
@@ -112,20 +114,8 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
-def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
-    if not parts:
-        return
-    if contents and contents[-1]["role"] == role:
-        contents[-1]["parts"].extend(parts)
-    else:
-        contents.append({"role": role, "parts": parts})
-
-
 def _function_declaration(tool: Any) -> dict[str, Any]:
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(
-            tool.get("function"), dict):
-        raise UnsupportedRequest("only tools of type 'function' are supported by Gemini")
-    fn = tool["function"]
+    fn = function_of(tool, "Gemini")
     out: dict[str, Any] = {"name": fn.get("name")}
     if fn.get("description"):
         out["description"] = fn["description"]
@@ -160,7 +150,7 @@ def to_generate_content_request(body: dict[str, Any]) -> dict[str, Any]:
         if role in ("system", "developer"):
             system.append(content_text(m.get("content")))
         elif role == "user":
-            _append(contents, "user", _parts(m.get("content")))
+            append_turn(contents, "user", _parts(m.get("content")), "parts")
         elif role == "assistant":
             parts: list[dict[str, Any]] = []
             text = content_text(m.get("content"))
@@ -170,7 +160,7 @@ def to_generate_content_request(body: dict[str, Any]) -> dict[str, Any]:
                 fn = call.get("function") or {}
                 call_names[str(call.get("id"))] = str(fn.get("name"))
                 parts.append({"functionCall": {"name": fn.get("name"), "args": tool_arguments(fn.get("arguments"))}})
-            _append(contents, "model", parts)
+            append_turn(contents, "model", parts, "parts")
         elif role == "tool":
             name = call_names.get(str(m.get("tool_call_id")))
             if name is None:
@@ -180,8 +170,8 @@ def to_generate_content_request(body: dict[str, Any]) -> dict[str, Any]:
                 response = json.loads(text)
             except ValueError:
                 response = None
-            _append(contents, "user", [{"functionResponse": {
-                "name": name, "response": response if isinstance(response, dict) else {"content": text}}}])
+            append_turn(contents, "user", [{"functionResponse": {
+                "name": name, "response": response if isinstance(response, dict) else {"content": text}}}], "parts")
         else:
             raise UnsupportedRequest(f"message role {role!r} is not supported by Gemini")
     request: dict[str, Any] = {"contents": contents}
