@@ -1,0 +1,63 @@
+"""The shipped providers.example.yaml works as README.md says: keys switch providers on, models
+route by prefix, alias and declared list, and a bad file fails with a message naming the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings
+from service.providers import ADAPTER_KINDS, ConfigError, load_entries
+from service.routing import SIM, Route, Router, UnknownModel
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "providers.example.yaml"
+KEYS = {"OPENAI_API_KEY": "k", "AZURE_OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "k",
+        "GROQ_API_KEY": "k", "MISTRAL_API_KEY": "k", "TOGETHER_API_KEY": "k"}
+
+
+async def test_every_example_provider_loads_when_its_key_is_set() -> None:
+    entries = load_entries(EXAMPLE, KEYS)
+    assert set(entries) == {"openai", "azure", "anthropic", "gemini", "groq", "mistral", "together"}
+    assert {type(e.provider).__name__ for e in entries.values()} == {
+        ADAPTER_KINDS[k].split(":")[1] for k in entries}
+    router = Router(entries)
+    assert router.resolve("openai/gpt-4o-mini") == Route("openai", "gpt-4o-mini")
+    assert router.resolve("fast") == Route("openai", "gpt-4o-mini")
+    assert router.resolve("claude-haiku-4-5") == Route("anthropic", "claude-haiku-4-5")
+    assert router.resolve("together/meta-llama/Llama-3.3-70B-Instruct-Turbo").provider == "together"
+    with pytest.raises(UnknownModel):
+        router.resolve("no-such-model")
+    assert router.price(Route("openai", "gpt-4o-mini")).batch_discount == 0.5
+    assert router.price(Route("groq", "llama-3.1-8b-instant")).batch_discount == 0.25
+    await router.aclose()
+
+
+def test_without_keys_everything_goes_to_sim(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.providers import build_router
+
+    for name in KEYS:
+        monkeypatch.delenv(name, raising=False)
+    router = build_router(Settings(providers_file=EXAMPLE))
+    assert list(router.entries) == [SIM]
+    assert router.resolve("gpt-4o-mini") == Route(SIM, "gpt-4o-mini")
+    assert router.resolve("sim/demo") == Route(SIM, "demo")
+
+
+def test_only_providers_with_keys_are_active_and_sim_stays_reachable() -> None:
+    entries = load_entries(EXAMPLE, {"ANTHROPIC_API_KEY": "k"})
+    assert list(entries) == ["anthropic"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("providers: [1, 2]", "'providers' must be a mapping"),
+    ("providers:\n  x: {kind: nope, base_url: http://h}", "unknown kind 'nope'"),
+    ("providers:\n  sim: {kind: openai, base_url: http://h}", "reserved"),
+    ("providers:\n  openai: {kind: openai}", "base_url is required"),
+    ("providers: {", "cannot read providers file"),
+])
+def test_bad_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_entries(path, {})
