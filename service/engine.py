@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STORE_CHUNK = 500
 CHECK_SECONDS = 0.5
+PROGRESS_LOG_SECONDS = 10.0
 EXECUTOR_RETRIES = 3
 # A provider's own "the batch ended before this ran" line (OpenAI's output-line error codes) gets
 # the same status as a line the provider did not return at all.
@@ -240,7 +241,7 @@ class Engine:
         running: set[asyncio.Task[StoredResult]] = set()
         finished: list[StoredResult] = []
         more = True
-        last_check = time.monotonic()
+        last_check = last_log = time.monotonic()
         try:
             while more or running:
                 while more and len(running) < provider.concurrency:
@@ -262,6 +263,10 @@ class Engine:
                     fresh = await self.store.get_batch(None, batch.id)
                     if self._stopping or fresh.status != BatchStatus.IN_PROGRESS or now() >= fresh.expires_at:
                         return False
+                    if last_check - last_log >= PROGRESS_LOG_SECONDS:
+                        last_log = last_check
+                        log.info("batch %s: %d of %d requests done (%d failed)", batch.id,
+                                 fresh.completed + fresh.failed, fresh.total, fresh.failed)
             return not self._stopping
         finally:
             for task in running:
@@ -314,6 +319,9 @@ class Engine:
             log.warning("batch %s: %s answered %s (%s); next try in %.1fs", batch.id, adapter.name,
                         exc.status_code, exc.message, delay)
             return time.time() + delay
+        if state.raw_status != batch.provider_status:
+            log.info("batch %s: %s reports %s (%s of %s requests done)", batch.id, adapter.name, state.raw_status,
+                     (state.completed or 0) + (state.failed or 0), state.total if state.total is not None else "?")
         await self.store.set_fields(batch.id, poll_failures=0, provider_status=state.raw_status,
                                     provider_completed=state.completed, provider_failed=state.failed)
         if not state.ended:
