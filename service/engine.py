@@ -38,7 +38,7 @@ from adapters.base import (
 )
 from service.domain import BatchStatus, Price, ResultStatus, now
 from service.errors import ProviderError
-from service.routing import Route, Router
+from service.routing import Route, Router, UnknownModel
 from service.store import Store, StoredResult
 from service.tables import BatchRow, RequestRow
 
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 STORE_CHUNK = 500
 CHECK_SECONDS = 0.5
 PROGRESS_LOG_SECONDS = 10.0
+UNROUTABLE_RETRY_SECONDS = 60.0
 EXECUTOR_RETRIES = 3
 # A provider's own "the batch ended before this ran" line (OpenAI's output-line error codes) gets
 # the same status as a line the provider did not return at all.
@@ -136,6 +137,10 @@ class Engine:
                 next_poll = await self._step_native(batch, entry.provider)
         except asyncio.CancelledError:
             raise
+        except UnknownModel as exc:
+            log.warning("batch %s needs provider or model %r, which is not configured now (is its API key set?); "
+                        "it waits until a replica that has it picks it up", batch_id, str(exc))
+            next_poll = time.time() + UNROUTABLE_RETRY_SECONDS
         except Exception:
             log.exception("engine: batch %s step failed; retrying later", batch_id)
             next_poll = time.time() + self.settings.poll_seconds

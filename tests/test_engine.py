@@ -1,0 +1,44 @@
+"""Engine behaviour that no single RPC shows: a batch whose provider is not configured on this
+replica waits, with a log line saying why, and finishes once a replica has the provider."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from adapters.sim import SimProvider
+from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from tests.harness import chat_line, gateway, make_settings
+
+
+def router_with(*names: str) -> Router:
+    return Router({name: ProviderEntry(provider=SimProvider(name), models={"local-model"} if name != SIM else set(),
+                                       default_price=DEFAULT_SIM_PRICE) for name in names})
+
+
+async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url: str,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(sqlite_url)
+    async with gateway(settings, router_with(SIM, "local")) as (app, client):
+        await app.engine.stop()  # accept the batch, run nothing
+        batch = await client.create([chat_line("a", model="local/local-model")])
+    assert batch.provider == "local"
+
+    caplog.set_level(logging.WARNING, logger="service.engine")
+    async with gateway(make_settings(sqlite_url), router_with(SIM)) as (_, client):
+        deadline = time.monotonic() + 10
+        while "is not configured now" not in caplog.text:
+            assert time.monotonic() < deadline, "no log line about the missing provider"
+            await asyncio.sleep(0.05)
+        assert (await client.get(batch.id)).status == "validating"
+
+    async with gateway(make_settings(sqlite_url), router_with(SIM, "local")) as (app, client):
+        # The previous replica pushed the batch's next look a minute out; make it due now.
+        await app.store.set_fields(batch.id, next_poll_at=None)
+        app.engine.wake()
+        done = await client.wait_for(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts.completed == 1
