@@ -13,6 +13,10 @@ from pathlib import Path
 
 from service.config import Settings
 
+# Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
+# needed for that and would only log that they were skipped.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 ENV_HELP = """environment:
   SLUICE_GRPC_HOST / SLUICE_GRPC_PORT   where gRPC listens (127.0.0.1:50051)
   SLUICE_HTTP_PORT                      where Envoy serves REST, with `sluice run` (8080)
