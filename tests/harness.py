@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -27,6 +27,20 @@ KEY_A = "sk-test-alpha-0123456789"
 KEY_B = "sk-test-beta-9876543210"
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+T = TypeVar("T")
+
+
+async def until(what: str, check: Callable[[], Awaitable[T | None]], timeout: float = 30.0) -> T:
+    """Poll `check` until it returns something truthy, or fail after `timeout` seconds: how tests
+    wait for asynchronous work (bounded polling, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
@@ -62,18 +76,19 @@ class Client:
     async def get(self, batch_id: str, key: str = KEY_A) -> batch_pb2.Batch:
         return await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))
 
+    async def wait_until(self, batch_id: str, test: Callable[[batch_pb2.Batch], bool], timeout: float = 60.0,
+                         key: str = KEY_A) -> batch_pb2.Batch:
+        """Poll GetBatch until `test(batch)` holds."""
+        async def check() -> batch_pb2.Batch | None:
+            batch = await self.get(batch_id, key)
+            return batch if test(batch) else None
+        return await until(f"batch {batch_id} to meet the test", check, timeout)
+
     async def wait_for(self, batch_id: str, statuses: set[str] | None = None, timeout: float = 60.0,
                        key: str = KEY_A) -> batch_pb2.Batch:
         """Poll GetBatch until the batch reaches one of `statuses` (default: any terminal one)."""
         wanted = statuses or TERMINAL
-        deadline = time.monotonic() + timeout
-        while True:
-            batch = await self.get(batch_id, key)
-            if batch.status in wanted:
-                return batch
-            if time.monotonic() > deadline:
-                raise AssertionError(f"batch {batch_id} is {batch.status!r} after {timeout}s, wanted {wanted}")
-            await asyncio.sleep(0.05)
+        return await self.wait_until(batch_id, lambda b: b.status in wanted, timeout, key)
 
     async def results(self, batch_id: str, key: str = KEY_A, limit: int = 1000) -> list[batch_pb2.BatchResult]:
         out: list[batch_pb2.BatchResult] = []

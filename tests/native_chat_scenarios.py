@@ -8,9 +8,7 @@ A fake batch is kept in one state with a huge `polls_per_state` ("held") and mov
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +23,7 @@ from adapters.sim import SimProvider
 from service.domain import Price
 from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from sluice.v1 import batch_pb2
-from tests.harness import Client, gateway, make_settings, md
+from tests.harness import Client, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
 from tests.provider_fake.core import advance
 
@@ -107,17 +105,6 @@ def release(fake: ProviderFake, flavor: Flavor, provider_batch_id: str) -> None:
 def fake_state(fake: ProviderFake, flavor: Flavor, provider_batch_id: str) -> str:
     state: str = fake.state()["batches"][flavor.provider][fake_id(provider_batch_id)]["state"]
     return state
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def requests_to(fake: ProviderFake, flavor: Flavor, method: str, path_part: str) -> list[dict[str, Any]]:

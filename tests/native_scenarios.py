@@ -10,9 +10,8 @@ polls a condition with a deadline.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from service.domain import Price, now
 from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.store import Store
 from sluice.v1 import batch_pb2
-from tests.harness import Client, chat_line, gateway, make_settings, md
+from tests.harness import Client, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
 from tests.provider_fake.core import advance
 
@@ -84,18 +83,6 @@ def release(fake: ProviderFake, provider: str, provider_batch_id: str) -> None:
 
 def fake_state(fake: ProviderFake, provider: str, provider_batch_id: str) -> str:
     return str(fake.state()["batches"][provider][provider_batch_id]["state"])
-
-
-async def until(what: str, check: Callable[[], Awaitable[Any]], timeout: float = WAIT) -> Any:
-    """Poll `check` until it returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- Sluice side

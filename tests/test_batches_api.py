@@ -3,7 +3,6 @@ sim provider) driven by a real gRPC client, for every RPC and every documented e
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -58,18 +57,6 @@ async def row_counts(app: App) -> tuple[int, int, int]:
     async with app.store.sessions() as s:
         return tuple([int(await s.scalar(select(func.count()).select_from(t)) or 0)  # type: ignore[return-value]
                       for t in (BatchRow, RequestRow, ResultRow)])
-
-
-async def wait_until(client: Client, batch_id: str, test: Callable[[batch_pb2.Batch], bool],
-                     timeout: float = 30.0) -> batch_pb2.Batch:
-    """Poll GetBatch (bounded) until `test` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = await client.get(batch_id)
-        if test(batch):
-            return batch
-        assert time.monotonic() < deadline, f"condition not met in {timeout}s: {batch}"
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -283,7 +270,7 @@ async def test_cancel_keeps_finished_results_and_cancels_the_rest(slow: tuple[Ap
     _, c = slow
     cids = [f"line-{i:02d}" for i in range(20)]
     created = await c.create([chat_line(cid) for cid in cids])
-    running = await wait_until(c, created.id, lambda b: b.request_counts.completed >= 2)
+    running = await c.wait_until(created.id, lambda b: b.request_counts.completed >= 2)
     assert running.status == "in_progress" and running.HasField("in_progress_at")
 
     # A line not run yet: known, unfinished, no error and no response.

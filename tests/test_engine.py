@@ -3,15 +3,13 @@ replica waits, with a log line saying why, and finishes once a replica has the p
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 import pytest
 
 from adapters.sim import SimProvider
 from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
-from tests.harness import chat_line, gateway, make_settings
+from tests.harness import chat_line, gateway, make_settings, until
 
 
 def router_with(*names: str) -> Router:
@@ -29,10 +27,9 @@ async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url
 
     caplog.set_level(logging.WARNING, logger="service.engine")
     async with gateway(make_settings(sqlite_url), router_with(SIM)) as (_, client):
-        deadline = time.monotonic() + 10
-        while "is not configured now" not in caplog.text:
-            assert time.monotonic() < deadline, "no log line about the missing provider"
-            await asyncio.sleep(0.05)
+        async def warned() -> bool:
+            return "is not configured now" in caplog.text
+        await until("a log line about the missing provider", warned, 10)
         assert (await client.get(batch.id)).status == "validating"
 
     async with gateway(make_settings(sqlite_url), router_with(SIM, "local")) as (app, client):

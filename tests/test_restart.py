@@ -56,10 +56,7 @@ async def stored(c: Client, batch_id: str) -> list[batch_pb2.BatchResult]:
 
 
 async def until_partly_done(c: Client, batch_id: str, at_least: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while (await c.get(batch_id)).request_counts.completed < at_least:
-        assert time.monotonic() < deadline, "no progress"
-        await asyncio.sleep(0.02)
+    await c.wait_until(batch_id, lambda b: b.request_counts.completed >= at_least, timeout)
 
 
 async def test_sigkill_mid_batch_loses_nothing(db_url: str, tmp_path: Path, processes: list[ServerProcess]) -> None:
