@@ -6,8 +6,11 @@ import asyncio
 
 from sqlalchemy import func, select
 
+from adapters.openai import OpenAIAdapter
 from service.tables import ResultRow
 from tests.harness import chat_line, gateway, make_settings
+from tests.native_scenarios import Flavor, make_router
+from tests.provider_fake import ProviderFake
 
 
 async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None:
@@ -33,3 +36,22 @@ async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None
         async with app_a.store.sessions() as session:
             stored = await session.scalar(select(func.count()).select_from(ResultRow))
         assert stored == 6 * 8
+
+
+async def test_two_replicas_submit_each_native_batch_once(db_url: str) -> None:
+    """Both replicas drive OpenAI batches against the provider fake: every batch is created at
+    the provider exactly once and completes with all its results."""
+    with ProviderFake() as fake:
+        flavor = Flavor("openai", OpenAIAdapter, "gpt-4o-mini", detailed_usage=True)
+        async with gateway(make_settings(db_url, poll_seconds=0.02), make_router(fake, flavor)) as (_, client_a), \
+                gateway(make_settings(db_url, poll_seconds=0.02, replica_id="replica-b"),
+                        make_router(fake, flavor)) as (_, client_b):
+            created = [await (client_a if n % 2 else client_b).create(
+                [chat_line(f"r{i}", f"question {i}", model=flavor.sluice_model) for i in range(3)])
+                for n in range(6)]
+            finished = await asyncio.gather(*(client_a.wait_for(b.id) for b in created))
+        assert [b.status for b in finished] == ["completed"] * 6
+        assert all(b.request_counts.completed == 3 for b in finished)
+        state = fake.state()
+        assert state["batch_creates"]["openai"] == 6
+        assert len({b.provider_batch_id for b in finished}) == 6
