@@ -31,8 +31,11 @@ def retry_after_seconds(value: str | None) -> float | None:
     try:
         return max(float(value), 0.0)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(parsed.timestamp() - time.time(), 0.0) if parsed else None
+        pass
+    try:
+        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError):  # neither seconds nor an HTTP date: ignore it, back off as usual
+        return None
 
 
 def error_message(response: httpx.Response) -> str:
