@@ -7,10 +7,12 @@ Credentials live only in the client's default headers: they are never logged or 
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -71,18 +73,35 @@ class HttpClient:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """Send a request; return the response only if it succeeded (2xx)."""
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """httpx's transport failures as retryable ProviderErrors: the one place they are mapped."""
         try:
-            response = await self.client.request(method, url, **kwargs)
+            yield
         except httpx.TimeoutException as exc:
             raise ProviderError(f"{self.provider} timed out ({type(exc).__name__})", provider=self.provider,
                                 retryable=True, code="provider_timeout") from None
         except httpx.TransportError as exc:
             raise ProviderError(f"{self.provider} is unreachable ({type(exc).__name__})", provider=self.provider,
                                 retryable=True, code="provider_unreachable") from None
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """Send a request; return the response only if it succeeded (2xx)."""
+        with self._translated():
+            response = await self.client.request(method, url, **kwargs)
         self.raise_for_status(response)
         return response
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """`request`, with the body streamed: the same translation, including failures that happen
+        while the body is being read."""
+        with self._translated():
+            async with self.client.stream(method, url, **kwargs) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    self.raise_for_status(response)
+                yield response
 
     def raise_for_status(self, response: httpx.Response) -> None:
         status = response.status_code

@@ -12,10 +12,7 @@ import json
 import logging
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
 from typing import IO, Any
-
-import httpx
 
 from adapters.base import (
     BatchErrorItem,
@@ -28,7 +25,6 @@ from adapters.base import (
 )
 from adapters.http import HttpClient
 from service.domain import BatchStatus, Usage
-from service.errors import ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -273,28 +269,10 @@ async def spool_jsonl(lines: AsyncIterable[RequestLine], encode: Callable[[Reque
     return spool, count
 
 
-@asynccontextmanager
-async def stream_response(http: HttpClient, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
-    """`HttpClient.request`, streamed: the same error translation for statuses and for transport
-    failures, including those that happen while the body is being read."""
-    try:
-        async with http.client.stream(method, url, **kwargs) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                http.raise_for_status(response)
-            yield response
-    except httpx.TimeoutException as exc:
-        raise ProviderError(f"{http.provider} timed out ({type(exc).__name__})", provider=http.provider,
-                            retryable=True, code="provider_timeout") from None
-    except httpx.TransportError as exc:
-        raise ProviderError(f"{http.provider} is unreachable ({type(exc).__name__})", provider=http.provider,
-                            retryable=True, code="provider_unreachable") from None
-
-
 async def iter_jsonl(http: HttpClient, url: str, **kwargs: Any) -> AsyncIterator[Any]:
     """Parsed objects of a JSONL download, line by line. Blank lines (a zero-byte file included)
     yield nothing; a line that is not JSON is logged and skipped."""
-    async with stream_response(http, "GET", url, **kwargs) as response:
+    async with http.stream("GET", url, **kwargs) as response:
         async for text in response.aiter_lines():
             if not text.strip():
                 continue
