@@ -337,9 +337,6 @@ class AnthropicAdapter(NativeBatchAdapter):
         if not url:
             raise ProviderError(f"{self.name}: batch {provider_batch_id} has no results_url yet",
                                 provider=self.name, retryable=True, code="results_not_ready")
-        # Lines that ended the way the whole batch did (canceled in a cancelled batch, expired in an
-        # expired one) are left to the engine, which records them as cancelled/expired rather than failed.
-        skip = {BatchStatus.CANCELLED: "canceled", BatchStatus.EXPIRED: "expired"}.get(batch_status(batch).status)
         async for row in iter_jsonl(self.http, str(url)):
             if not isinstance(row, dict):
                 continue
@@ -348,8 +345,7 @@ class AnthropicAdapter(NativeBatchAdapter):
             if index is None or not isinstance(result, dict):
                 log.warning("%s: ignoring a result line for unknown custom_id %r", self.name, row.get("custom_id"))
                 continue
-            if result.get("type") != skip:
-                yield to_line_result(index, result)
+            yield to_line_result(index, result)
 
     async def cancel(self, provider_batch_id: str) -> None:
         try:

@@ -33,7 +33,7 @@ from adapters.base import (
 )
 from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, UnsupportedRequest, submit_error
 from adapters.http import HttpClient
-from adapters.openai_format import as_int, batch_errors, iter_jsonl, map_status, result_from_output_line, spool_jsonl
+from adapters.openai_format import as_int, batch_errors, map_status, results_from_files, spool_jsonl
 from service.domain import BatchStatus
 from service.errors import ProviderError
 
@@ -140,18 +140,8 @@ class MistralAdapter(NativeBatchAdapter):
 
     async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
         job = await self.http.json("GET", f"/batch/jobs/{provider_batch_id}")
-        # Lines that ended the way the whole job did (batch_cancelled in a cancelled job, batch_expired
-        # in a timed-out one) are left to the engine, which records them as cancelled/expired.
-        skip = {BatchStatus.CANCELLED: "batch_cancelled", BatchStatus.EXPIRED: "batch_expired"}.get(
-            job_status(job).status)
-        for key in ("output_file", "error_file"):
-            file_id = job.get(key)
-            if not file_id:
-                continue
-            async for row in iter_jsonl(self.http, f"/files/{file_id}/content"):
-                result = result_from_output_line(row)
-                if result is not None and not (result.error and result.error.code == skip):
-                    yield result
+        async for result in results_from_files(self.http, (job.get("output_file"), job.get("error_file"))):
+            yield result
 
     async def cancel(self, provider_batch_id: str) -> None:
         try:

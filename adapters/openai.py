@@ -24,10 +24,9 @@ from typing import IO, Any
 from adapters.base import BatchJob, LineResult, NativeBatchAdapter, ProviderStatus, RequestLine
 from adapters.http import HttpClient
 from adapters.openai_format import (
-    iter_jsonl,
     openai_batch_status,
     openai_input_line,
-    result_from_output_line,
+    results_from_files,
     spool_jsonl,
 )
 from service.domain import BatchStatus
@@ -213,14 +212,8 @@ class OpenAIAdapter(NativeBatchAdapter):
 
     async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
         batch = await self.get_batch(provider_batch_id)
-        for key in ("output_file_id", "error_file_id"):
-            file_id = batch.get(key)
-            if not file_id:
-                continue
-            async for obj in iter_jsonl(self.http, f"/files/{file_id}/content"):
-                result = result_from_output_line(obj)
-                if result is not None:
-                    yield result
+        async for result in results_from_files(self.http, (batch.get("output_file_id"), batch.get("error_file_id"))):
+            yield result
 
     async def cancel(self, provider_batch_id: str) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import IO, Any
 
 from adapters.base import (
@@ -280,3 +280,14 @@ async def iter_jsonl(http: HttpClient, url: str, **kwargs: Any) -> AsyncIterator
                 yield json.loads(text)
             except json.JSONDecodeError:
                 log.warning("%s: skipped an output line that is not JSON: %.200s", http.provider, text)
+
+
+async def results_from_files(http: HttpClient, file_ids: Iterable[Any]) -> AsyncIterator[LineResult]:
+    """Every result in a provider's OpenAI-format output and error files (either may be absent)."""
+    for file_id in file_ids:
+        if not file_id:
+            continue
+        async for obj in iter_jsonl(http, f"/files/{file_id}/content"):
+            result = result_from_output_line(obj)
+            if result is not None:
+                yield result
