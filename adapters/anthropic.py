@@ -60,8 +60,8 @@ from adapters.chat_format import (
 )
 from adapters.http import HttpClient
 from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
-from service.domain import BatchStatus, Usage
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus, Usage
 
 log = logging.getLogger(__name__)
 

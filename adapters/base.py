@@ -14,7 +14,7 @@ Lines are identified towards providers by `provider_line_id(index)`, not by the 
 Gemini inline results come back by position. Deriving the id from the line's index needs no
 stored map and survives restarts; adapters return results by `index`.
 
-Adapters raise `service.errors.ProviderError` for provider failures (`retryable=True` for
+Adapters raise `service.domain.errors.ProviderError` for provider failures (`retryable=True` for
 429/5xx/timeouts, with `retry_after` when the provider said so); nothing else may escape.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain import BatchStatus, Usage
+from service.domain.model import BatchStatus, Usage
 
 LINE_ID_PREFIX = "sl-"
 

@@ -19,8 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO, Any
 
-from service.domain import Usage
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
+from service.domain.model import Usage
 
 CHUNK_BYTES = 256 * 1024
 CHAT_ENDPOINT = "/v1/chat/completions"

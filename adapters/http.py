@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
 
 # httpx logs every request URL at INFO; keep provider traffic out of the logs by default.
 logging.getLogger("httpx").setLevel(logging.WARNING)

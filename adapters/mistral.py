@@ -34,8 +34,8 @@ from adapters.base import (
 from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, UnsupportedRequest, submit_error
 from adapters.http import HttpClient
 from adapters.openai_format import as_int, batch_errors, map_status, results_from_files, spool_jsonl
-from service.domain import BatchStatus
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from adapters.openai_format import (
     results_from_files,
     spool_jsonl,
 )
-from service.domain import BatchStatus
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from adapters.base import (
     provider_line_id,
 )
 from adapters.http import HttpClient
-from service.domain import BatchStatus, Usage
+from service.domain.model import BatchStatus, Usage
 
 log = logging.getLogger(__name__)
 

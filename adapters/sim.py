@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from adapters.base import LineExecutor, LineResult, RequestLine
-from service.domain import Usage
+from service.domain.model import Usage
 
 FAIL_MARKER = "SIM_FAIL"
 OUTPUT_TOKENS = 8

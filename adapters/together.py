@@ -23,7 +23,7 @@ from adapters.base import BatchJob, ProviderStatus, RequestLine, provider_line_i
 from adapters.http import HttpClient
 from adapters.openai import OpenAIAdapter, require
 from adapters.openai_format import together_job_status
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 CHUNK = 64 * 1024

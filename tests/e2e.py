@@ -211,7 +211,7 @@ def start_stack(work_dir: Path, database_url: str, timeout: float = 60.0, **env:
     }
     full_env.pop("SLUICE_API_KEY", None)
     with open(work_dir / "sluice.stdout", "wb") as out, open(work_dir / "sluice.stderr", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "run", "--work-dir", str(work_dir)],
+        proc = subprocess.Popen([sys.executable, "-m", "service.runtime.cli", "run", "--work-dir", str(work_dir)],
                                 cwd=ROOT, env=full_env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     stack = Stack(proc, http_port, grpc_port, work_dir, database_url)
     try:

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import struct_pb2
 
-from service.config import Settings
-from service.routing import Router
-from service.server import App, start
+from service.providers.routing import Router
+from service.runtime.config import Settings
+from service.runtime.server import App, start
 from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 KEY_A = "sk-test-alpha-0123456789"
@@ -130,8 +130,9 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         log = self.log_path.open("a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", "0", "--ready-line"],
-                                     cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.runtime.cli", "serve", "--port", "0",
+                                      "--ready-line"], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+                                     stderr=log, text=True)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

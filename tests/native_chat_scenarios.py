@@ -20,8 +20,8 @@ from adapters.base import NativeBatchAdapter
 from adapters.gemini import GeminiAdapter
 from adapters.mistral import MistralAdapter
 from adapters.sim import SimProvider
-from service.domain import Price
-from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.domain.model import Price
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from sluice.v1 import batch_pb2
 from tests.harness import Client, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake

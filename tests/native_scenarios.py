@@ -20,11 +20,11 @@ from google.protobuf import json_format
 
 from adapters.base import BatchJob, NativeBatchAdapter, RequestLine
 from adapters.sim import SimProvider
-from service.config import Settings
-from service.db import create_engine
-from service.domain import Price, now
-from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
-from service.store import Store
+from service.domain.model import Price, now
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.runtime.config import Settings
+from service.storage.db import create_engine
+from service.storage.repository import Store
 from sluice.v1 import batch_pb2
 from tests.harness import Client, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake

@@ -17,8 +17,8 @@ from adapters.anthropic import (
     usage_of,
 )
 from adapters.chat_format import UnsupportedRequest
-from service.domain import BatchStatus
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus
 from tests.harness import gateway, make_settings
 from tests.native_chat_scenarios import (
     ANTHROPIC,

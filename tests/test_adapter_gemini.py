@@ -17,7 +17,7 @@ from adapters.gemini import (
     to_line_result,
     usage_of,
 )
-from service.domain import BatchStatus
+from service.domain.model import BatchStatus
 from tests.native_chat_scenarios import (
     GEMINI,
     cancel_batch,

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from adapters.http import HttpClient, retry_after_seconds
-from service.errors import ProviderError
+from service.domain.errors import ProviderError
 
 # path -> (status, headers, body)
 ROUTES: dict[str, tuple[int, dict[str, str], bytes]] = {

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.base import BatchJob, RequestLine
 from adapters.mistral import MistralAdapter, job_status, to_mistral_body
-from service.domain import BatchStatus
+from service.domain.model import BatchStatus
 from tests.harness import gateway, make_settings
 from tests.native_chat_scenarios import (
     MISTRAL,

@@ -18,9 +18,9 @@ from adapters.openai_format import (
     result_from_output_line,
     usage_from_openai,
 )
-from service.domain import BatchStatus, Usage
-from service.errors import ProviderError
-from service.providers import load_entries
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus, Usage
+from service.providers.registry import load_entries
 from tests import native_scenarios as sc
 from tests.harness import chat_line, gateway
 from tests.native_scenarios import Flavor, fake_server  # noqa: F401  (module-scoped fixture)

@@ -17,10 +17,10 @@ from google.protobuf import struct_pb2
 from adapters.base import RequestLine
 from adapters.openai_compatible import OpenAICompatibleExecutor, request_path
 from adapters.sim import SimProvider
-from service.domain import Price
-from service.errors import ProviderError
-from service.providers import load_entries
-from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.domain.errors import ProviderError
+from service.domain.model import Price
+from service.providers.registry import load_entries
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from sluice.v1 import batch_pb2
 from tests.harness import chat_line, gateway, make_settings
 

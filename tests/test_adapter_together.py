@@ -12,8 +12,8 @@ import pytest
 from adapters.base import BatchJob, RequestLine
 from adapters.openai_format import together_job_status, together_status
 from adapters.together import TogetherAdapter
-from service.domain import BatchStatus
-from service.providers import load_entries
+from service.domain.model import BatchStatus
+from service.providers.registry import load_entries
 from tests import native_scenarios as sc
 from tests.harness import gateway
 from tests.native_scenarios import Flavor, fake_server  # noqa: F401  (module-scoped fixture)

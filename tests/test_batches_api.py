@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import func, select
 
-from service.routing import DEFAULT_SIM_PRICE
-from service.server import App
-from service.tables import BatchRow, RequestRow, ResultRow
+from service.providers.routing import DEFAULT_SIM_PRICE
+from service.runtime.server import App
+from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
 from tests.harness import KEY_A, KEY_B, Client, chat_line, gateway, make_settings, md
 from tests.rpc_errors import WireError, decode, expect_error

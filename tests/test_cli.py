@@ -31,7 +31,8 @@ def test_help_lists_the_environment(args: tuple[str, ...]) -> None:
     for name in DOCUMENTED:
         assert re.search(rf"\b{name}\b", out.stdout), f"{name} missing from `sluice {' '.join(args)}`"
     # Every variable the help names is one the code really reads.
-    source = (ROOT / "service" / "config.py").read_text() + (ROOT / "service" / "cli.py").read_text().split(
+    runtime = ROOT / "service" / "runtime"
+    source = (runtime / "config.py").read_text() + (runtime / "cli.py").read_text().split(
         "ENV_HELP", 1)[1].split('"""', 2)[2]
     for name in set(re.findall(r"SLUICE_[A-Z_]+", out.stdout)):
         assert f'"{name}"' in source, f"`sluice {' '.join(args)}` documents {name}, which nothing reads"

@@ -451,7 +451,7 @@ def test_inline_body_over_the_grpc_limit_is_413(sqlite_stack: Stack) -> None:
 
 
 def test_upstream_down_is_503(tmp_path: Path) -> None:
-    """Envoy rendered by service/envoy.py (as `sluice run` does) with nothing on its upstream port."""
+    """Envoy rendered by service/runtime/envoy.py (as `sluice run` does) with nothing on its upstream port."""
     edge = _start_edge(tmp_path, free_port())
     try:
         client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key=KEY_A, max_retries=0)
@@ -482,7 +482,7 @@ def test_sluice_run_refuses_a_taken_http_port(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         env = {**os.environ, "SLUICE_HTTP_PORT": str(port), "SLUICE_GRPC_PORT": str(free_port()),
                "SLUICE_API_KEY": KEY_A, "SLUICE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.sqlite"}
-        run = subprocess.run([sys.executable, "-m", "service.cli", "run", "--work-dir", str(tmp_path)], env=env,
+        run = subprocess.run([sys.executable, "-m", "service.runtime.cli", "run", "--work-dir", str(tmp_path)], env=env,
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode != 0 and "Sluice is running" not in run.stdout
     assert f"cannot serve REST on 127.0.0.1:{port}" in run.stderr, run.stderr[-2000:]

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from adapters.sim import SimProvider
-from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from tests.harness import chat_line, gateway, make_settings, until
 
 
@@ -25,7 +25,7 @@ async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url
         batch = await client.create([chat_line("a", model="local/local-model")])
     assert batch.provider == "local"
 
-    caplog.set_level(logging.WARNING, logger="service.engine")
+    caplog.set_level(logging.WARNING, logger="service.engine.engine")
     async with gateway(make_settings(sqlite_url), router_with(SIM)) as (_, client):
         async def warned() -> bool:
             return "is not configured now" in caplog.text

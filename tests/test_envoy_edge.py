@@ -1,4 +1,4 @@
-"""The REST edge end to end: a real Envoy (service/envoy.py) in front of a stub grpc.aio server.
+"""The REST edge end to end: a real Envoy (service/runtime/envoy.py) in front of a stub grpc.aio server.
 
 The stub implements BatchService and FileService with canned answers and every error path the
 real server uses (an `x-openai-error` envelope in trailing metadata, `x-http-status`, plain
@@ -26,8 +26,8 @@ import openai
 import pytest
 from google.api import httpbody_pb2
 
-from service.envoy import EnvoyProcess, render_config
-from service.multipart import MultipartError, parse_multipart
+from service.edge.multipart import MultipartError, parse_multipart
+from service.runtime.envoy import EnvoyProcess, render_config
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 from tests.openapi_schemas import validate
 

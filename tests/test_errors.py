@@ -16,9 +16,9 @@ from google.api import httpbody_pb2
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service import errors
-from service.errors import SluiceError
-from service.grpc_errors import ERROR_DOMAIN, status_parts, translate_errors
+from service.domain import errors
+from service.domain.errors import SluiceError
+from service.edge.grpc_errors import ERROR_DOMAIN, status_parts, translate_errors
 from sluice.v1 import batch_pb2, errors_pb2, file_pb2, file_pb2_grpc
 from tests.harness import chat_line, gateway, make_settings, md
 from tests.rpc_errors import ENVELOPE_KEYS, decode, expect_error
@@ -157,7 +157,7 @@ def _assert_generic_internal(err: Any) -> None:
 
 
 def _logged_traceback(caplog: pytest.LogCaptureFixture, rpc: str) -> logging.LogRecord:
-    records = [r for r in caplog.records if r.name == "service.grpc_errors" and r.levelno >= logging.ERROR]
+    records = [r for r in caplog.records if r.name == "service.edge.grpc_errors" and r.levelno >= logging.ERROR]
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
     record = records[0]
     assert record.exc_info is not None and record.exc_info[0] is RuntimeError
@@ -168,7 +168,7 @@ def _logged_traceback(caplog: pytest.LogCaptureFixture, rpc: str) -> logging.Log
 
 async def test_unexpected_exception_in_a_servicer_is_internal_and_logged(
         sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="service.grpc_errors")
+    caplog.set_level(logging.INFO, logger="service.edge.grpc_errors")
     async with gateway(make_settings(sqlite_url)) as (app, c):
         batch = await c.create([chat_line("a")])
 
@@ -225,7 +225,7 @@ async def _read_all(call: Any) -> list[Any]:
 
 async def test_streaming_errors_are_mapped_too(flaky_files: file_pb2_grpc.FileServiceStub,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="service.grpc_errors")
+    caplog.set_level(logging.INFO, logger="service.edge.grpc_errors")
     ok = await _read_all(flaky_files.GetFileContent(file_pb2.GetFileContentRequest(id="fine")))
     assert len(ok) == 2
 
@@ -257,7 +257,7 @@ async def test_streaming_errors_are_mapped_too(flaky_files: file_pb2_grpc.FileSe
 
 
 def test_translate_errors_wraps_every_public_rpc() -> None:
-    from service.api import BatchServicer
+    from service.edge.batch_service import BatchServicer
 
     for name in batch_pb2.DESCRIPTOR.services_by_name["BatchService"].methods_by_name:
         method = getattr(BatchServicer, name)

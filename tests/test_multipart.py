@@ -1,4 +1,4 @@
-"""service/multipart.py: incremental multipart/form-data parsing."""
+"""service/edge/multipart.py: incremental multipart/form-data parsing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx2
 import openai
 import pytest
 
-from service.multipart import MultipartError, Part, parse_boundary, parse_multipart
+from service.edge.multipart import MultipartError, Part, parse_boundary, parse_multipart
 
 BOUNDARY = "e8bddd9780dff8a87216f0043cab6a91"
 CT = f"multipart/form-data; boundary={BOUNDARY}"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
-from service.providers import ADAPTER_KINDS, ConfigError, load_entries
-from service.routing import SIM, Route, Router, UnknownModel
+from service.providers.registry import ADAPTER_KINDS, ConfigError, load_entries
+from service.providers.routing import SIM, Route, Router, UnknownModel
+from service.runtime.config import Settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "providers.example.yaml"
 KEYS = {"OPENAI_API_KEY": "k", "AZURE_OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "k",
@@ -34,7 +34,7 @@ async def test_every_example_provider_loads_when_its_key_is_set() -> None:
 
 
 def test_without_keys_everything_goes_to_sim(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.providers import build_router
+    from service.providers.registry import build_router
 
     for name in KEYS:
         monkeypatch.delenv(name, raising=False)

@@ -7,7 +7,7 @@ import asyncio
 from sqlalchemy import func, select
 
 from adapters.openai import OpenAIAdapter
-from service.tables import ResultRow
+from service.storage.tables import ResultRow
 from tests.harness import chat_line, gateway, make_settings
 from tests.native_scenarios import Flavor, make_router
 from tests.provider_fake import ProviderFake

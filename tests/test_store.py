@@ -19,11 +19,11 @@ from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from adapters.base import LineError, LineResult
-from service.db import alembic_config, create_engine, migrate
-from service.domain import TERMINAL, TRANSITIONS, BatchStatus, ResultStatus, Usage, can_transition, now
-from service.errors import Conflict, NotFound
-from service.store import NewRequest, Store, StoredResult, new_id
-from service.tables import BatchRow, RequestRow, ResultRow
+from service.domain.errors import Conflict, NotFound
+from service.domain.model import TERMINAL, TRANSITIONS, BatchStatus, ResultStatus, Usage, can_transition, now
+from service.storage.db import alembic_config, create_engine, migrate
+from service.storage.repository import NewRequest, Store, StoredResult, new_id
+from service.storage.tables import BatchRow, RequestRow, ResultRow
 from tests.harness import ROOT
 
 TABLES = {"api_keys", "batches", "batch_requests", "batch_results", "files", "file_chunks"}
@@ -108,7 +108,7 @@ def test_concurrent_migrations_on_postgres(postgres_url: str) -> None:
     """Replicas starting together serialise on an advisory lock (PostgreSQL only: SQLite is one
     node). Each replica is its own process, as in production: Alembic's context is per process."""
     env = {**os.environ, "SLUICE_DATABASE_URL": postgres_url, "SLUICE_API_KEY": ""}
-    procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "migrate"], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "service.runtime.cli", "migrate"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs

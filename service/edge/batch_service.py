@@ -1,6 +1,6 @@
 """BatchService: the RPCs, in terms of the store, the validator and the engine.
 
-Only this module and service/grpc_errors.py know the servicer side of gRPC; errors raised here
+Only this module and service/edge/grpc_errors.py know the servicer side of gRPC; errors raised here
 are `SluiceError`s and are turned into statuses by `translate_errors`.
 """
 
@@ -10,16 +10,22 @@ import json
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any, TypeAlias
 
-from service import convert
-from service.auth import Authenticator
-from service.domain import COMPLETION_WINDOWS, MAX_REQUESTS, BatchStatus, now
-from service.errors import InvalidRequest, PayloadTooLarge
-from service.files import BatchInputs
-from service.grpc_errors import translate_errors
-from service.routing import Router
-from service.store import NewRequest, Store, new_id
-from service.tables import BatchRow
-from service.validation import LineProblem, LineValidator, check_completion_window, check_endpoint, check_metadata
+from service.domain.errors import InvalidRequest, PayloadTooLarge
+from service.domain.model import COMPLETION_WINDOWS, MAX_REQUESTS, BatchStatus, now
+from service.edge import convert
+from service.edge.auth import Authenticator
+from service.edge.file_service import BatchInputs
+from service.edge.grpc_errors import translate_errors
+from service.intake.validation import (
+    LineProblem,
+    LineValidator,
+    check_completion_window,
+    check_endpoint,
+    check_metadata,
+)
+from service.providers.routing import Router
+from service.storage.repository import NewRequest, Store, new_id
+from service.storage.tables import BatchRow
 from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs

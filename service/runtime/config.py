@@ -39,7 +39,7 @@ class Settings:
     grpc_port: int = 50051
     http_port: int = 8080
     database_url: str = DEFAULT_DATABASE_URL
-    # raw key -> project; hashed before it touches storage (service/auth.py)
+    # raw key -> project; hashed before it touches storage (service/edge/auth.py)
     api_keys: dict[str, str] = field(default_factory=dict)
     providers_file: Path | None = None
     sim_latency_ms: float = 50.0

@@ -10,16 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain import (
+from service.domain.errors import InvalidRequest
+from service.domain.model import (
     COMPLETION_WINDOWS,
     MAX_METADATA_KEY_LEN,
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_LEN,
     SUPPORTED_ENDPOINTS,
 )
-from service.errors import InvalidRequest
-from service.routing import Router, UnknownModel
-from service.store import NewRequest
+from service.providers.routing import Router, UnknownModel
+from service.storage.repository import NewRequest
 
 MAX_CUSTOM_ID_LEN = 512
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from service.errors import Unauthenticated
-from service.store import Store
+from service.domain.errors import Unauthenticated
+from service.storage.repository import Store
 
 
 def hash_key(key: str) -> str:

@@ -1,7 +1,7 @@
 """Database engine and migrations.
 
 SQLite (aiosqlite) is the embedded default; PostgreSQL (asyncpg) is the production backend.
-Migrations (Alembic, service/migrations/) run at start-up, before the server takes traffic.
+Migrations (Alembic, service/storage/migrations/) run at start-up, before the server takes traffic.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "envoy.yaml.in"
 LUA = ROOT / "envoy" / "openai_errors.lua"
 DESCRIPTOR = ROOT / "gen" / "sluice.binpb"

@@ -14,17 +14,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api import BatchServicer
-from service.auth import Authenticator
-from service.config import Settings
-from service.db import create_engine, migrate
-from service.engine import Engine, EngineSettings
-from service.envoy import EnvoyError, EnvoyProcess, render_config
-from service.files import BatchInputs, FileServicer
-from service.outputs import OutputFiles
-from service.providers import build_router
-from service.routing import Router
-from service.store import Store
+from service.edge.auth import Authenticator
+from service.edge.batch_service import BatchServicer
+from service.edge.file_service import BatchInputs, FileServicer
+from service.engine.engine import Engine, EngineSettings
+from service.engine.output_files import OutputFiles
+from service.providers.registry import build_router
+from service.providers.routing import Router
+from service.runtime.config import Settings
+from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
+from service.storage.db import create_engine, migrate
+from service.storage.repository import Store
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
 log = logging.getLogger(__name__)

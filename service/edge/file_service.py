@@ -14,15 +14,15 @@ from typing import Any, TypeAlias
 
 from google.api import httpbody_pb2
 
-from service.auth import Authenticator
-from service.domain import now
-from service.errors import InvalidRequest, NotFound, PayloadTooLarge
-from service.grpc_errors import translate_errors
-from service.jsonl import check_lines, parse_line, split_lines
-from service.multipart import MultipartError, parse_multipart
-from service.store import UPLOADING, NewRequest, Store, new_id
-from service.tables import BatchRow, FileRow
-from service.validation import LineValidator
+from service.domain.errors import InvalidRequest, NotFound, PayloadTooLarge
+from service.domain.model import now
+from service.edge.auth import Authenticator
+from service.edge.grpc_errors import translate_errors
+from service.edge.multipart import MultipartError, parse_multipart
+from service.intake.jsonl import check_lines, parse_line, split_lines
+from service.intake.validation import LineValidator
+from service.storage.repository import UPLOADING, NewRequest, Store, new_id
+from service.storage.tables import BatchRow, FileRow
 from sluice.v1 import file_pb2, file_pb2_grpc
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs

@@ -11,9 +11,9 @@ import json
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
-from service.domain import MAX_REQUESTS
-from service.errors import PayloadTooLarge
-from service.validation import LineProblem, LineValidator
+from service.domain.errors import PayloadTooLarge
+from service.domain.model import MAX_REQUESTS
+from service.intake.validation import LineProblem, LineValidator
 
 MAX_LINE_BYTES = 32 * 1024 * 1024
 MAX_REPORTED_PROBLEMS = 20

@@ -1,7 +1,7 @@
 """Sluice's one exception tree.
 
 Everything that can go wrong for a caller is a `SluiceError` subclass. The gRPC boundary
-(`service/grpc_errors.py`) is the only place that turns them into a status code, a
+(`service/edge/grpc_errors.py`) is the only place that turns them into a status code, a
 `google.rpc.ErrorInfo` detail and OpenAI's `{"error": {...}}` envelope; nothing else knows
 about gRPC or HTTP. Each class fixes its envelope `type`, its gRPC code name, and, where the
 gRPC code maps to the wrong HTTP status through Envoy, the HTTP status to use instead.

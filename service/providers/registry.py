@@ -17,9 +17,9 @@ import yaml
 
 from adapters.base import Provider
 from adapters.sim import SimProvider
-from service.config import Settings
-from service.domain import Price
-from service.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.domain.model import Price
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 

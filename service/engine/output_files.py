@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.domain import now
-from service.store import Store
-from service.tables import BatchRow, FileRow, ResultRow
+from service.domain.model import now
+from service.storage.repository import Store
+from service.storage.tables import BatchRow, FileRow, ResultRow
 
 CHUNK_BYTES = 1024 * 1024
 OUTPUT_TTL = 30 * 24 * 3600

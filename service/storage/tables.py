@@ -1,4 +1,4 @@
-"""The database schema (SQLAlchemy 2). Alembic migrations in service/migrations/ create it.
+"""The database schema (SQLAlchemy 2). Alembic migrations in service/storage/migrations/ create it.
 
 Each request line and each result is its own row, so a 50,000-line batch is never one blob and
 results can be stored one by one as they arrive. Counters and usage sums live on the batch row

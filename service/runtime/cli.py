@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from service.config import Settings
+from service.runtime.config import Settings
 
 # Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
 # needed for that and would only log that they were skipped.
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = Settings.from_env()
     if args.command == "migrate":
-        from service.db import migrate
+        from service.storage.db import migrate
 
         asyncio.run(migrate(settings.database_url))
         return 0
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sluice: no API key configured: set SLUICE_API_KEY (or SLUICE_API_KEYS=project=key,...)",
               file=sys.stderr)
         return 2
-    from service import server
-    from service.envoy import EnvoyError
+    from service.runtime import server
+    from service.runtime.envoy import EnvoyError
 
     try:
         if args.command == "serve":

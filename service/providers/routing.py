@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapters.base import Provider
-from service.domain import Price
+from service.domain.model import Price
 
 SIM = "sim"
 DEFAULT_SIM_PRICE = Price(input_per_mtok=0.15, output_per_mtok=0.60, batch_discount=0.5)

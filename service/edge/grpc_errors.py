@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from service.errors import Internal, SluiceError
+from service.domain.errors import Internal, SluiceError
 
 log = logging.getLogger(__name__)
 

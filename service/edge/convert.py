@@ -12,8 +12,8 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from service.domain import ResultStatus
-from service.tables import BatchRow, RequestRow, ResultRow
+from service.domain.model import ResultStatus
+from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
 
 MAX_SAFE_INT = 2**53

@@ -1,6 +1,6 @@
 """Alembic environment: runs migrations on the async engine Sluice is configured with.
 
-`service.db.migrate()` calls this at start-up. On PostgreSQL a transaction-level advisory lock
+`service.storage.db.migrate()` calls this at start-up. On PostgreSQL a transaction-level advisory lock
 serialises replicas that start at the same moment.
 """
 
@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.tables import Base
+from service.storage.tables import Base
 
 MIGRATION_LOCK_ID = 0x51_1C_E0_01
 

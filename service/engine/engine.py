@@ -36,11 +36,11 @@ from adapters.base import (
     ProviderStatus,
     RequestLine,
 )
-from service.domain import BatchStatus, Price, ResultStatus, now
-from service.errors import ProviderError
-from service.routing import Route, Router, UnknownModel
-from service.store import Store, StoredResult
-from service.tables import BatchRow, RequestRow
+from service.domain.errors import ProviderError
+from service.domain.model import BatchStatus, Price, ResultStatus, now
+from service.providers.routing import Route, Router, UnknownModel
+from service.storage.repository import Store, StoredResult
+from service.storage.tables import BatchRow, RequestRow
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from adapters.base import LineResult
-from service.domain import CANCELLABLE, BatchStatus, ResultStatus, Usage, can_transition, now
-from service.errors import Conflict, NotFound
-from service.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
+from service.domain.errors import Conflict, NotFound
+from service.domain.model import CANCELLABLE, BatchStatus, ResultStatus, Usage, can_transition, now
+from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 
 INSERT_CHUNK = 500
 UPLOADING = "uploading"
