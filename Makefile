@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run serve test lint typecheck proto proto-check buf-lint buf-breaking pytest bench clean
+.PHONY: run serve test lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,14 @@ serve: $(STAMP)
 
 ## Everything CI checks: lint, types, protobuf lint/breaking/freshness, then the test suite
 ## (which installs and starts its own PostgreSQL server when it needs one).
-test: $(STAMP) lint typecheck buf-lint buf-breaking proto-check pytest
+test: $(STAMP) lint lint-imports typecheck buf-lint buf-breaking proto-check pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+## The layering of service/ and adapters/ (contracts in pyproject.toml, [tool.importlinter]).
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy service adapters

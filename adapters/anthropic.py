@@ -33,8 +33,11 @@ from adapters.base import (
     LineError,
     LineResult,
     NativeBatchAdapter,
+    ProviderError,
+    ProviderState,
     ProviderStatus,
     RequestLine,
+    TokenUsage,
     parse_line_id,
     provider_line_id,
 )
@@ -60,8 +63,6 @@ from adapters.chat_format import (
 )
 from adapters.http import HttpClient
 from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus, Usage
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +190,16 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
 # --- Message -> chat.completion -------------------------------------------------------------------
 
 
-def usage_of(raw: Any) -> Usage:
+def usage_of(raw: Any) -> TokenUsage:
     """Messages usage → OpenAI semantics: `input_tokens` excludes cache reads and writes, so
     prompt = input + cache_creation + cache_read and cached = cache_read (notes §4, §8)."""
     raw = raw if isinstance(raw, dict) else {}
     cache_read = as_int(raw.get("cache_read_input_tokens"))
     prompt = as_int(raw.get("input_tokens")) + as_int(raw.get("cache_creation_input_tokens")) + cache_read
-    return Usage(input_tokens=prompt, cached_tokens=cache_read, output_tokens=as_int(raw.get("output_tokens")))
+    return TokenUsage(input_tokens=prompt, cached_tokens=cache_read, output_tokens=as_int(raw.get("output_tokens")))
 
 
-def to_chat_completion(message: dict[str, Any]) -> tuple[dict[str, Any], Usage]:
+def to_chat_completion(message: dict[str, Any]) -> tuple[dict[str, Any], TokenUsage]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for block in message.get("content") or []:
@@ -248,15 +249,15 @@ def batch_status(batch: dict[str, Any]) -> ProviderStatus:
     total = as_int(counts.get("processing")) + succeeded + errored + canceled + expired
     if raw == "ended":
         if batch.get("cancel_initiated_at"):
-            status = BatchStatus.CANCELLED
+            status = ProviderState.CANCELLED
         elif total and expired == total:
-            status = BatchStatus.EXPIRED
+            status = ProviderState.EXPIRED
         else:
-            status = BatchStatus.COMPLETED
+            status = ProviderState.COMPLETED
     elif raw == "canceling":
-        status = BatchStatus.CANCELLING
+        status = ProviderState.CANCELLING
     else:
-        status = BatchStatus.IN_PROGRESS
+        status = ProviderState.IN_PROGRESS
     # failed = errored only: canceled/expired lines count as neither, as in the engine's own counts.
     return ProviderStatus(status=status, raw_status=raw, total=total, completed=succeeded, failed=errored)
 
@@ -353,7 +354,7 @@ class AnthropicAdapter(NativeBatchAdapter):
         except ProviderError as exc:
             # A batch that ended meanwhile can refuse the cancel: that is the cancel race, not a failure.
             if exc.retryable or (await self.poll(provider_batch_id)).status in (
-                    BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING):
+                    ProviderState.IN_PROGRESS, ProviderState.CANCELLING):
                 raise
 
 

@@ -23,11 +23,67 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from service.domain.model import BatchStatus, Usage
-
 LINE_ID_PREFIX = "sl-"
+
+
+class ProviderError(Exception):
+    """An upstream provider failed. `retryable` errors slow the engine down; others end the step.
+
+    `message` is safe to store on a batch: it never carries credentials."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.status_code = status_code
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.code = code
+
+
+class ProviderState(StrEnum):
+    """A native batch's state at the provider, in OpenAI's batch vocabulary (which Sluice's own
+    statuses share, so the engine maps one onto the other by value)."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (ProviderState.COMPLETED, ProviderState.FAILED, ProviderState.EXPIRED,
+                        ProviderState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts of one request, normalised to OpenAI's batch usage (prices are the service's)."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
 
 def provider_line_id(index: int) -> str:
@@ -76,7 +132,7 @@ class LineResult:
     status_code: int
     body: dict[str, Any] | None = None
     error: LineError | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: TokenUsage = field(default_factory=TokenUsage)
     request_id: str | None = None
 
     @property
@@ -107,7 +163,7 @@ class BatchErrorItem:
 class ProviderStatus:
     """A native batch's state at the provider, mapped to Sluice's statuses."""
 
-    status: BatchStatus
+    status: ProviderState
     raw_status: str
     total: int | None = None
     completed: int | None = None
@@ -116,7 +172,7 @@ class ProviderStatus:
 
     @property
     def ended(self) -> bool:
-        return self.status.terminal
+        return self.status.ended
 
 
 class Provider(ABC):  # noqa: B024 - shared base of the two abstract kinds

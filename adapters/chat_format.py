@@ -19,8 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import IO, Any
 
-from service.domain.errors import ProviderError
-from service.domain.model import Usage
+from adapters.base import ProviderError, TokenUsage
 
 CHUNK_BYTES = 256 * 1024
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -145,7 +144,7 @@ def reject_n(body: dict[str, Any], provider: str) -> None:
 # --- usage and chat.completion assembly ---------------------------------------------------------
 
 
-def usage_block(usage: Usage) -> dict[str, Any]:
+def usage_block(usage: TokenUsage) -> dict[str, Any]:
     """An OpenAI chat `usage` object."""
     return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
             "total_tokens": usage.total_tokens,
@@ -166,7 +165,7 @@ def tool_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
 
 
-def chat_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage: Usage,
+def chat_completion(completion_id: str, model: str, choices: list[dict[str, Any]], usage: TokenUsage,
                     created: int | None = None) -> dict[str, Any]:
     """A `chat.completion` body; `choices` are `{message, finish_reason}` (index added here)."""
     return {

@@ -33,8 +33,11 @@ from adapters.base import (
     LineError,
     LineResult,
     NativeBatchAdapter,
+    ProviderError,
+    ProviderState,
     ProviderStatus,
     RequestLine,
+    TokenUsage,
     parse_line_id,
     provider_line_id,
 )
@@ -61,8 +64,6 @@ from adapters.chat_format import (
 )
 from adapters.http import HttpClient
 from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus, Usage
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,11 @@ DEFAULT_INLINE_LIMIT = 20 * 1024 * 1024
 DEFAULT_FIND_PAGES = 20
 
 STATES = {
-    "UNSPECIFIED": BatchStatus.VALIDATING, "PENDING": BatchStatus.VALIDATING, "QUEUED": BatchStatus.VALIDATING,
-    "RUNNING": BatchStatus.IN_PROGRESS, "PAUSED": BatchStatus.IN_PROGRESS, "UPDATING": BatchStatus.IN_PROGRESS,
-    "SUCCEEDED": BatchStatus.COMPLETED, "PARTIALLY_SUCCEEDED": BatchStatus.COMPLETED,
-    "FAILED": BatchStatus.FAILED, "CANCELLING": BatchStatus.CANCELLING, "CANCELLED": BatchStatus.CANCELLED,
-    "EXPIRED": BatchStatus.EXPIRED,
+    "UNSPECIFIED": ProviderState.VALIDATING, "PENDING": ProviderState.VALIDATING, "QUEUED": ProviderState.VALIDATING,
+    "RUNNING": ProviderState.IN_PROGRESS, "PAUSED": ProviderState.IN_PROGRESS, "UPDATING": ProviderState.IN_PROGRESS,
+    "SUCCEEDED": ProviderState.COMPLETED, "PARTIALLY_SUCCEEDED": ProviderState.COMPLETED,
+    "FAILED": ProviderState.FAILED, "CANCELLING": ProviderState.CANCELLING, "CANCELLED": ProviderState.CANCELLED,
+    "EXPIRED": ProviderState.EXPIRED,
 }
 FINISH_REASONS = {
     "STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
@@ -211,17 +212,17 @@ def to_generate_content_request(body: dict[str, Any]) -> dict[str, Any]:
 # --- GenerateContentResponse -> chat.completion ---------------------------------------------------
 
 
-def usage_of(raw: Any) -> Usage:
+def usage_of(raw: Any) -> TokenUsage:
     """usageMetadata → OpenAI semantics (notes §8): thoughts are output tokens billed apart from
     the candidates, so completion = candidates + thoughts and reasoning = thoughts."""
     raw = raw if isinstance(raw, dict) else {}
     thoughts = as_int(raw.get("thoughtsTokenCount"))
-    return Usage(input_tokens=as_int(raw.get("promptTokenCount")) + as_int(raw.get("toolUsePromptTokenCount")),
-                 cached_tokens=as_int(raw.get("cachedContentTokenCount")),
-                 output_tokens=as_int(raw.get("candidatesTokenCount")) + thoughts, reasoning_tokens=thoughts)
+    return TokenUsage(input_tokens=as_int(raw.get("promptTokenCount")) + as_int(raw.get("toolUsePromptTokenCount")),
+                      cached_tokens=as_int(raw.get("cachedContentTokenCount")),
+                      output_tokens=as_int(raw.get("candidatesTokenCount")) + thoughts, reasoning_tokens=thoughts)
 
 
-def to_chat_completion(response: dict[str, Any], model: str, fallback_id: str) -> tuple[dict[str, Any], Usage]:
+def to_chat_completion(response: dict[str, Any], model: str, fallback_id: str) -> tuple[dict[str, Any], TokenUsage]:
     choices: list[dict[str, Any]] = []
     for n, candidate in enumerate(response.get("candidates") or []):
         texts: list[str] = []
@@ -270,10 +271,10 @@ def operation_status(op: dict[str, Any]) -> ProviderStatus:
     status = STATES.get(state_name(raw))
     if status is None:
         log.warning("gemini: unknown batch state %r; treating it as in_progress", raw)
-        status = BatchStatus.IN_PROGRESS
+        status = ProviderState.IN_PROGRESS
     error = op.get("error")
-    if op.get("done") and isinstance(error, dict) and status not in (BatchStatus.CANCELLED, BatchStatus.EXPIRED):
-        status = BatchStatus.FAILED
+    if op.get("done") and isinstance(error, dict) and status not in (ProviderState.CANCELLED, ProviderState.EXPIRED):
+        status = ProviderState.FAILED
     stats = meta.get("batchStats") or {}
     errors: tuple[BatchErrorItem, ...] = ()
     if isinstance(error, dict):

@@ -27,6 +27,8 @@ from adapters.base import (
     BatchJob,
     LineResult,
     NativeBatchAdapter,
+    ProviderError,
+    ProviderState,
     ProviderStatus,
     RequestLine,
     provider_line_id,
@@ -34,15 +36,13 @@ from adapters.base import (
 from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, UnsupportedRequest, submit_error
 from adapters.http import HttpClient
 from adapters.openai_format import as_int, batch_errors, map_status, results_from_files, spool_jsonl
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus
 
 log = logging.getLogger(__name__)
 
-STATUSES: dict[str, BatchStatus] = {
-    "QUEUED": BatchStatus.VALIDATING, "RUNNING": BatchStatus.IN_PROGRESS, "SUCCESS": BatchStatus.COMPLETED,
-    "FAILED": BatchStatus.FAILED, "TIMEOUT_EXCEEDED": BatchStatus.EXPIRED,
-    "CANCELLATION_REQUESTED": BatchStatus.CANCELLING, "CANCELLED": BatchStatus.CANCELLED,
+STATUSES: dict[str, ProviderState] = {
+    "QUEUED": ProviderState.VALIDATING, "RUNNING": ProviderState.IN_PROGRESS, "SUCCESS": ProviderState.COMPLETED,
+    "FAILED": ProviderState.FAILED, "TIMEOUT_EXCEEDED": ProviderState.EXPIRED,
+    "CANCELLATION_REQUESTED": ProviderState.CANCELLING, "CANCELLED": ProviderState.CANCELLED,
 }
 ENDPOINTS = (CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT)
 METADATA_KEY = "sluice_batch_id"

@@ -21,7 +21,15 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from typing import IO, Any
 
-from adapters.base import BatchJob, LineResult, NativeBatchAdapter, ProviderStatus, RequestLine
+from adapters.base import (
+    BatchJob,
+    LineResult,
+    NativeBatchAdapter,
+    ProviderError,
+    ProviderState,
+    ProviderStatus,
+    RequestLine,
+)
 from adapters.http import HttpClient
 from adapters.openai_format import (
     openai_batch_status,
@@ -29,8 +37,6 @@ from adapters.openai_format import (
     results_from_files,
     spool_jsonl,
 )
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +229,7 @@ class OpenAIAdapter(NativeBatchAdapter):
                 raise
             # A batch that ended meanwhile cannot be cancelled; the next poll will say how it ended.
             state = await self.poll(provider_batch_id)
-            if not (state.ended or state.status is BatchStatus.CANCELLING):
+            if not (state.ended or state.status is ProviderState.CANCELLING):
                 raise
             log.info("%s: cancel of %s refused (%s); it is already %s", self.name, provider_batch_id,
                      exc.message, state.raw_status)

@@ -18,13 +18,14 @@ from adapters.base import (
     BatchErrorItem,
     LineError,
     LineResult,
+    ProviderState,
     ProviderStatus,
     RequestLine,
+    TokenUsage,
     parse_line_id,
     provider_line_id,
 )
 from adapters.http import HttpClient
-from service.domain.model import BatchStatus, Usage
 
 log = logging.getLogger(__name__)
 
@@ -36,41 +37,42 @@ BATCH_END_CODES = frozenset({"batch_expired", "batch_cancelled"})
 # --------------------------------------------------------------------------- statuses
 
 # OpenAI, Groq and Azure (lower-cased first: older Azure previews say "Validating").
-OPENAI_STATUSES: dict[str, BatchStatus] = {s.value: s for s in BatchStatus} | {
-    "canceling": BatchStatus.CANCELLING,
-    "canceled": BatchStatus.CANCELLED,
+OPENAI_STATUSES: dict[str, ProviderState] = {s.value: s for s in ProviderState} | {
+    "canceling": ProviderState.CANCELLING,
+    "canceled": ProviderState.CANCELLED,
 }
 
 # Together: UPPERCASE, no `finalizing`, legacy `CANCELING`.
-TOGETHER_STATUSES: dict[str, BatchStatus] = {
-    "VALIDATING": BatchStatus.VALIDATING,
-    "IN_PROGRESS": BatchStatus.IN_PROGRESS,
-    "COMPLETED": BatchStatus.COMPLETED,
-    "FAILED": BatchStatus.FAILED,
-    "EXPIRED": BatchStatus.EXPIRED,
-    "CANCELLING": BatchStatus.CANCELLING,
-    "CANCELING": BatchStatus.CANCELLING,
-    "CANCELLED": BatchStatus.CANCELLED,
-    "CANCELED": BatchStatus.CANCELLED,
+TOGETHER_STATUSES: dict[str, ProviderState] = {
+    "VALIDATING": ProviderState.VALIDATING,
+    "IN_PROGRESS": ProviderState.IN_PROGRESS,
+    "COMPLETED": ProviderState.COMPLETED,
+    "FAILED": ProviderState.FAILED,
+    "EXPIRED": ProviderState.EXPIRED,
+    "CANCELLING": ProviderState.CANCELLING,
+    "CANCELING": ProviderState.CANCELLING,
+    "CANCELLED": ProviderState.CANCELLED,
+    "CANCELED": ProviderState.CANCELLED,
 }
 
 
-def map_status(raw: Any, table: Mapping[str, BatchStatus], *, fold: Callable[[str], str] = str.lower) -> BatchStatus:
+def map_status(raw: Any, table: Mapping[str, ProviderState], *,
+               fold: Callable[[str], str] = str.lower) -> ProviderState:
     """A provider status through `table` after case folding. An unknown value is logged and read
     as `in_progress`: the engine keeps polling rather than ending a batch on a word it can't read."""
     key = fold(str(raw or "").strip())
     status = table.get(key)
     if status is None:
         log.warning("unknown provider batch status %r; treating it as in_progress", raw)
-        return BatchStatus.IN_PROGRESS
+        return ProviderState.IN_PROGRESS
     return status
 
 
-def openai_status(raw: Any) -> BatchStatus:
+def openai_status(raw: Any) -> ProviderState:
     return map_status(raw, OPENAI_STATUSES)
 
 
-def together_status(raw: Any) -> BatchStatus:
+def together_status(raw: Any) -> ProviderState:
     return map_status(raw, TOGETHER_STATUSES, fold=str.upper)
 
 
@@ -102,7 +104,7 @@ def _detail(usage: Mapping[str, Any], key: str, field: str) -> int:
     return as_int(details.get(field)) if isinstance(details, Mapping) else 0
 
 
-def usage_from_openai(usage: Any) -> Usage:
+def usage_from_openai(usage: Any) -> TokenUsage:
     """OpenAI `usage` of any endpoint → `Usage` (notes §8).
 
     - chat / completions: `prompt_tokens`, `completion_tokens` (reasoning included),
@@ -112,20 +114,20 @@ def usage_from_openai(usage: Any) -> Usage:
     - embeddings: `prompt_tokens` only (output 0).
     """
     if not isinstance(usage, Mapping):
-        return Usage()
+        return TokenUsage()
     if "input_tokens" in usage or "output_tokens" in usage:
-        return Usage(input_tokens=as_int(usage.get("input_tokens")),
+        return TokenUsage(input_tokens=as_int(usage.get("input_tokens")),
                      cached_tokens=_detail(usage, "input_tokens_details", "cached_tokens"),
                      output_tokens=as_int(usage.get("output_tokens")),
                      reasoning_tokens=_detail(usage, "output_tokens_details", "reasoning_tokens"))
-    return Usage(input_tokens=as_int(usage.get("prompt_tokens")),
+    return TokenUsage(input_tokens=as_int(usage.get("prompt_tokens")),
                  cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
                  output_tokens=as_int(usage.get("completion_tokens")),
                  reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"))
 
 
-def usage_of_body(body: Any) -> Usage:
-    return usage_from_openai(body.get("usage")) if isinstance(body, Mapping) else Usage()
+def usage_of_body(body: Any) -> TokenUsage:
+    return usage_from_openai(body.get("usage")) if isinstance(body, Mapping) else TokenUsage()
 
 
 # --------------------------------------------------------------------------- errors

@@ -15,8 +15,7 @@ import hashlib
 import json
 from typing import Any
 
-from adapters.base import LineExecutor, LineResult, RequestLine
-from service.domain.model import Usage
+from adapters.base import LineExecutor, LineResult, RequestLine, TokenUsage
 
 FAIL_MARKER = "SIM_FAIL"
 OUTPUT_TOKENS = 8
@@ -75,7 +74,7 @@ class SimProvider(LineExecutor):
             )
         input_tokens = max(len(text.split()), 1)
         output_tokens = 0 if line.url == "/v1/embeddings" else OUTPUT_TOKENS
-        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        usage = TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
         body = _BODIES[line.url](line, text, usage, request_id)
         return LineResult(index=line.index, status_code=200, body=body, usage=usage, request_id=request_id)
 
@@ -84,7 +83,7 @@ def _answer(text: str) -> str:
     return "Simulated answer " + hashlib.sha256(text.encode()).hexdigest()[:8] + "."
 
 
-def _chat(line: RequestLine, text: str, usage: Usage, request_id: str) -> dict[str, Any]:
+def _chat(line: RequestLine, text: str, usage: TokenUsage, request_id: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-" + request_id[8:], "object": "chat.completion", "created": 1_700_000_000,
         "model": line.body.get("model", ""),
@@ -96,7 +95,7 @@ def _chat(line: RequestLine, text: str, usage: Usage, request_id: str) -> dict[s
     }
 
 
-def _completion(line: RequestLine, text: str, usage: Usage, request_id: str) -> dict[str, Any]:
+def _completion(line: RequestLine, text: str, usage: TokenUsage, request_id: str) -> dict[str, Any]:
     return {
         "id": "cmpl-" + request_id[8:], "object": "text_completion", "created": 1_700_000_000,
         "model": line.body.get("model", ""),
@@ -106,7 +105,7 @@ def _completion(line: RequestLine, text: str, usage: Usage, request_id: str) -> 
     }
 
 
-def _embeddings(line: RequestLine, text: str, usage: Usage, request_id: str) -> dict[str, Any]:
+def _embeddings(line: RequestLine, text: str, usage: TokenUsage, request_id: str) -> dict[str, Any]:
     raw = line.body.get("input", "")
     inputs = raw if isinstance(raw, list) else [raw]
     data = []
@@ -118,7 +117,7 @@ def _embeddings(line: RequestLine, text: str, usage: Usage, request_id: str) -> 
             "usage": {"prompt_tokens": usage.input_tokens, "total_tokens": usage.total_tokens}}
 
 
-def _response(line: RequestLine, text: str, usage: Usage, request_id: str) -> dict[str, Any]:
+def _response(line: RequestLine, text: str, usage: TokenUsage, request_id: str) -> dict[str, Any]:
     return {
         "id": "resp_" + request_id[8:], "object": "response", "created_at": 1_700_000_000,
         "status": "completed", "model": line.body.get("model", ""),

@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any
 
-from adapters.base import BatchJob, ProviderStatus, RequestLine, provider_line_id
+from adapters.base import BatchJob, ProviderError, ProviderStatus, RequestLine, provider_line_id
 from adapters.http import HttpClient
 from adapters.openai import OpenAIAdapter, require
 from adapters.openai_format import together_job_status
-from service.domain.errors import ProviderError
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 CHUNK = 64 * 1024

@@ -16,9 +16,8 @@ from adapters.anthropic import (
     to_messages_params,
     usage_of,
 )
+from adapters.base import ProviderError, ProviderState
 from adapters.chat_format import UnsupportedRequest
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus
 from tests.harness import gateway, make_settings
 from tests.native_chat_scenarios import (
     ANTHROPIC,
@@ -162,16 +161,16 @@ def test_batch_status_mapping() -> None:
     counts = {"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0, "expired": 0}
     assert batch_status({"processing_status": "in_progress", "request_counts": {**counts, "processing": 3,
                                                                                  "succeeded": 0, "errored": 0}}
-                        ) .status is BatchStatus.IN_PROGRESS
+                        ) .status is ProviderState.IN_PROGRESS
     s = batch_status({"processing_status": "ended", "request_counts": counts})
-    assert (s.status, s.total, s.completed, s.failed) == (BatchStatus.COMPLETED, 3, 2, 1)
-    assert batch_status({"processing_status": "canceling", "request_counts": counts}).status is BatchStatus.CANCELLING
+    assert (s.status, s.total, s.completed, s.failed) == (ProviderState.COMPLETED, 3, 2, 1)
+    assert batch_status({"processing_status": "canceling", "request_counts": counts}).status is ProviderState.CANCELLING
     assert batch_status({"processing_status": "ended", "cancel_initiated_at": "2026-01-01T00:00:00Z",
-                         "request_counts": {**counts, "canceled": 1}}).status is BatchStatus.CANCELLED
+                         "request_counts": {**counts, "canceled": 1}}).status is ProviderState.CANCELLED
     assert batch_status({"processing_status": "ended", "request_counts": {
-        "processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 4}}).status is BatchStatus.EXPIRED
+        "processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 4}}).status is ProviderState.EXPIRED
     assert batch_status({"processing_status": "ended", "request_counts": {
-        **counts, "expired": 1}}).status is BatchStatus.COMPLETED
+        **counts, "expired": 1}}).status is ProviderState.COMPLETED
 
 
 async def test_404_is_retryable_only_right_after_create(fake: ProviderFake) -> None:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from adapters.base import BatchJob, RequestLine
+from adapters.base import BatchJob, ProviderState, RequestLine
 from adapters.chat_format import UnsupportedRequest
 from adapters.gemini import (
     GeminiAdapter,
@@ -17,7 +17,6 @@ from adapters.gemini import (
     to_line_result,
     usage_of,
 )
-from service.domain.model import BatchStatus
 from tests.native_chat_scenarios import (
     GEMINI,
     cancel_batch,
@@ -130,11 +129,11 @@ def test_per_request_error_and_states() -> None:
     assert state_name("JOB_STATE_RUNNING") == state_name("BATCH_STATE_RUNNING") == "RUNNING"
     s = operation_status({"name": "batches/x", "metadata": {"state": "JOB_STATE_SUCCEEDED", "batchStats": {
         "requestCount": "5", "successfulRequestCount": "4", "failedRequestCount": "1"}}})
-    assert (s.status, s.total, s.completed, s.failed) == (BatchStatus.COMPLETED, 5, 4, 1)
-    assert operation_status({"metadata": {"state": "BATCH_STATE_EXPIRED"}}).status is BatchStatus.EXPIRED
+    assert (s.status, s.total, s.completed, s.failed) == (ProviderState.COMPLETED, 5, 4, 1)
+    assert operation_status({"metadata": {"state": "BATCH_STATE_EXPIRED"}}).status is ProviderState.EXPIRED
     failed = operation_status({"done": True, "metadata": {"state": "BATCH_STATE_FAILED"},
                                "error": {"code": 3, "message": "bad file"}})
-    assert failed.status is BatchStatus.FAILED and failed.errors[0].message == "bad file"
+    assert failed.status is ProviderState.FAILED and failed.errors[0].message == "bad file"
     assert operation_status({"metadata": {"state": "BATCH_STATE_PENDING"}}).total == 0
 
 

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
+from adapters.base import ProviderError
 from adapters.http import HttpClient, retry_after_seconds
-from service.domain.errors import ProviderError
 
 # path -> (status, headers, body)
 ROUTES: dict[str, tuple[int, dict[str, str], bytes]] = {

@@ -6,9 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from adapters.base import BatchJob, RequestLine
+from adapters.base import BatchJob, ProviderState, RequestLine
 from adapters.mistral import MistralAdapter, job_status, to_mistral_body
-from service.domain.model import BatchStatus
 from tests.harness import gateway, make_settings
 from tests.native_chat_scenarios import (
     MISTRAL,
@@ -56,10 +55,10 @@ def test_chat_body_drops_openai_only_fields() -> None:
 
 
 def test_job_statuses_and_counts() -> None:
-    expected = {"QUEUED": BatchStatus.VALIDATING, "RUNNING": BatchStatus.IN_PROGRESS,
-                "SUCCESS": BatchStatus.COMPLETED, "FAILED": BatchStatus.FAILED,
-                "TIMEOUT_EXCEEDED": BatchStatus.EXPIRED, "CANCELLATION_REQUESTED": BatchStatus.CANCELLING,
-                "CANCELLED": BatchStatus.CANCELLED, "SOMETHING_NEW": BatchStatus.IN_PROGRESS}
+    expected = {"QUEUED": ProviderState.VALIDATING, "RUNNING": ProviderState.IN_PROGRESS,
+                "SUCCESS": ProviderState.COMPLETED, "FAILED": ProviderState.FAILED,
+                "TIMEOUT_EXCEEDED": ProviderState.EXPIRED, "CANCELLATION_REQUESTED": ProviderState.CANCELLING,
+                "CANCELLED": ProviderState.CANCELLED, "SOMETHING_NEW": ProviderState.IN_PROGRESS}
     for raw, status in expected.items():
         assert job_status({"status": raw}).status is status
     s = job_status({"status": "FAILED", "total_requests": 4, "succeeded_requests": 1, "failed_requests": 2,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapters.base import BatchJob, LineError, RequestLine
+from adapters.base import BatchJob, LineError, ProviderError, ProviderState, RequestLine, TokenUsage
 from adapters.openai import AzureOpenAIAdapter, GroqAdapter, OpenAIAdapter
 from adapters.openai_format import (
     batch_errors,
@@ -18,8 +18,6 @@ from adapters.openai_format import (
     result_from_output_line,
     usage_from_openai,
 )
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus, Usage
 from service.providers.registry import load_entries
 from tests import native_scenarios as sc
 from tests.harness import chat_line, gateway
@@ -240,15 +238,15 @@ providers:
 
 
 @pytest.mark.parametrize(("raw", "want"), [
-    ("validating", BatchStatus.VALIDATING), ("in_progress", BatchStatus.IN_PROGRESS),
-    ("finalizing", BatchStatus.FINALIZING), ("completed", BatchStatus.COMPLETED),
-    ("failed", BatchStatus.FAILED), ("expired", BatchStatus.EXPIRED),
-    ("cancelling", BatchStatus.CANCELLING), ("cancelled", BatchStatus.CANCELLED),
-    ("Validating", BatchStatus.VALIDATING), ("Completed", BatchStatus.COMPLETED),  # older Azure previews
-    ("InProgress".lower(), BatchStatus.IN_PROGRESS), ("canceling", BatchStatus.CANCELLING),
-    ("something_new", BatchStatus.IN_PROGRESS), (None, BatchStatus.IN_PROGRESS),
+    ("validating", ProviderState.VALIDATING), ("in_progress", ProviderState.IN_PROGRESS),
+    ("finalizing", ProviderState.FINALIZING), ("completed", ProviderState.COMPLETED),
+    ("failed", ProviderState.FAILED), ("expired", ProviderState.EXPIRED),
+    ("cancelling", ProviderState.CANCELLING), ("cancelled", ProviderState.CANCELLED),
+    ("Validating", ProviderState.VALIDATING), ("Completed", ProviderState.COMPLETED),  # older Azure previews
+    ("InProgress".lower(), ProviderState.IN_PROGRESS), ("canceling", ProviderState.CANCELLING),
+    ("something_new", ProviderState.IN_PROGRESS), (None, ProviderState.IN_PROGRESS),
 ])
-def test_openai_status_map(raw: Any, want: BatchStatus) -> None:
+def test_openai_status_map(raw: Any, want: ProviderState) -> None:
     assert openai_status(raw) is want
 
 
@@ -257,7 +255,7 @@ def test_openai_batch_status_counts_and_errors() -> None:
         "status": "Failed", "request_counts": {"total": 10, "completed": 7, "failed": 3},
         "errors": {"object": "list", "data": [{"code": "model_mismatch", "message": "two models", "line": 4,
                                                "param": "body.model"}]}})
-    assert state.status is BatchStatus.FAILED and state.raw_status == "Failed" and state.ended
+    assert state.status is ProviderState.FAILED and state.raw_status == "Failed" and state.ended
     assert (state.total, state.completed, state.failed) == (10, 7, 3)
     assert state.errors[0].code == "model_mismatch" and state.errors[0].line == 4
     bare = openai_batch_status({"status": "in_progress"})
@@ -273,18 +271,18 @@ def test_batch_errors_shapes() -> None:
 @pytest.mark.parametrize(("usage", "want"), [
     ({"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17,
       "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 3}},
-     Usage(input_tokens=10, cached_tokens=4, output_tokens=7, reasoning_tokens=3)),
+     TokenUsage(input_tokens=10, cached_tokens=4, output_tokens=7, reasoning_tokens=3)),
     ({"input_tokens": 12, "input_tokens_details": {"cached_tokens": 2}, "output_tokens": 9,
       "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 21},
-     Usage(input_tokens=12, cached_tokens=2, output_tokens=9, reasoning_tokens=5)),
-    ({"prompt_tokens": 5, "total_tokens": 5}, Usage(input_tokens=5)),  # embeddings
-    ({"prompt_tokens": 3, "completion_tokens": 2, "prompt_tokens_details": None}, Usage(input_tokens=3,
+     TokenUsage(input_tokens=12, cached_tokens=2, output_tokens=9, reasoning_tokens=5)),
+    ({"prompt_tokens": 5, "total_tokens": 5}, TokenUsage(input_tokens=5)),  # embeddings
+    ({"prompt_tokens": 3, "completion_tokens": 2, "prompt_tokens_details": None}, TokenUsage(input_tokens=3,
                                                                                          output_tokens=2)),
-    ({"prompt_tokens": "100", "completion_tokens": 1.0}, Usage(input_tokens=100, output_tokens=1)),
-    ({"prompt_tokens": 0, "completion_tokens": 4}, Usage(output_tokens=4)),  # Ollama: cached prompt is 0
-    (None, Usage()), ("nonsense", Usage()), ({"prompt_tokens": True}, Usage()),
+    ({"prompt_tokens": "100", "completion_tokens": 1.0}, TokenUsage(input_tokens=100, output_tokens=1)),
+    ({"prompt_tokens": 0, "completion_tokens": 4}, TokenUsage(output_tokens=4)),  # Ollama: cached prompt is 0
+    (None, TokenUsage()), ("nonsense", TokenUsage()), ({"prompt_tokens": True}, TokenUsage()),
 ])
-def test_usage_normalisation(usage: Any, want: Usage) -> None:
+def test_usage_normalisation(usage: Any, want: TokenUsage) -> None:
     assert usage_from_openai(usage) == want
 
 
@@ -295,14 +293,14 @@ def test_output_line_success() -> None:
                      "body": {"object": "chat.completion", "usage": {"prompt_tokens": 3, "completion_tokens": 2}}},
         "error": None})
     assert r is not None and r.ok and r.index == 7 and r.request_id == "req_1"
-    assert r.usage == Usage(input_tokens=3, output_tokens=2) and r.body is not None
+    assert r.usage == TokenUsage(input_tokens=3, output_tokens=2) and r.body is not None
 
 
 def test_output_line_http_error() -> None:
     body = {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": "x"}}
     r = result_from_output_line({"custom_id": "sl-2", "response": {"status_code": 400, "body": body}, "error": None})
     assert r is not None and not r.ok and r.status_code == 400 and r.body == body and r.error is None
-    assert r.usage == Usage()
+    assert r.usage == TokenUsage()
     text = result_from_output_line({"custom_id": "sl-2", "response": {"status_code": 500, "body": "oops"}})
     assert text is not None and text.body == {"error": {"message": "oops", "type": "provider_error",
                                                        "param": None, "code": "500"}}

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from google.protobuf import struct_pb2
 
-from adapters.base import RequestLine
+from adapters.base import ProviderError, RequestLine
 from adapters.openai_compatible import OpenAICompatibleExecutor, request_path
 from adapters.sim import SimProvider
-from service.domain.errors import ProviderError
 from service.domain.model import Price
 from service.providers.registry import load_entries
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from adapters.base import BatchJob, RequestLine
+from adapters.base import BatchJob, ProviderState, RequestLine
 from adapters.openai_format import together_job_status, together_status
 from adapters.together import TogetherAdapter
-from service.domain.model import BatchStatus
 from service.providers.registry import load_entries
 from tests import native_scenarios as sc
 from tests.harness import gateway
@@ -133,12 +132,12 @@ providers:
 
 
 @pytest.mark.parametrize(("raw", "want"), [
-    ("VALIDATING", BatchStatus.VALIDATING), ("IN_PROGRESS", BatchStatus.IN_PROGRESS),
-    ("COMPLETED", BatchStatus.COMPLETED), ("FAILED", BatchStatus.FAILED), ("EXPIRED", BatchStatus.EXPIRED),
-    ("CANCELLED", BatchStatus.CANCELLED), ("CANCELING", BatchStatus.CANCELLING),
-    ("completed", BatchStatus.COMPLETED), ("QUEUED_SOMEHOW", BatchStatus.IN_PROGRESS),
+    ("VALIDATING", ProviderState.VALIDATING), ("IN_PROGRESS", ProviderState.IN_PROGRESS),
+    ("COMPLETED", ProviderState.COMPLETED), ("FAILED", ProviderState.FAILED), ("EXPIRED", ProviderState.EXPIRED),
+    ("CANCELLED", ProviderState.CANCELLED), ("CANCELING", ProviderState.CANCELLING),
+    ("completed", ProviderState.COMPLETED), ("QUEUED_SOMEHOW", ProviderState.IN_PROGRESS),
 ])
-def test_together_status_map(raw: str, want: BatchStatus) -> None:
+def test_together_status_map(raw: str, want: ProviderState) -> None:
     assert together_status(raw) is want
 
 
@@ -146,11 +145,11 @@ def test_together_job_status() -> None:
     job = {"id": "5f1c", "status": "FAILED", "progress": 0.0, "created_at": "2026-01-02T03:04:05.000Z",
            "error": "line 3: custom_id must be a string of 1-64 characters"}
     state = together_job_status(job)
-    assert state.status is BatchStatus.FAILED and state.ended and state.raw_status == "FAILED"
+    assert state.status is ProviderState.FAILED and state.ended and state.raw_status == "FAILED"
     assert (state.total, state.completed, state.failed) == (None, None, None)  # Together has no counts
     assert state.errors[0].message.startswith("line 3")
     running = together_job_status({"status": "IN_PROGRESS", "progress": 50.0, "error": None})
-    assert running.status is BatchStatus.IN_PROGRESS and running.errors == ()
+    assert running.status is ProviderState.IN_PROGRESS and running.errors == ()
 
 
 def test_created_response_is_unwrapped() -> None:

@@ -45,9 +45,6 @@ EXPECTED: dict[type[SluiceError], tuple[str, str, int | None]] = {
     errors.Conflict: ("FAILED_PRECONDITION", "invalid_request_error", 409),
     errors.Unauthenticated: ("UNAUTHENTICATED", "authentication_error", None),
     errors.NotFound: ("NOT_FOUND", "not_found_error", None),
-    errors.RateLimited: ("RESOURCE_EXHAUSTED", "rate_limit_error", None),
-    errors.NotImplementedYet: ("UNIMPLEMENTED", "not_implemented_error", None),
-    errors.ProviderError: ("UNAVAILABLE", "provider_error", 502),
 }
 
 # errors.proto's ErrorType comments: which gRPC codes (and HTTP overrides) each type may use.
@@ -130,12 +127,6 @@ def test_optional_param_and_code_are_null_in_the_envelope() -> None:
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
     assert dict(info.metadata) == {"type": "not_found_error"}
-
-
-def test_provider_retry_after_is_sent() -> None:
-    _, _, trailers = status_parts(errors.ProviderError("slow down", provider="x", status_code=429, retryable=True,
-                                                       retry_after=7.9))
-    assert dict(trailers)["retry-after"] == "7"
 
 
 def test_non_ascii_message_survives_as_ascii_json() -> None:

@@ -9,7 +9,6 @@ import pytest
 
 from service.providers.registry import ADAPTER_KINDS, ConfigError, load_entries
 from service.providers.routing import SIM, Route, Router, UnknownModel
-from service.runtime.config import Settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "providers.example.yaml"
 KEYS = {"OPENAI_API_KEY": "k", "AZURE_OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "k",
@@ -38,7 +37,7 @@ def test_without_keys_everything_goes_to_sim(monkeypatch: pytest.MonkeyPatch) ->
 
     for name in KEYS:
         monkeypatch.delenv(name, raising=False)
-    router = build_router(Settings(providers_file=EXAMPLE))
+    router = build_router(EXAMPLE)
     assert list(router.entries) == [SIM]
     assert router.resolve("gpt-4o-mini") == Route(SIM, "gpt-4o-mini")
     assert router.resolve("sim/demo") == Route(SIM, "demo")

@@ -18,11 +18,20 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from adapters.base import LineError, LineResult
 from service.domain.errors import Conflict, NotFound
-from service.domain.model import TERMINAL, TRANSITIONS, BatchStatus, ResultStatus, Usage, can_transition, now
+from service.domain.model import (
+    TERMINAL,
+    TRANSITIONS,
+    BatchStatus,
+    LineOutcome,
+    ResultError,
+    ResultStatus,
+    Usage,
+    can_transition,
+    now,
+)
 from service.storage.db import alembic_config, create_engine, migrate
-from service.storage.repository import NewRequest, Store, StoredResult, new_id
+from service.storage.repository import NewRequest, Store, new_id
 from service.storage.tables import BatchRow, RequestRow, ResultRow
 from tests.harness import ROOT
 
@@ -60,15 +69,13 @@ async def new_batch(store: Store, n: int = 3, **fields: Any) -> str:
     return row.id
 
 
-def ok(idx: int, tokens: int = 5) -> StoredResult:
+def ok(idx: int, tokens: int = 5) -> LineOutcome:
     usage = Usage(input_tokens=tokens, output_tokens=8, input_cost=tokens * 1e-7, output_cost=8e-7)
-    return StoredResult(f"r{idx}", ResultStatus.COMPLETED,
-                        LineResult(index=idx, status_code=200, body={"object": "chat.completion"}, usage=usage))
+    return LineOutcome(idx, f"r{idx}", ResultStatus.COMPLETED, 200, body={"object": "chat.completion"}, usage=usage)
 
 
-def failed(idx: int) -> StoredResult:
-    return StoredResult(f"r{idx}", ResultStatus.FAILED,
-                        LineResult(index=idx, status_code=500, error=LineError(code="boom", message="no")))
+def failed(idx: int) -> LineOutcome:
+    return LineOutcome(idx, f"r{idx}", ResultStatus.FAILED, 500, error=ResultError(code="boom", message="no"))
 
 
 async def count(store: Store, table: Any, batch_id: str | None = None) -> int:

@@ -67,41 +67,6 @@ class NotFound(SluiceError):
     grpc_code = "NOT_FOUND"
 
 
-class RateLimited(SluiceError):
-    error_type = "rate_limit_error"
-    grpc_code = "RESOURCE_EXHAUSTED"
-    retryable = True
-
-
-class NotImplementedYet(SluiceError):
-    error_type = "not_implemented_error"
-    grpc_code = "UNIMPLEMENTED"
-
-
-class ProviderError(SluiceError):
-    """An upstream provider failed. `retryable` errors slow the engine down; others fail work."""
-
-    error_type = "provider_error"
-    grpc_code = "UNAVAILABLE"
-    http_status = 502
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str = "",
-        status_code: int | None = None,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message, code=code)
-        self.provider = provider
-        self.status_code = status_code
-        self.retry_after = retry_after
-        self.retryable = retryable  # type: ignore[misc]  # per instance, not per class
-
-
 class Internal(SluiceError):
     """A bug or outage inside Sluice. The message never carries internals."""
 

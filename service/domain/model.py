@@ -6,8 +6,9 @@ No I/O here: storage, the engine and the API all speak these types.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class BatchStatus(StrEnum):
@@ -124,3 +125,29 @@ class Price:
             input_cost=round(usage.input_tokens * self.input_per_mtok * factor, 10),
             output_cost=round(usage.output_tokens * self.output_per_mtok * factor, 10),
         )
+
+
+@dataclass(frozen=True)
+class ResultError:
+    """Why a line has no usable response (OpenAI output line `error`): a cancelled, expired or
+    lost line, or a provider failure without an HTTP answer."""
+
+    code: str
+    message: str
+    type: str = "provider_error"
+
+
+@dataclass(frozen=True)
+class LineOutcome:
+    """One request line's final result, priced: what storage keeps and the API serves.
+
+    `body` is the OpenAI-shaped response body for an HTTP answer (success or `{"error": ...}`)."""
+
+    index: int
+    custom_id: str
+    status: ResultStatus
+    status_code: int = 0
+    body: dict[str, Any] | None = None
+    error: ResultError | None = None
+    usage: Usage = field(default_factory=Usage)
+    request_id: str | None = None

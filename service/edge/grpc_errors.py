@@ -46,9 +46,6 @@ def status_parts(err: SluiceError) -> tuple[grpc.StatusCode, str, tuple[tuple[st
         metadata.append(("x-http-status", str(err.http_status)))
     if err.http_status == 409:
         metadata.append(("x-should-retry", "false"))
-    retry_after = getattr(err, "retry_after", None)
-    if retry_after:
-        metadata.append(("retry-after", str(int(retry_after))))
     return code, err.message, tuple(metadata)
 
 

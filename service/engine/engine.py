@@ -29,17 +29,18 @@ from dataclasses import dataclass
 
 from adapters.base import (
     BatchJob,
-    LineError,
     LineExecutor,
     LineResult,
     NativeBatchAdapter,
+    ProviderError,
+    ProviderState,
     ProviderStatus,
     RequestLine,
 )
-from service.domain.errors import ProviderError
-from service.domain.model import BatchStatus, Price, ResultStatus, now
+from adapters.base import LineError as AdapterLineError
+from service.domain.model import BatchStatus, LineOutcome, Price, ResultError, ResultStatus, Usage, now
 from service.providers.routing import Route, Router, UnknownModel
-from service.storage.repository import Store, StoredResult
+from service.storage.repository import Store
 from service.storage.tables import BatchRow, RequestRow
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,15 @@ Finalizer = Callable[[BatchRow], Awaitable[dict[str, str | None]]]
 
 async def _no_files(_: BatchRow) -> dict[str, str | None]:
     return {}
+
+
+def outcome(result: LineResult, custom_id: str, status: ResultStatus, price: Price) -> LineOutcome:
+    """An adapter's result as the service keeps it: with its line's identity and priced."""
+    tokens = result.usage
+    usage = price.cost(Usage(tokens.input_tokens, tokens.cached_tokens, tokens.output_tokens, tokens.reasoning_tokens))
+    error = ResultError(result.error.code, result.error.message, result.error.type) if result.error else None
+    return LineOutcome(result.index, custom_id, status, result.status_code, result.body, error, usage,
+                       result.request_id)
 
 
 class Engine:
@@ -170,17 +180,12 @@ class Engine:
         body["model"] = route.model
         return route, RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
 
-    def _priced(self, result: LineResult, price: Price) -> LineResult:
-        return LineResult(result.index, result.status_code, result.body, result.error,
-                          price.cost(result.usage), result.request_id)
 
     async def _close_unfinished(self, batch: BatchRow, status: ResultStatus, code: str, message: str) -> None:
         """Give every line without a result an explicit error result (cancelled/expired/lost)."""
         while pending := await self.store.pending_requests(batch.id, STORE_CHUNK):
             await self.store.store_results(batch.id, [
-                StoredResult(r.custom_id, status, LineResult(index=r.idx, status_code=0,
-                                                             error=LineError(code=code, message=message,
-                                                                             type="batch_error")))
+                LineOutcome(r.idx, r.custom_id, status, error=ResultError(code, message, type="batch_error"))
                 for r in pending])
 
     async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus) -> None:
@@ -230,11 +235,11 @@ class Engine:
                 yield req
             after = page[-1].idx
 
-    async def _execute_one(self, batch: BatchRow, provider: LineExecutor, req: RequestRow) -> StoredResult:
+    async def _execute_one(self, batch: BatchRow, provider: LineExecutor, req: RequestRow) -> LineOutcome:
         route, line = self._route(req, batch)
         result = await self._execute_with_retries(provider, line)
         status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
-        return StoredResult(req.custom_id, status, self._priced(result, self.router.price(route)))
+        return outcome(result, req.custom_id, status, self.router.price(route))
 
     async def _execute_pending(self, batch: BatchRow, provider: LineExecutor) -> bool:
         """Run every line without a result, `provider.concurrency` at a time, starting the next
@@ -243,8 +248,8 @@ class Engine:
         left in_progress meanwhile (a cancel, from any replica) or the engine is shutting down;
         lines still running then stay pending and run again later."""
         lines = self._pending_lines(batch.id)
-        running: set[asyncio.Task[StoredResult]] = set()
-        finished: list[StoredResult] = []
+        running: set[asyncio.Task[LineOutcome]] = set()
+        finished: list[LineOutcome] = []
         more = True
         last_check = last_log = time.monotonic()
         try:
@@ -287,7 +292,7 @@ class Engine:
             except ProviderError as exc:
                 if not exc.retryable or attempt == EXECUTOR_RETRIES:
                     return LineResult(index=line.index, status_code=exc.status_code or 0,
-                                      error=LineError(code=exc.code or "provider_error", message=exc.message))
+                                      error=AdapterLineError(code=exc.code or "provider_error", message=exc.message))
                 await asyncio.sleep(self._backoff(attempt, exc.retry_after, base=0.5))
         raise AssertionError("unreachable")
 
@@ -330,7 +335,7 @@ class Engine:
         await self.store.set_fields(batch.id, poll_failures=0, provider_status=state.raw_status,
                                     provider_completed=state.completed, provider_failed=state.failed)
         if not state.ended:
-            if status is BatchStatus.VALIDATING and state.status is not BatchStatus.VALIDATING:
+            if status is BatchStatus.VALIDATING and state.status is not ProviderState.VALIDATING:
                 await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
             return time.time() + self.settings.poll_seconds
         await self._collect(batch, adapter, status, state)
@@ -368,12 +373,12 @@ class Engine:
                        state: ProviderStatus) -> None:
         """The provider says the batch ended: store every result, then mark it terminal."""
         assert batch.provider_batch_id is not None
-        if state.status is BatchStatus.FAILED:
+        if state.status is ProviderState.FAILED:
             await self._fail(batch, status, "provider_error", f"{adapter.name} rejected the batch",
                              [{"code": e.code, "message": e.message, "param": e.param, "line": e.line}
                               for e in state.errors] or None)
             return
-        final = state.status  # completed, expired or cancelled
+        final = BatchStatus(state.status.value)  # completed, expired or cancelled
         early = status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
         if early and final in (BatchStatus.COMPLETED, BatchStatus.CANCELLED):
             step = BatchStatus.FINALIZING if final is BatchStatus.COMPLETED else BatchStatus.CANCELLING
@@ -409,5 +414,5 @@ class Engine:
             status = ResultStatus.COMPLETED if r.ok else _ENDED_BY_BATCH.get(
                 r.error.code if r.error else "", ResultStatus.FAILED)
             price = self.router.price(self.router.resolve(model))
-            stored.append(StoredResult(custom_id, status, self._priced(r, price)))
+            stored.append(outcome(r, custom_id, status, price))
         await self.store.store_results(batch.id, stored)

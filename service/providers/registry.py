@@ -19,7 +19,6 @@ from adapters.base import Provider
 from adapters.sim import SimProvider
 from service.domain.model import Price
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
-from service.runtime.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +93,11 @@ def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str,
     return entries
 
 
-def build_router(settings: Settings) -> Router:
-    sim = SimProvider(SIM, latency_ms=settings.sim_latency_ms, failure_rate=settings.sim_failure_rate,
-                      concurrency=settings.executor_concurrency)
+def build_router(providers_file: Path | None, *, sim_latency_ms: float = 50.0, sim_failure_rate: float = 0.0,
+                 executor_concurrency: int = 16) -> Router:
+    sim = SimProvider(SIM, latency_ms=sim_latency_ms, failure_rate=sim_failure_rate,
+                      concurrency=executor_concurrency)
     entries = {SIM: ProviderEntry(provider=sim, default_price=DEFAULT_SIM_PRICE)}
-    if settings.providers_file:
-        entries.update(load_entries(settings.providers_file))
+    if providers_file:
+        entries.update(load_entries(providers_file))
     return Router(entries)

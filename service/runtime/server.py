@@ -56,7 +56,9 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     store = Store(create_engine(settings.database_url))
     auth = Authenticator(store)
     await auth.register(settings.api_keys)
-    router = router or build_router(settings)
+    router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
+                                    sim_failure_rate=settings.sim_failure_rate,
+                                    executor_concurrency=settings.executor_concurrency)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
         lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds), finalizer=OutputFiles(store))

@@ -20,9 +20,8 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from adapters.base import LineResult
 from service.domain.errors import Conflict, NotFound
-from service.domain.model import CANCELLABLE, BatchStatus, ResultStatus, Usage, can_transition, now
+from service.domain.model import CANCELLABLE, BatchStatus, LineOutcome, ResultStatus, Usage, can_transition, now
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 
 INSERT_CHUNK = 500
@@ -40,15 +39,6 @@ class NewRequest:
     custom_id: str
     model: str
     body: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StoredResult:
-    """A result with the request identity the engine resolved for it."""
-
-    custom_id: str
-    status: ResultStatus
-    result: LineResult
 
 
 class Store:
@@ -269,13 +259,13 @@ class Store:
                 RequestRow.batch_id == batch_id, RequestRow.idx.in_(list(indexes))))).all()
         return {idx: (cid, model) for idx, cid, model in rows}
 
-    async def store_results(self, batch_id: str, results: Sequence[StoredResult]) -> int:
+    async def store_results(self, batch_id: str, results: Sequence[LineOutcome]) -> int:
         """Insert results not stored yet and add them to the batch's counts and usage, in one
         transaction. Returns how many were new."""
         if not results:
             return 0
         t = now()
-        by_index = {r.result.index: r for r in results}
+        by_index = {r.index: r for r in results}
         rows = [_result_row(batch_id, r, t) for r in by_index.values()]
         async with self.sessions.begin() as s:
             stmt = self._insert(ResultRow).on_conflict_do_nothing(index_elements=["batch_id", "idx"])
@@ -283,7 +273,7 @@ class Store:
             if not inserted:
                 return 0
             new = [by_index[i] for i in inserted]
-            usage = sum((r.result.usage for r in new), Usage())
+            usage = sum((r.usage for r in new), Usage())
             await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
                 completed=BatchRow.completed + sum(1 for r in new if r.status is ResultStatus.COMPLETED),
                 failed=BatchRow.failed + sum(1 for r in new if r.status is ResultStatus.FAILED),
@@ -372,10 +362,9 @@ class Store:
                                       .where(BatchRow.project == project)) or 0)
 
 
-def _result_row(batch_id: str, r: StoredResult, t: int) -> dict[str, Any]:
-    res = r.result
+def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
     return {
-        "batch_id": batch_id, "idx": res.index, "custom_id": r.custom_id, "status": r.status.value,
+        "batch_id": batch_id, "idx": res.index, "custom_id": res.custom_id, "status": res.status.value,
         "status_code": res.status_code, "request_id": res.request_id,
         "response_json": json.dumps(res.body, separators=(",", ":")) if res.body is not None else None,
         "error_code": res.error.code if res.error else None,
