@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 from adapters.base import (
     BatchJob,
+    Capabilities,
     LineError,
     LineResult,
     NativeBatchAdapter,
@@ -61,7 +62,6 @@ from adapters.chat_format import (
     tool_arguments,
     tool_call,
 )
-from adapters.http import HttpClient
 from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
 
 log = logging.getLogger(__name__)
@@ -264,29 +264,26 @@ def batch_status(batch: dict[str, Any]) -> ProviderStatus:
 
 class AnthropicAdapter(NativeBatchAdapter):
     kind = "anthropic"
+    capabilities = Capabilities(endpoints=frozenset({CHAT_ENDPOINT}), max_lines=100_000, max_bytes=256 * 2**20)
 
     def __init__(self, name: str, *, base_url: str = "https://api.anthropic.com", api_key: str = "",
-                 options: dict[str, Any] | None = None) -> None:
-        super().__init__(name)
-        options = options or {}
+                 options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
+        options = self.options
         self.default_max_tokens = int(options.get("default_max_tokens", DEFAULT_MAX_TOKENS))
         self.not_found_grace = float(options.get("not_found_grace_seconds", 60.0))
         self.not_found_retries = int(options.get("not_found_retries", 3))
-        headers = {"x-api-key": api_key, "anthropic-version": str(options.get("anthropic_version", API_VERSION))}
-        if options.get("anthropic_beta"):
-            headers["anthropic-beta"] = str(options["anthropic_beta"])
-        self.http = HttpClient(name, base_url, headers)
         self._submitted_at: dict[str, float] = {}  # provider id -> monotonic time we created it
         self._not_found: dict[str, int] = {}
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def headers(self) -> dict[str, str]:
+        headers = {"x-api-key": self.api_key,
+                   "anthropic-version": str(self.options.get("anthropic_version", API_VERSION))}
+        if self.options.get("anthropic_beta"):
+            headers["anthropic-beta"] = str(self.options["anthropic_beta"])
+        return headers
 
     async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
-        if job.endpoint != CHAT_ENDPOINT:
-            raise ProviderError(f"{self.name}: Anthropic batches serve {CHAT_ENDPOINT} only, not {job.endpoint}",
-                                provider=self.name, retryable=False, code="unsupported_endpoint")
-
         def encode(line: RequestLine) -> dict[str, Any]:
             try:
                 params = to_messages_params(line.body, self.default_max_tokens)
@@ -348,14 +345,8 @@ class AnthropicAdapter(NativeBatchAdapter):
                 continue
             yield to_line_result(index, result)
 
-    async def cancel(self, provider_batch_id: str) -> None:
-        try:
-            await self.http.json("POST", f"{BATCHES}/{provider_batch_id}/cancel")
-        except ProviderError as exc:
-            # A batch that ended meanwhile can refuse the cancel: that is the cancel race, not a failure.
-            if exc.retryable or (await self.poll(provider_batch_id)).status in (
-                    ProviderState.IN_PROGRESS, ProviderState.CANCELLING):
-                raise
+    async def send_cancel(self, provider_batch_id: str) -> None:
+        await self.http.json("POST", f"{BATCHES}/{provider_batch_id}/cancel")
 
 
 __all__ = ["AnthropicAdapter", "batch_status", "to_chat_completion", "to_line_result",

@@ -20,37 +20,21 @@ Adapters raise `service.domain.errors.ProviderError` for provider failures (`ret
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
+
+from adapters.errors import ProviderError
+from adapters.http import HttpClient
+
+__all__ = ["ProviderError"]  # re-exported: part of the port
+
+log = logging.getLogger(__name__)
 
 LINE_ID_PREFIX = "sl-"
-
-
-class ProviderError(Exception):
-    """An upstream provider failed. `retryable` errors slow the engine down; others end the step.
-
-    `message` is safe to store on a batch: it never carries credentials."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str = "",
-        status_code: int | None = None,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.provider = provider
-        self.status_code = status_code
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.code = code
 
 
 class ProviderState(StrEnum):
@@ -175,16 +159,65 @@ class ProviderStatus:
         return self.status.ended
 
 
+SUPPORTED_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one provider batch can hold. Intake checks every line against these when a batch is
+    created, so a batch the provider cannot take is refused at once with the line at fault, instead
+    of being accepted and failing at submit.
+
+    `max_lines`/`max_bytes` are the provider's per-batch limits (None: no limit beyond Sluice's own);
+    `finds_lost_submissions` says whether `find_submitted` can recognise a batch created before a
+    crash (if not, a crash during create can leave a duplicate at the provider)."""
+
+    endpoints: frozenset[str] = SUPPORTED_ENDPOINTS
+    one_model_per_job: bool = False
+    max_lines: int | None = None
+    max_bytes: int | None = None
+    finds_lost_submissions: bool = False
+
+
 class Provider(ABC):  # noqa: B024 - shared base of the two abstract kinds
-    """Common ground: a name (as in `provider/model`) and a way to release connections."""
+    """Common ground: a name (as in `provider/model`), the one constructor every adapter takes
+    (the providers file gives `base_url`, the key from `api_key_env`, and `options`), and the one
+    HTTP-client lifecycle: created on first use from `headers()`/`query()`, closed by `aclose`."""
 
-    kind: str = ""
+    kind: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
+                 options: Mapping[str, Any] | None = None) -> None:
         self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.options: dict[str, Any] = dict(options or {})
+        self._http: HttpClient | None = None
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release connections (HTTP clients)."""
+    def headers(self) -> dict[str, str]:
+        """Headers on every request (credentials live only here, never in logs or errors)."""
+        return {}
+
+    def query(self) -> dict[str, str] | None:
+        """Query parameters on every request (Azure's `api-version`)."""
+        return None
+
+    def new_http_client(self) -> HttpClient:
+        return HttpClient(self.name, self.base_url, self.headers(), params=self.query())
+
+    @property
+    def http(self) -> HttpClient:
+        """The provider's client, created on first use (and again after `aclose`)."""
+        if self._http is None:
+            self._http = self.new_http_client()
+        return self._http
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        if self._http is not None:
+            http, self._http = self._http, None
+            await http.aclose()
 
 
 class NativeBatchAdapter(Provider):
@@ -209,8 +242,25 @@ class NativeBatchAdapter(Provider):
         """Every result of an ended batch, success and failure alike, by line index."""
 
     @abstractmethod
+    async def send_cancel(self, provider_batch_id: str) -> None:
+        """The provider's cancel call."""
+
     async def cancel(self, provider_batch_id: str) -> None:
-        """Ask the provider to cancel; the engine waits for `poll` to confirm."""
+        """Ask the provider to cancel; the engine waits for `poll` to confirm.
+
+        The cancel race, written once for every adapter: a batch that ended (or is already
+        cancelling) before the provider saw the cancel may refuse it with a 4xx. That is not a
+        failure: the next poll says how it ended. Any other refusal is raised."""
+        try:
+            await self.send_cancel(provider_batch_id)
+        except ProviderError as exc:
+            if exc.retryable:
+                raise
+            state = await self.poll(provider_batch_id)
+            if not (state.ended or state.status is ProviderState.CANCELLING):
+                raise
+            log.info("%s: cancel of %s refused (%s); it is already %s", self.name, provider_batch_id,
+                     exc.message, state.raw_status)
 
 
 class LineExecutor(Provider):

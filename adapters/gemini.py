@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 from adapters.base import (
     BatchErrorItem,
     BatchJob,
+    Capabilities,
     LineError,
     LineResult,
     NativeBatchAdapter,
@@ -62,7 +63,6 @@ from adapters.chat_format import (
     tool_arguments,
     tool_call,
 )
-from adapters.http import HttpClient
 from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
 
 log = logging.getLogger(__name__)
@@ -304,38 +304,28 @@ def _inline_line(raw: bytes) -> bytes:
 
 class GeminiAdapter(NativeBatchAdapter):
     kind = "gemini"
+    # Batch embeddings are not implemented; Gemini fixes the model per batch.
+    capabilities = Capabilities(endpoints=frozenset({CHAT_ENDPOINT}), one_model_per_job=True,
+                                finds_lost_submissions=True)
 
     def __init__(self, name: str, *, base_url: str = "https://generativelanguage.googleapis.com",
-                 api_key: str = "", options: dict[str, Any] | None = None) -> None:
-        super().__init__(name)
-        options = options or {}
+                 api_key: str = "", options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
+        options = self.options
         self.version = str(options.get("api_version", API_VERSION))
         self.inline_limit = int(options.get("inline_limit_bytes", DEFAULT_INLINE_LIMIT))
         self.find_pages = int(options.get("find_max_pages", DEFAULT_FIND_PAGES))
         self.page_size = int(options.get("list_page_size", 100))
-        self.http = HttpClient(name, base_url, {"x-goog-api-key": api_key})
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def headers(self) -> dict[str, str]:
+        return {"x-goog-api-key": self.api_key}
 
     def _model_path(self, model: str) -> str:
         return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
 
     async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
-        if job.endpoint != CHAT_ENDPOINT:
-            raise ProviderError(f"{self.name}: only {CHAT_ENDPOINT} batches are supported for Gemini "
-                                f"(not {job.endpoint}; batch embeddings are not implemented)",
-                                provider=self.name, retryable=False, code="unsupported_endpoint")
-        models: list[str] = []
-
         def encode(line: RequestLine) -> dict[str, Any]:
-            model = str(line.body.get("model") or job.model)
-            if not models:
-                models.append(model)
             try:
-                if model != models[0]:
-                    raise UnsupportedRequest(f"model {model!r} differs from the batch's {models[0]!r}; Gemini "
-                                             "fixes the model per batch: split the batch by model")
                 request = to_generate_content_request(line.body)
             except UnsupportedRequest as exc:
                 raise submit_error(self.name, line.index, line.custom_id, str(exc)) from None
@@ -347,7 +337,7 @@ class GeminiAdapter(NativeBatchAdapter):
                 raise ProviderError(f"{self.name}: the batch has no requests", provider=self.name, retryable=False)
             spool.seek(0, 2)
             size = spool.tell()
-            url = f"/{self.version}/{self._model_path(models[0])}:batchGenerateContent"
+            url = f"/{self.version}/{self._model_path(job.model)}:batchGenerateContent"
             if size <= self.inline_limit:
                 head = b'{"batch":{"display_name":' + json.dumps(job.batch_id).encode() + \
                     b',"input_config":{"requests":{"requests":['
@@ -437,9 +427,5 @@ class GeminiAdapter(NativeBatchAdapter):
                 continue
             yield to_line_result(index, row, model)
 
-    async def cancel(self, provider_batch_id: str) -> None:
-        try:
-            await self.http.json("POST", f"/{self.version}/{provider_batch_id}:cancel")
-        except ProviderError as exc:
-            if exc.retryable or not (await self.poll(provider_batch_id)).ended:
-                raise
+    async def send_cancel(self, provider_batch_id: str) -> None:
+        await self.http.json("POST", f"/{self.version}/{provider_batch_id}:cancel")

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from adapters.base import ProviderError
+from adapters.errors import ProviderError
 
 # httpx logs every request URL at INFO; keep provider traffic out of the logs by default.
 logging.getLogger("httpx").setLevel(logging.WARNING)

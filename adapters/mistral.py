@@ -20,11 +20,12 @@ Chat bodies are passed through with OpenAI-only fields Mistral would reject drop
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 from adapters.base import (
     BatchJob,
+    Capabilities,
     LineResult,
     NativeBatchAdapter,
     ProviderError,
@@ -33,8 +34,7 @@ from adapters.base import (
     RequestLine,
     provider_line_id,
 )
-from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, UnsupportedRequest, submit_error
-from adapters.http import HttpClient
+from adapters.chat_format import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT
 from adapters.openai_format import as_int, batch_errors, map_status, results_from_files, spool_jsonl
 
 log = logging.getLogger(__name__)
@@ -79,34 +79,22 @@ def job_status(job: dict[str, Any]) -> ProviderStatus:
 
 class MistralAdapter(NativeBatchAdapter):
     kind = "mistral"
+    # Mistral fixes the model per job.
+    capabilities = Capabilities(endpoints=frozenset(ENDPOINTS), one_model_per_job=True, finds_lost_submissions=True)
 
     def __init__(self, name: str, *, base_url: str = "https://api.mistral.ai/v1", api_key: str = "",
-                 options: dict[str, Any] | None = None) -> None:
-        super().__init__(name)
-        options = options or {}
+                 options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
+        options = self.options
         self.timeout_hours = int(options.get("timeout_hours", 24))
         self.find_pages = int(options.get("find_max_pages", DEFAULT_FIND_PAGES))
         self.page_size = int(options.get("list_page_size", 100))
-        self.http = HttpClient(name, base_url, {"Authorization": f"Bearer {api_key}"})
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
-        if job.endpoint not in ENDPOINTS:
-            raise ProviderError(f"{self.name}: Mistral batches serve {', '.join(ENDPOINTS)} through Sluice, "
-                                f"not {job.endpoint}", provider=self.name, retryable=False,
-                                code="unsupported_endpoint")
-        models: list[str] = []
-
         def encode(line: RequestLine) -> dict[str, Any]:
-            model = str(line.body.get("model") or job.model)
-            if not models:
-                models.append(model)
-            if model != models[0]:
-                raise submit_error(self.name, line.index, line.custom_id, str(UnsupportedRequest(
-                    f"model {model!r} differs from the batch's {models[0]!r}; Mistral fixes the model per job: "
-                    "split the batch by model")))
             return {"custom_id": provider_line_id(line.index), "body": to_mistral_body(line.body, job.endpoint)}
 
         spool, count = await spool_jsonl(lines, encode)
@@ -118,7 +106,7 @@ class MistralAdapter(NativeBatchAdapter):
         finally:
             spool.close()
         created = await self.http.json("POST", "/batch/jobs", json={
-            "input_files": [uploaded["id"]], "model": models[0], "endpoint": job.endpoint,
+            "input_files": [uploaded["id"]], "model": job.model, "endpoint": job.endpoint,
             "metadata": {METADATA_KEY: job.batch_id}, "timeout_hours": self.timeout_hours})
         return str(created["id"])
 
@@ -143,9 +131,5 @@ class MistralAdapter(NativeBatchAdapter):
         async for result in results_from_files(self.http, (job.get("output_file"), job.get("error_file"))):
             yield result
 
-    async def cancel(self, provider_batch_id: str) -> None:
-        try:
-            await self.http.json("POST", f"/batch/jobs/{provider_batch_id}/cancel")
-        except ProviderError as exc:
-            if exc.retryable or not (await self.poll(provider_batch_id)).ended:
-                raise
+    async def send_cancel(self, provider_batch_id: str) -> None:
+        await self.http.json("POST", f"/batch/jobs/{provider_batch_id}/cancel")

@@ -18,19 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import IO, Any
 
 from adapters.base import (
     BatchJob,
+    Capabilities,
     LineResult,
     NativeBatchAdapter,
     ProviderError,
-    ProviderState,
     ProviderStatus,
     RequestLine,
 )
-from adapters.http import HttpClient
 from adapters.openai_format import (
     openai_batch_status,
     openai_input_line,
@@ -63,18 +62,14 @@ class OpenAIAdapter(NativeBatchAdapter):
     """
 
     kind = "openai"
+    capabilities = Capabilities(max_lines=50_000, max_bytes=200 * 2**20, finds_lost_submissions=True)
     file_purpose = "batch"
-    # Endpoints this provider batches; None: whatever Sluice accepts.
-    endpoints: frozenset[str] | None = None
 
-    def __init__(self, name: str, *, base_url: str, api_key: str, options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(name)
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.options: dict[str, Any] = dict(options or {})
+    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
+                 options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
         self.find_pages = int(self.options.get("find_pages", 10))
         self.file_ready_timeout = float(self.options.get("file_ready_timeout", 300.0))
-        self._http: HttpClient | None = None
 
     # --- hooks --------------------------------------------------------------------------------
 
@@ -86,25 +81,12 @@ class OpenAIAdapter(NativeBatchAdapter):
             headers["OpenAI-Project"] = str(self.options["project"])
         return headers
 
-    def query(self) -> dict[str, str] | None:
-        return None
-
     def endpoint_path(self, endpoint: str) -> str:
         """How this provider spells a Sluice endpoint (`/v1/chat/completions`) in `endpoint`/`url`."""
         return endpoint
 
     def encode_line(self, line: RequestLine) -> dict[str, Any]:
         return openai_input_line(line, self.endpoint_path(line.url))
-
-    def check_job(self, job: BatchJob) -> None:
-        if self.endpoints is not None and job.endpoint not in self.endpoints:
-            raise ProviderError(
-                f"{self.name} ({self.kind}) batches only support {', '.join(sorted(self.endpoints))}, "
-                f"not {job.endpoint}", provider=self.name, retryable=False, code="unsupported_endpoint")
-
-    def line_checker(self, job: BatchJob) -> Callable[[RequestLine], None] | None:
-        """A callable run on every line while spooling (raise ProviderError to refuse), or None."""
-        return None
 
     def create_body(self, job: BatchJob, file_id: str) -> dict[str, Any]:
         return {"input_file_id": file_id, "endpoint": self.endpoint_path(job.endpoint),
@@ -143,18 +125,6 @@ class OpenAIAdapter(NativeBatchAdapter):
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    @property
-    def http(self) -> HttpClient:
-        """The provider's client, created on first use (and again after `aclose`)."""
-        if self._http is None:
-            self._http = HttpClient(self.name, self.base_url, self.headers(), params=self.query())
-        return self._http
-
-    async def aclose(self) -> None:
-        if self._http is not None:
-            http, self._http = self._http, None
-            await http.aclose()
-
     async def upload(self, spool: IO[bytes], filename: str) -> Mapping[str, Any]:
         """Multipart `POST /files`; httpx streams the spooled file in chunks."""
         file_obj = await self.http.json("POST", "/files", data={"purpose": self.file_purpose},
@@ -187,8 +157,7 @@ class OpenAIAdapter(NativeBatchAdapter):
     # --- NativeBatchAdapter -------------------------------------------------------------------
 
     async def submit(self, job: BatchJob, lines: AsyncIterable[RequestLine]) -> str:
-        self.check_job(job)
-        spool, count = await spool_jsonl(lines, self.encode_line, self.line_checker(job))
+        spool, count = await spool_jsonl(lines, self.encode_line)
         try:
             if count == 0:
                 raise ProviderError(f"batch {job.batch_id} has no lines to submit", provider=self.name,
@@ -221,18 +190,8 @@ class OpenAIAdapter(NativeBatchAdapter):
         async for result in results_from_files(self.http, (batch.get("output_file_id"), batch.get("error_file_id"))):
             yield result
 
-    async def cancel(self, provider_batch_id: str) -> None:
-        try:
-            await self.http.json("POST", f"/batches/{provider_batch_id}/cancel")
-        except ProviderError as exc:
-            if exc.retryable:
-                raise
-            # A batch that ended meanwhile cannot be cancelled; the next poll will say how it ended.
-            state = await self.poll(provider_batch_id)
-            if not (state.ended or state.status is ProviderState.CANCELLING):
-                raise
-            log.info("%s: cancel of %s refused (%s); it is already %s", self.name, provider_batch_id,
-                     exc.message, state.raw_status)
+    async def send_cancel(self, provider_batch_id: str) -> None:
+        await self.http.json("POST", f"/batches/{provider_batch_id}/cancel")
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
@@ -241,14 +200,17 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     surface (no `api-version`, OpenAI spelling).
 
     Options: `api_version` (default `2024-10-21`), `deployments` (model → deployment name; the router's
-    aliases usually do this already). Every line must use the same deployment (Azure's `model_mismatch`),
-    which is checked before anything is uploaded.
+    aliases usually do this already). Every line must use the same deployment (Azure's `model_mismatch`):
+    intake refuses a batch that mixes models for it.
     """
 
     kind = "azure"
+    capabilities = Capabilities(one_model_per_job=True, max_lines=100_000, max_bytes=200 * 2**20,
+                                finds_lost_submissions=True)
     DEFAULT_API_VERSION = "2024-10-21"
 
-    def __init__(self, name: str, *, base_url: str, api_key: str, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
+                 options: Mapping[str, Any] | None = None) -> None:
         super().__init__(name, base_url=base_url, api_key=api_key, options=options)
         self.v1_surface = self.base_url.endswith("/v1")
         self.api_version = str(self.options.get("api_version") or self.DEFAULT_API_VERSION)
@@ -269,19 +231,6 @@ class AzureOpenAIAdapter(OpenAIAdapter):
             line = RequestLine(line.index, line.custom_id, line.url, {**line.body, "model": self.deployments[model]})
         return super().encode_line(line)
 
-    def line_checker(self, job: BatchJob) -> Callable[[RequestLine], None] | None:
-        seen: set[str] = set()
-
-        def check(line: RequestLine) -> None:
-            model = str(line.body.get("model") or "")
-            seen.add(self.deployments.get(model, model))
-            if len(seen) > 1:
-                raise ProviderError(
-                    f"{self.name}: all lines of an Azure batch must use one deployment; found {sorted(seen)}. "
-                    "Split the batch per deployment.", provider=self.name, retryable=False, code="model_mismatch")
-
-        return check
-
 
 class GroqAdapter(OpenAIAdapter):
     """Groq (notes §6a): OpenAI-compatible at `https://api.groq.com/openai/v1`, chat completions
@@ -289,7 +238,8 @@ class GroqAdapter(OpenAIAdapter):
     without pagination."""
 
     kind = "groq"
-    endpoints = frozenset({"/v1/chat/completions"})
+    capabilities = Capabilities(endpoints=frozenset({"/v1/chat/completions"}), max_lines=50_000,
+                                max_bytes=200 * 2**20, finds_lost_submissions=True)
 
     async def list_batches(self) -> AsyncIterator[Mapping[str, Any]]:
         page = await self.http.json("GET", "/batches")

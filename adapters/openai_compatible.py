@@ -47,30 +47,21 @@ def request_path(base_url: str, url: str) -> str:
 class OpenAICompatibleExecutor(LineExecutor):
     kind = "openai_compatible"
 
-    def __init__(self, name: str, *, base_url: str, api_key: str = "",
+    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
                  options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(name)
-        self.options: dict[str, Any] = dict(options or {})
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
         self.concurrency = max(int(self.options.get("concurrency", DEFAULT_CONCURRENCY)), 1)
         self.timeout = float(self.options.get("timeout", DEFAULT_TIMEOUT_SECONDS))
-        self._http: _LineClient | None = None
 
-    @property
-    def http(self) -> _LineClient:
-        if self._http is None:
-            headers = {str(k): str(v) for k, v in (self.options.get("headers") or {}).items()}
-            if self.api_key:
-                headers["Authorization"] = f"Bearer {self.api_key}"
-            self._http = _LineClient(self.name, self.base_url, headers,
-                                     timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
-        return self._http
+    def headers(self) -> dict[str, str]:
+        headers = {str(k): str(v) for k, v in (self.options.get("headers") or {}).items()}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
-    async def aclose(self) -> None:
-        if self._http is not None:
-            http, self._http = self._http, None
-            await http.aclose()
+    def new_http_client(self) -> HttpClient:
+        return _LineClient(self.name, self.base_url, self.headers(),
+                           timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)))
 
     async def execute(self, line: RequestLine) -> LineResult:
         response = await self.http.request("POST", request_path(self.base_url, line.url), json=line.body)

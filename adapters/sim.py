@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from adapters.base import LineExecutor, LineResult, RequestLine, TokenUsage
@@ -54,12 +55,13 @@ def _request_id(line: RequestLine) -> str:
 class SimProvider(LineExecutor):
     kind = "sim"
 
-    def __init__(self, name: str = "sim", *, latency_ms: float = 0.0, failure_rate: float = 0.0,
-                 concurrency: int = 64) -> None:
-        super().__init__(name)
-        self.latency_s = max(latency_ms, 0.0) / 1000
-        self.failure_rate = failure_rate
-        self.concurrency = concurrency
+    def __init__(self, name: str = "sim", *, base_url: str = "", api_key: str = "",
+                 options: Mapping[str, Any] | None = None) -> None:
+        """Options: `latency_ms` per request (0), `failure_rate` in [0, 1] (0), `concurrency` (64)."""
+        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
+        self.latency_s = max(float(self.options.get("latency_ms", 0.0)), 0.0) / 1000
+        self.failure_rate = float(self.options.get("failure_rate", 0.0))
+        self.concurrency = int(self.options.get("concurrency", 64))
 
     async def execute(self, line: RequestLine) -> LineResult:
         if self.latency_s:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any
 
-from adapters.base import BatchJob, ProviderError, ProviderStatus, RequestLine, provider_line_id
+from adapters.base import BatchJob, Capabilities, ProviderError, ProviderStatus, RequestLine, provider_line_id
 from adapters.http import HttpClient
 from adapters.openai import OpenAIAdapter, require
 from adapters.openai_format import together_job_status
@@ -44,10 +44,12 @@ class TogetherAdapter(OpenAIAdapter):
     (`redirect`, default, or `multipart`), `completion_window`."""
 
     kind = "together"
+    capabilities = Capabilities(endpoints=frozenset({"/v1/chat/completions", "/v1/completions"}), max_lines=50_000,
+                                max_bytes=100 * 2**20, finds_lost_submissions=True)
     file_purpose = "batch-api"
-    endpoints = frozenset({"/v1/chat/completions", "/v1/completions"})
 
-    def __init__(self, name: str, *, base_url: str, api_key: str, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
+                 options: Mapping[str, Any] | None = None) -> None:
         super().__init__(name, base_url=base_url, api_key=api_key, options=options)
         self.upload_mode = str(self.options.get("upload") or "redirect")
         self._signed: HttpClient | None = None

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import json_format
 
 from adapters.base import BatchJob, NativeBatchAdapter, RequestLine
 from adapters.sim import SimProvider
-from service.domain.model import Price, now
+from service.domain.model import Price
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.runtime.config import Settings
 from service.storage.db import create_engine
@@ -29,6 +30,7 @@ from sluice.v1 import batch_pb2
 from tests.harness import Client, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
 from tests.provider_fake.core import advance
+from tests.rpc_errors import expect_error
 
 HOLD = 10**9  # polls_per_state that keeps a fake batch where it is
 PRICE = Price(input_per_mtok=2.0, output_per_mtok=8.0, batch_discount=0.5)
@@ -107,6 +109,18 @@ def settings(db: str) -> Settings:
 
 def lines(flavor: Flavor, texts: dict[str, str]) -> list[batch_pb2.BatchRequestLine]:
     return [chat_line(cid, text, model=flavor.sluice_model) for cid, text in texts.items()]
+
+
+async def refused_at_create(fake: ProviderFake, db: str, router: Router, lines: list[batch_pb2.BatchRequestLine],
+                            code: str, param: str, endpoint: str = "/v1/chat/completions") -> None:
+    """A batch the provider cannot take (its declared capabilities) is refused at create with a 400
+    naming the line, and nothing is stored or sent to the provider."""
+    async with gateway(settings(db), router) as (app, c):
+        err = await expect_error(c.create(lines, endpoint=endpoint), grpc.StatusCode.INVALID_ARGUMENT)
+        assert (err.envelope["code"], err.envelope["param"]) == (code, param), err.envelope
+        assert await app.store.count_batches("alpha") == 0
+    state = fake.state()
+    assert sum(state["batch_creates"].values()) == 0 and sum(state["file_uploads"].values()) == 0
 
 
 async def provider_id(c: Client, batch_id: str) -> str:
@@ -335,8 +349,8 @@ async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -
                                request_lines())
     await adapter.aclose()
     store = Store(create_engine(db))
-    await store.set_fields(created.id, provider_batch_id=None, submit_started_at=now(), next_poll_at=None,
-                           poll_failures=0)
+    await store.mark_submit_started(created.id)
+    await store.make_due(created.id)
     await store.close()
 
     async with gateway(settings(db), make_router(fake, flavor)) as (_, c):

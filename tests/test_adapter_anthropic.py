@@ -36,6 +36,7 @@ from tests.native_chat_scenarios import (
     submit_unsupported,
     transient_faults,
 )
+from tests.native_scenarios import refused_at_create
 from tests.provider_fake import ProviderFake
 
 
@@ -249,9 +250,10 @@ async def test_n_greater_than_one_fails_at_submit(fake: ProviderFake, sqlite_url
                              "line 1 (custom_id 'b'): n=2 is not supported")
 
 
-async def test_embeddings_endpoint_fails_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
-    await submit_unsupported(fake, sqlite_url, ANTHROPIC, [line(ANTHROPIC, "a", "hi", url="/v1/embeddings")],
-                             "serve /v1/chat/completions only", endpoint="/v1/embeddings")
+async def test_embeddings_endpoint_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
+    await refused_at_create(fake, sqlite_url, make_router(fake, ANTHROPIC),
+                            [line(ANTHROPIC, "a", "hi", url="/v1/embeddings")], "unsupported_endpoint",
+                            "requests[0].url", endpoint="/v1/embeddings")
 
 
 async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:

@@ -24,15 +24,16 @@ from tests.native_chat_scenarios import (
     fresh,
     full_batch,
     line,
+    make_router,
     mixed_results,
     recover_lost_submission,
     requests_to,
     restart_mid_poll,
     serve_fake,
     submit_rejected,
-    submit_unsupported,
     transient_faults,
 )
+from tests.native_scenarios import refused_at_create
 from tests.provider_fake import ProviderFake
 
 
@@ -180,16 +181,17 @@ async def test_submit_rejected(fake: ProviderFake, sqlite_url: str) -> None:
     await submit_rejected(fake, sqlite_url, GEMINI)
 
 
-async def test_mixed_models_fail_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
+async def test_mixed_models_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
     other = line(GEMINI, "b", "x")
     other.body["model"] = "gemini/gemini-other"
-    await submit_unsupported(fake, sqlite_url, GEMINI, [line(GEMINI, "a", "hi"), other],
-                             "Gemini fixes the model per batch")
+    await refused_at_create(fake, sqlite_url, make_router(fake, GEMINI), [line(GEMINI, "a", "hi"), other],
+                            "mixed_models", "requests[1].body.model")
 
 
-async def test_embeddings_fail_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
-    await submit_unsupported(fake, sqlite_url, GEMINI, [line(GEMINI, "a", "hi", url="/v1/embeddings")],
-                             "batch embeddings are not implemented", endpoint="/v1/embeddings")
+async def test_embeddings_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
+    await refused_at_create(fake, sqlite_url, make_router(fake, GEMINI),
+                            [line(GEMINI, "a", "hi", url="/v1/embeddings")], "unsupported_endpoint", "requests[0].url",
+                            endpoint="/v1/embeddings")
 
 
 async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:

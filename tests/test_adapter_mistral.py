@@ -24,9 +24,9 @@ from tests.native_chat_scenarios import (
     results_by_id,
     serve_fake,
     submit_rejected,
-    submit_unsupported,
     transient_faults,
 )
+from tests.native_scenarios import refused_at_create
 from tests.provider_fake import ProviderFake
 
 
@@ -106,11 +106,11 @@ async def test_submit_rejected_with_422_detail(fake: ProviderFake, sqlite_url: s
     await submit_rejected(fake, sqlite_url, MISTRAL, status=422, body=detail, message="Invalid model: mistral-test")
 
 
-async def test_mixed_models_fail_at_submit(fake: ProviderFake, sqlite_url: str) -> None:
+async def test_mixed_models_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
     other = line(MISTRAL, "b", "x")
     other.body["model"] = "mistral/mistral-other"
-    await submit_unsupported(fake, sqlite_url, MISTRAL, [line(MISTRAL, "a", "hi"), other],
-                             "Mistral fixes the model per job")
+    await refused_at_create(fake, sqlite_url, make_router(fake, MISTRAL), [line(MISTRAL, "a", "hi"), other],
+                            "mixed_models", "requests[1].body.model")
 
 
 async def test_embeddings_batch(fake: ProviderFake, sqlite_url: str) -> None:

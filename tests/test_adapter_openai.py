@@ -124,15 +124,13 @@ async def test_azure_wire_details(fake: ProviderFake, db: str) -> None:
 
 
 async def test_azure_one_deployment_per_batch(fake: ProviderFake, db: str) -> None:
-    """Two deployments in one batch fail it before anything is uploaded (Azure's model_mismatch)."""
+    """Two deployments in one batch are refused at create, naming the second line (Azure would
+    answer model_mismatch after the upload)."""
     router = sc.make_router(fake, AZURE)
     router.entries["azure"].models.add("other-deployment")
-    async with gateway(sc.settings(db), router) as (_, c):
-        created = await c.create([chat_line("a", "hi", model="azure/gpt-4o-mini-batch"),
-                                  chat_line("b", "hi", model="azure/other-deployment")])
-        batch = await c.wait_for(created.id)
-    assert batch.status == "failed" and "one deployment" in batch.errors.data[0].message
-    assert fake.state()["file_uploads"]["azure"] == 0
+    await sc.refused_at_create(fake, db, router, [chat_line("a", "hi", model="azure/gpt-4o-mini-batch"),
+                                                  chat_line("b", "hi", model="azure/other-deployment")],
+                               "mixed_models", "requests[1].body.model")
 
 
 async def test_azure_deployment_map_and_api_version(fake: ProviderFake) -> None:
@@ -158,13 +156,9 @@ async def test_groq_rejects_non_chat_endpoints(fake: ProviderFake, db: str) -> N
 
     body = struct_pb2.Struct()
     body.update({"model": GROQ.sluice_model, "input": "hello"})
-    async with gateway(sc.settings(db), sc.make_router(fake, GROQ)) as (_, c):
-        created = await c.create([batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings",
-                                                             body=body)], endpoint="/v1/embeddings")
-        batch = await c.wait_for(created.id)
-    assert batch.status == "failed"
-    assert "only support /v1/chat/completions" in batch.errors.data[0].message
-    assert fake.state()["file_uploads"]["groq"] == 0
+    line = batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings", body=body)
+    await sc.refused_at_create(fake, db, sc.make_router(fake, GROQ), [line], "unsupported_endpoint",
+                               "requests[0].url", endpoint="/v1/embeddings")
 
 
 async def test_groq_completion_window_option(fake: ProviderFake) -> None:

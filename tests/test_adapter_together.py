@@ -14,7 +14,6 @@ from adapters.openai_format import together_job_status, together_status
 from adapters.together import TogetherAdapter
 from service.providers.registry import load_entries
 from tests import native_scenarios as sc
-from tests.harness import gateway
 from tests.native_scenarios import Flavor, fake_server  # noqa: F401  (module-scoped fixture)
 from tests.provider_fake import ProviderFake
 
@@ -100,19 +99,16 @@ async def test_redirect_upload_flow_and_input_format(fake: ProviderFake) -> None
     await adapter.aclose()
 
 
-async def test_embeddings_rejected_at_submit(fake: ProviderFake, db: str) -> None:
+async def test_embeddings_refused_at_create(fake: ProviderFake, db: str) -> None:
     from google.protobuf import struct_pb2
 
     from sluice.v1 import batch_pb2
 
     body = struct_pb2.Struct()
     body.update({"model": TOGETHER.sluice_model, "input": "hello"})
-    async with gateway(sc.settings(db), sc.make_router(fake, TOGETHER)) as (_, c):
-        created = await c.create([batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings",
-                                                             body=body)], endpoint="/v1/embeddings")
-        batch = await c.wait_for(created.id)
-    assert batch.status == "failed" and "/v1/chat/completions" in batch.errors.data[0].message
-    assert fake.state()["file_uploads"]["together"] == 0
+    line = batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings", body=body)
+    await sc.refused_at_create(fake, db, sc.make_router(fake, TOGETHER), [line], "unsupported_endpoint",
+                               "requests[0].url", endpoint="/v1/embeddings")
 
 
 async def test_providers_yaml(fake: ProviderFake, tmp_path: Path) -> None:

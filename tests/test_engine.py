@@ -34,7 +34,7 @@ async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url
 
     async with gateway(make_settings(sqlite_url), router_with(SIM, "local")) as (app, client):
         # The previous replica pushed the batch's next look a minute out; make it due now.
-        await app.store.set_fields(batch.id, next_poll_at=None)
+        await app.store.make_due(batch.id)
         app.engine.wake()
         done = await client.wait_for(batch.id)
     assert done.status == "completed"

@@ -49,14 +49,12 @@ async def store(db_url: str) -> AsyncIterator[Store]:
 
 
 def batch_row(project: str = "alpha", **fields: Any) -> BatchRow:
-    created = now()
-    values: dict[str, Any] = dict(
-        id=new_id("batch_"), project=project, status=BatchStatus.VALIDATING.value, endpoint="/v1/chat/completions",
-        completion_window="24h", input_file_id="", model="sim/m", provider="sim", metadata_json=None,
-        created_at=created, expires_at=created + 86400, total=0, completed=0, failed=0, input_tokens=0,
-        cached_tokens=0, output_tokens=0, reasoning_tokens=0, input_cost=0.0, output_cost=0.0, poll_failures=0)
-    values.update(fields)
-    return BatchRow(**values)
+    row = BatchRow.new(id=new_id("batch_"), project=project, endpoint="/v1/chat/completions",
+                       completion_window="24h", created_at=now())
+    row.model, row.provider = "sim/m", "sim"
+    for name, value in fields.items():
+        setattr(row, name, value)
+    return row
 
 
 def requests(n: int) -> Iterator[NewRequest]:
@@ -128,7 +126,8 @@ async def test_request_and_result_indexes(store: Store) -> None:
         req_pk = await conn.run_sync(lambda c: inspect(c).get_pk_constraint("batch_requests"))
         res_pk = await conn.run_sync(lambda c: inspect(c).get_pk_constraint("batch_results"))
     assert any(ix["column_names"] == ["batch_id", "custom_id"] and ix["unique"] for ix in req_indexes), req_indexes
-    assert any(ix["column_names"] == ["batch_id", "custom_id"] for ix in res_indexes), res_indexes
+    # Results are read by (batch_id, idx) only; a custom_id is looked up among the requests.
+    assert res_indexes == [], res_indexes
     assert req_pk["constrained_columns"] == ["batch_id", "idx"]
     assert res_pk["constrained_columns"] == ["batch_id", "idx"]
 
@@ -284,7 +283,7 @@ async def test_transition_is_compare_and_set(store: Store) -> None:
     batch_id = await new_batch(store, 1)
     assert await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
     assert not await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)  # moved already
-    row = await store.get_batch(None, batch_id)
+    row = await store.engine_batch(batch_id)
     assert row.status == "in_progress" and row.in_progress_at is not None
     stamped = row.in_progress_at
 
@@ -292,7 +291,7 @@ async def test_transition_is_compare_and_set(store: Store) -> None:
     wins = await asyncio.gather(store.transition(batch_id, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING),
                                 store.transition(batch_id, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING))
     assert sorted(wins) == [False, True]
-    row = await store.get_batch(None, batch_id)
+    row = await store.engine_batch(batch_id)
     assert row.status in {"finalizing", "cancelling"} and row.in_progress_at == stamped
     assert (row.finalizing_at is None) != (row.cancelling_at is None)
     assert not await store.transition("batch_unknown", BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
@@ -306,13 +305,13 @@ async def test_transition_rejects_illegal_edges(store: Store) -> None:
         with pytest.raises(ValueError, match="illegal"):
             await store.transition(ids[src], src, dst)
     for src, batch_id in ids.items():
-        assert (await store.get_batch(None, batch_id)).status == src.value
+        assert (await store.engine_batch(batch_id)).status == src.value
 
 
 async def test_request_cancel_follows_the_state_machine(store: Store) -> None:
     for status in BatchStatus:
         batch_id = await new_batch(store, 1, status=status.value, project=f"p-{uuid.uuid4().hex[:6]}")
-        project = (await store.get_batch(None, batch_id)).project
+        project = (await store.engine_batch(batch_id)).project
         if status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING,
                       BatchStatus.CANCELLED):
             row = await store.request_cancel(project, batch_id)
@@ -320,6 +319,6 @@ async def test_request_cancel_follows_the_state_machine(store: Store) -> None:
         else:
             with pytest.raises(Conflict):
                 await store.request_cancel(project, batch_id)
-            assert (await store.get_batch(None, batch_id)).status == status.value
+            assert (await store.engine_batch(batch_id)).status == status.value
         with pytest.raises(NotFound):
             await store.request_cancel("someone-else", batch_id)

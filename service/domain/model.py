@@ -68,6 +68,24 @@ class ResultStatus(StrEnum):
     EXPIRED = "expired"
 
 
+class FileStatus(StrEnum):
+    """A stored file's status. `uploading` files are invisible to the API until the upload ends."""
+
+    UPLOADING = "uploading"
+    PROCESSED = "processed"
+
+
+@dataclass(frozen=True)
+class BatchError:
+    """One entry of a batch's `errors` list (OpenAI's `Batch.errors.data[]`): why a batch failed,
+    with the 1-based input line where a line is at fault."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 MAX_REQUESTS = 50_000

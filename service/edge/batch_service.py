@@ -6,16 +6,15 @@ are `SluiceError`s and are turned into statuses by `translate_errors`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any, TypeAlias
 
 from service.domain.errors import InvalidRequest, PayloadTooLarge
-from service.domain.model import COMPLETION_WINDOWS, MAX_REQUESTS, BatchStatus, now
+from service.domain.model import MAX_REQUESTS, now
 from service.edge import convert
 from service.edge.auth import Authenticator
-from service.edge.file_service import BatchInputs
 from service.edge.grpc_errors import translate_errors
+from service.intake.file_inputs import BatchInputs
 from service.intake.validation import (
     LineProblem,
     LineValidator,
@@ -52,7 +51,7 @@ def inline_requests(lines: Any, validator: LineValidator) -> list[NewRequest]:
         raw = {"custom_id": line.custom_id, "method": line.method, "url": line.url,
                "body": convert.struct_to_dict(line.body) if line.HasField("body") else None}
         try:
-            out.append(validator.check(raw))
+            out.append(validator.check(raw, line.ByteSize()))
         except LineProblem as p:
             where = f"requests[{i}]"
             raise InvalidRequest(f"{where}: {p.message}.", param=f"{where}.{p.field}" if p.field else where,
@@ -86,21 +85,14 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         window = check_completion_window(request.completion_window)
         metadata = check_metadata(convert.struct_to_dict(request.metadata) if request.HasField("metadata") else None)
         validator = LineValidator(endpoint=endpoint, router=self.router)
-        created = now()
-        row = BatchRow(
-            id=new_id("batch_"), project=project, status=BatchStatus.VALIDATING.value, endpoint=endpoint,
-            completion_window=window, input_file_id=request.input_file_id,
-            metadata_json=json.dumps(metadata) if metadata else None,
-            created_at=created, expires_at=created + COMPLETION_WINDOWS[window],
-            total=0, completed=0, failed=0, input_tokens=0, cached_tokens=0, output_tokens=0, reasoning_tokens=0,
-            input_cost=0.0, output_cost=0.0, poll_failures=0,
-        )
+        row = BatchRow.new(id=new_id("batch_"), project=project, endpoint=endpoint, completion_window=window,
+                           created_at=now(), input_file_id=request.input_file_id, metadata=metadata)
         requests: Iterable[NewRequest] | AsyncIterable[NewRequest]
         if request.input_file_id:
             requests = await self.inputs.prepare(project, request.input_file_id, validator, row) or ()
         else:
             requests = inline_requests(request.requests, validator)
-        row.model, row.provider = validator.model, validator.provider
+        row.model, row.provider, row.provider_model = validator.model, validator.provider, validator.provider_model
         batch = await self.store.create_batch(row, requests)
         self.on_change()
         return convert.batch_message(batch)

@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from service.domain.model import ResultStatus
+from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage
 from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
 
@@ -40,14 +40,14 @@ def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return out
 
 
-def _usage(row: BatchRow | ResultRow) -> batch_pb2.BatchUsage:
+def _usage(usage: Usage) -> batch_pb2.BatchUsage:
     return batch_pb2.BatchUsage(
-        input_tokens=_u32(row.input_tokens),
-        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=_u32(row.cached_tokens)),
-        output_tokens=_u32(row.output_tokens),
-        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=_u32(row.reasoning_tokens)),
-        total_tokens=_u32(row.input_tokens + row.output_tokens),
-        input_cost=row.input_cost, output_cost=row.output_cost, total_cost=row.input_cost + row.output_cost,
+        input_tokens=_u32(usage.input_tokens),
+        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=_u32(usage.cached_tokens)),
+        output_tokens=_u32(usage.output_tokens),
+        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=_u32(usage.reasoning_tokens)),
+        total_tokens=_u32(usage.total_tokens),
+        input_cost=usage.input_cost, output_cost=usage.output_cost, total_cost=usage.total_cost,
     )
 
 
@@ -66,7 +66,7 @@ def batch_message(row: BatchRow) -> batch_pb2.Batch:
             completed=max(row.completed, row.provider_completed or 0),
             failed=max(row.failed, row.provider_failed or 0),
         ),
-        usage=_usage(row),
+        usage=_usage(row.usage),
     )
     for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
                  "cancelling_at", "cancelled_at"):
@@ -79,8 +79,18 @@ def batch_message(row: BatchRow) -> batch_pb2.Batch:
             setattr(msg, name, value)
     if row.metadata_json:
         msg.metadata.update(json.loads(row.metadata_json))
-    if row.errors_json:
-        json_format.ParseDict(json.loads(row.errors_json), msg.errors)
+    if row.errors:
+        msg.errors.object = "list"
+        msg.errors.data.extend(_batch_error(e) for e in row.errors)
+    return msg
+
+
+def _batch_error(error: BatchError) -> batch_pb2.BatchError:
+    msg = batch_pb2.BatchError(code=error.code, message=error.message)
+    if error.param is not None:
+        msg.param = error.param
+    if error.line is not None:
+        msg.line = error.line
     return msg
 
 
@@ -88,11 +98,11 @@ def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None) -> b
     msg = batch_pb2.BatchResult(custom_id=req.custom_id, index=req.idx, model=req.model,
                                 provider=batch.provider, url=batch.endpoint)
     if res is None:
-        msg.status = (ResultStatus.RUNNING if batch.status == "in_progress" else ResultStatus.PENDING).value
+        msg.status = (ResultStatus.RUNNING if batch.status is BatchStatus.IN_PROGRESS else ResultStatus.PENDING).value
         return msg
     msg.status = res.status
     msg.status_code = res.status_code
-    msg.usage.CopyFrom(_usage(res))
+    msg.usage.CopyFrom(_usage(res.usage))
     body = json.loads(res.response_json) if res.response_json else None
     if isinstance(body, dict):
         msg.response.update(body)

@@ -1,4 +1,4 @@
-"""FileService (OpenAI's /v1/files) and batches built from uploaded files.
+"""FileService (OpenAI's /v1/files).
 
 Uploads arrive as a client stream of `google.api.HttpBody` pieces (≤1 MiB each, Envoy splits
 them) holding a raw multipart/form-data body. The file part is parsed, checked line by line and
@@ -8,21 +8,20 @@ discarded, so nothing half-written stays visible.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from google.api import httpbody_pb2
 
-from service.domain.errors import InvalidRequest, NotFound, PayloadTooLarge
-from service.domain.model import now
+from service.domain.errors import InvalidRequest, PayloadTooLarge
+from service.domain.model import FileStatus, now
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.multipart import MultipartError, parse_multipart
-from service.intake.jsonl import check_lines, parse_line, split_lines
+from service.intake.jsonl import check_lines, split_lines
 from service.intake.validation import LineValidator
-from service.storage.repository import UPLOADING, NewRequest, Store, new_id
-from service.storage.tables import BatchRow, FileRow
+from service.storage.repository import Store, new_id
+from service.storage.tables import FileRow
 from sluice.v1 import file_pb2, file_pb2_grpc
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
@@ -93,7 +92,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                     self._check_purpose(purpose)
                     row = await self.store.begin_file(FileRow(
                         id=new_id("file-"), project=project, filename=(part.filename or "upload.jsonl")[:512],
-                        purpose=purpose, bytes=0, line_count=0, status=UPLOADING, created_at=now(),
+                        purpose=purpose, bytes=0, line_count=0, status=FileStatus.UPLOADING, created_at=now(),
                         expires_at=now() + BATCH_FILE_TTL))
                     upload = _Upload(self.store, row)
                     count, problems = await check_lines(split_lines(upload.chunks(aiter(part))),
@@ -160,41 +159,3 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             first = False
         if first:  # an empty file still answers with its content type
             yield httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=b"")
-
-
-class BatchInputs:
-    """Turns an uploaded file into a batch's request lines (for CreateBatch with input_file_id).
-
-    Two streaming passes over the stored file: the first checks every line against the batch
-    (endpoint, routing); the second feeds the lines to the store. A file with bad lines gives a
-    batch in status `failed` with OpenAI's `errors` list, line numbers included, as OpenAI does.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def prepare(self, project: str, file_id: str, validator: LineValidator,
-                      row: BatchRow) -> AsyncIterator[NewRequest] | None:
-        """Check the file; on problems mark `row` failed and return None, else the lines."""
-        try:
-            file = await self.store.get_file(project, file_id)
-        except NotFound:
-            raise NotFound(f"No such File object: {file_id}", param="input_file_id", code="file_not_found") from None
-        if file.purpose != "batch":
-            raise InvalidRequest(f"File {file_id} has purpose {file.purpose!r}; a batch input needs 'batch'.",
-                                 param="input_file_id", code="invalid_file_purpose")
-        count, problems = await check_lines(split_lines(self.store.iter_file_chunks(file_id)), validator)
-        if count == 0 or problems:
-            errors = [{"code": p.problem.code, "message": p.problem.message, "param": p.problem.field,
-                       "line": p.line} for p in problems] or [
-                {"code": "empty_file", "message": "The input file has no request lines.", "param": None,
-                 "line": None}]
-            row.status, row.failed_at, row.total = "failed", now(), 0
-            row.errors_json = json.dumps({"object": "list", "data": errors})
-            return None
-        return self._requests(file_id)
-
-    async def _requests(self, file_id: str) -> AsyncIterator[NewRequest]:
-        async for _, raw in split_lines(self.store.iter_file_chunks(file_id)):
-            line: Any = parse_line(raw)
-            yield NewRequest(custom_id=line["custom_id"], model=line["body"]["model"], body=line["body"])

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from adapters.base import (
@@ -38,9 +38,9 @@ from adapters.base import (
     RequestLine,
 )
 from adapters.base import LineError as AdapterLineError
-from service.domain.model import BatchStatus, LineOutcome, Price, ResultError, ResultStatus, Usage, now
-from service.providers.routing import Route, Router, UnknownModel
-from service.storage.repository import Store
+from service.domain.model import BatchError, BatchStatus, LineOutcome, Price, ResultError, ResultStatus, Usage, now
+from service.providers.routing import Router, UnknownModel
+from service.storage.repository import OutputFileIds, Store
 from service.storage.tables import BatchRow, RequestRow
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,12 @@ class EngineSettings:
 
 
 # Called once a batch's results are all stored, before it is marked terminal: writes the
-# output and error files and returns the fields to set (output_file_id, error_file_id).
-Finalizer = Callable[[BatchRow], Awaitable[dict[str, str | None]]]
+# output and error files and returns their ids.
+Finalizer = Callable[[BatchRow], Awaitable[OutputFileIds]]
 
 
-async def _no_files(_: BatchRow) -> dict[str, str | None]:
-    return {}
+async def _no_files(_: BatchRow) -> OutputFileIds:
+    return OutputFileIds()
 
 
 def outcome(result: LineResult, custom_id: str, status: ResultStatus, price: Price) -> LineOutcome:
@@ -139,7 +139,7 @@ class Engine:
         next_poll: float | None = None
         renewer = asyncio.create_task(self._renew(batch_id))
         try:
-            batch = await self.store.get_batch(None, batch_id)
+            batch = await self.store.engine_batch(batch_id)
             entry = self.router.entry(batch.provider)
             if isinstance(entry.provider, LineExecutor):
                 await self._run_executor(batch, entry.provider)
@@ -174,11 +174,18 @@ class Engine:
 
     # --- shared helpers ---------------------------------------------------------------------
 
-    def _route(self, req: RequestRow, batch: BatchRow) -> tuple[Route, RequestLine]:
-        route = self.router.resolve(req.model)
+    def _provider_model(self, req: RequestRow) -> str:
+        """The provider model intake resolved; rows stored before routes were kept (migration 0002)
+        are routed now, once more."""
+        return req.provider_model or self.router.resolve(req.model).model
+
+    def _price(self, batch: BatchRow, req: RequestRow) -> Price:
+        return self.router.entry(batch.provider).price(self._provider_model(req))
+
+    def _line(self, req: RequestRow, batch: BatchRow) -> RequestLine:
         body = json.loads(req.body_json)
-        body["model"] = route.model
-        return route, RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
+        body["model"] = self._provider_model(req)
+        return RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
 
 
     async def _close_unfinished(self, batch: BatchRow, status: ResultStatus, code: str, message: str) -> None:
@@ -189,9 +196,11 @@ class Engine:
                 for r in pending])
 
     async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus) -> None:
-        fresh = await self.store.get_batch(None, batch.id)
+        fresh = await self.store.engine_batch(batch.id)
+        if fresh.status is not src:
+            return  # moved meanwhile (another replica finished it): never rewrite an ended batch's files
         files = await self.finalizer(fresh)
-        if await self.store.transition(batch.id, src, dst, **files):
+        if await self.store.transition(batch.id, src, dst, files=files):
             log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,
                      fresh.completed, fresh.failed, fresh.total)
 
@@ -218,7 +227,7 @@ class Engine:
             status = BatchStatus.IN_PROGRESS
         if status is BatchStatus.IN_PROGRESS and not await self._end_early(batch, status):
             if not await self._execute_pending(batch, provider):
-                status = BatchStatus((await self.store.get_batch(None, batch.id)).status)
+                status = (await self.store.engine_batch(batch.id)).status
             elif await self.store.transition(batch.id, status, BatchStatus.FINALIZING):
                 status = BatchStatus.FINALIZING
         if self._stopping:
@@ -236,10 +245,9 @@ class Engine:
             after = page[-1].idx
 
     async def _execute_one(self, batch: BatchRow, provider: LineExecutor, req: RequestRow) -> LineOutcome:
-        route, line = self._route(req, batch)
-        result = await self._execute_with_retries(provider, line)
+        result = await self._execute_with_retries(provider, self._line(req, batch))
         status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
-        return outcome(result, req.custom_id, status, self.router.price(route))
+        return outcome(result, req.custom_id, status, self._price(batch, req))
 
     async def _execute_pending(self, batch: BatchRow, provider: LineExecutor) -> bool:
         """Run every line without a result, `provider.concurrency` at a time, starting the next
@@ -270,7 +278,7 @@ class Engine:
                     finished = []
                 if checking:
                     last_check = time.monotonic()
-                    fresh = await self.store.get_batch(None, batch.id)
+                    fresh = await self.store.engine_batch(batch.id)
                     if self._stopping or fresh.status != BatchStatus.IN_PROGRESS or now() >= fresh.expires_at:
                         return False
                     if last_check - last_log >= PROGRESS_LOG_SECONDS:
@@ -316,15 +324,14 @@ class Engine:
                 return time.time() + self.settings.poll_seconds
             if status is BatchStatus.CANCELLING and batch.cancel_sent_at is None:
                 await adapter.cancel(batch.provider_batch_id)
-                await self.store.set_fields(batch.id, cancel_sent_at=now())
+                await self.store.mark_cancel_sent(batch.id)
                 log.info("batch %s: cancel sent to %s", batch.id, adapter.name)
             state = await adapter.poll(batch.provider_batch_id)
         except ProviderError as exc:
             if not exc.retryable:
                 await self._fail(batch, status, "provider_error", f"{adapter.name}: {exc.message}")
                 return None
-            failures = batch.poll_failures + 1
-            await self.store.set_fields(batch.id, poll_failures=failures)
+            failures = await self.store.record_poll_failure(batch.id)
             delay = self._backoff(failures, exc.retry_after)
             log.warning("batch %s: %s answered %s (%s); next try in %.1fs", batch.id, adapter.name,
                         exc.status_code, exc.message, delay)
@@ -332,8 +339,7 @@ class Engine:
         if state.raw_status != batch.provider_status:
             log.info("batch %s: %s reports %s (%s of %s requests done)", batch.id, adapter.name, state.raw_status,
                      (state.completed or 0) + (state.failed or 0), state.total if state.total is not None else "?")
-        await self.store.set_fields(batch.id, poll_failures=0, provider_status=state.raw_status,
-                                    provider_completed=state.completed, provider_failed=state.failed)
+        await self.store.record_provider_status(batch.id, state.raw_status, state.completed, state.failed)
         if not state.ended:
             if status is BatchStatus.VALIDATING and state.status is not ProviderState.VALIDATING:
                 await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
@@ -348,25 +354,22 @@ class Engine:
             if provider_id:
                 log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
         if provider_id is None:
-            await self.store.set_fields(batch.id, submit_started_at=now())
-            job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint,
-                           model=self.router.resolve(batch.model).model if batch.model else "",
+            await self.store.mark_submit_started(batch.id)
+            job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint, model=batch.provider_model or "",
                            completion_window=batch.completion_window, line_count=batch.total)
             provider_id = await adapter.submit(job, self._lines(batch))
             log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
-        await self.store.set_fields(batch.id, provider_batch_id=provider_id)
+        await self.store.record_provider_batch_id(batch.id, provider_id)
         await self.store.transition(batch.id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
 
     async def _lines(self, batch: BatchRow) -> AsyncIterator[RequestLine]:
         async for req in self.store.iter_requests(batch.id):
-            yield self._route(req, batch)[1]
+            yield self._line(req, batch)
 
     async def _fail(self, batch: BatchRow, status: BatchStatus, code: str, message: str,
-                    errors: list[dict[str, object]] | None = None) -> None:
-        payload = errors or [{"code": code, "message": message, "param": None, "line": None}]
-        dst = BatchStatus.FAILED
-        if not status.terminal and await self.store.transition(
-                batch.id, status, dst, errors_json=json.dumps({"object": "list", "data": payload})):
+                    errors: Sequence[BatchError] = ()) -> None:
+        errors = errors or [BatchError(code, message)]
+        if not status.terminal and await self.store.transition(batch.id, status, BatchStatus.FAILED, errors=errors):
             log.warning("batch %s failed: %s", batch.id, message)
 
     async def _collect(self, batch: BatchRow, adapter: NativeBatchAdapter, status: BatchStatus,
@@ -375,8 +378,7 @@ class Engine:
         assert batch.provider_batch_id is not None
         if state.status is ProviderState.FAILED:
             await self._fail(batch, status, "provider_error", f"{adapter.name} rejected the batch",
-                             [{"code": e.code, "message": e.message, "param": e.param, "line": e.line}
-                              for e in state.errors] or None)
+                             [BatchError(e.code, e.message, e.param, e.line) for e in state.errors])
             return
         final = BatchStatus(state.status.value)  # completed, expired or cancelled
         early = status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
@@ -410,9 +412,8 @@ class Engine:
                 log.warning("batch %s: %s returned a result for unknown line %d; ignored",
                             batch.id, batch.provider, r.index)
                 continue
-            custom_id, model = keys[r.index]
+            req = keys[r.index]
             status = ResultStatus.COMPLETED if r.ok else _ENDED_BY_BATCH.get(
                 r.error.code if r.error else "", ResultStatus.FAILED)
-            price = self.router.price(self.router.resolve(model))
-            stored.append(outcome(r, custom_id, status, price))
+            stored.append(outcome(r, req.custom_id, status, self._price(batch, req)))
         await self.store.store_results(batch.id, stored)

@@ -13,8 +13,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.domain.model import now
-from service.storage.repository import Store
+from service.domain.model import FileStatus, now
+from service.storage.repository import OutputFileIds, Store
 from service.storage.tables import BatchRow, FileRow, ResultRow
 
 CHUNK_BYTES = 1024 * 1024
@@ -79,14 +79,14 @@ class OutputFiles:
         t = now()
         return FileRow(id=f"file-{kind}-{batch.id.removeprefix('batch_')}", project=batch.project,
                        filename=f"{batch.id}_{kind}.jsonl", purpose="batch_output", bytes=0, line_count=0,
-                       status="uploading", created_at=t, expires_at=t + OUTPUT_TTL)
+                       status=FileStatus.UPLOADING, created_at=t, expires_at=t + OUTPUT_TTL)
 
-    async def __call__(self, batch: BatchRow) -> dict[str, str | None]:
+    async def __call__(self, batch: BatchRow) -> OutputFileIds:
         output = _FileWriter(self.store, self._row(batch, "output"))
         errors = _FileWriter(self.store, self._row(batch, "error"))
         async for row in self._results(batch.id):
             await (output if _succeeded(row) else errors).add(output_line(batch.id, row))
-        return {"output_file_id": await output.close(), "error_file_id": await errors.close()}
+        return OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
 
     def _results(self, batch_id: str) -> AsyncIterator[ResultRow]:
         return self.store.iter_results(batch_id)

@@ -64,7 +64,7 @@ async def check_lines(lines: AsyncIterable[tuple[int, bytes]],
             raise PayloadTooLarge(f"The file has more than {MAX_REQUESTS} requests (line {number}).",
                                   param="file", code="too_many_requests")
         try:
-            validator.check(parse_line(raw))
+            validator.check(parse_line(raw), len(raw))
         except LineProblem as problem:
             if len(problems) < MAX_REPORTED_PROBLEMS:
                 problems.append(NumberedProblem(number, problem))

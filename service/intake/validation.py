@@ -3,6 +3,12 @@
 Inline `requests` and uploaded JSONL lines go through the same `LineValidator`, so both get the
 same rules and the same error codes; only the way a problem is located differs (`requests[3]`
 for inline, `line 4` for files).
+
+Routing happens here, once: each line's model is resolved to a provider and the provider's own
+model name, which is stored with the line, and the line is checked against what that provider
+declares it can take (`adapters.base.Capabilities`: endpoints, one model per job, per-batch
+limits). A batch the provider cannot run is refused now, naming the line, rather than accepted
+and failed at submit.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from service.domain.model import (
     MAX_METADATA_VALUE_LEN,
     SUPPORTED_ENDPOINTS,
 )
-from service.providers.routing import Router, UnknownModel
+from service.providers.routing import Route, Router, UnknownModel
 from service.storage.repository import NewRequest
 
 MAX_CUSTOM_ID_LEN = 512
@@ -76,8 +82,13 @@ class LineValidator:
     seen: set[str] = field(default_factory=set)
     providers: dict[str, str] = field(default_factory=dict)  # provider -> first model routed there
     models: set[str] = field(default_factory=set)
+    routes: dict[str, Route] = field(default_factory=dict)  # model -> where it goes, resolved once
+    provider_models: set[str] = field(default_factory=set)
+    lines: int = 0
+    size: int = 0
 
-    def check(self, raw: Any) -> NewRequest:
+    def check(self, raw: Any, size: int = 0) -> NewRequest:
+        """Validate one line (`size`: its encoded length, for the provider's byte limit)."""
         if not isinstance(raw, dict):
             raise LineProblem("invalid_json_line", "must be a JSON object")
         custom_id = raw.get("custom_id")
@@ -108,23 +119,51 @@ class LineValidator:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise LineProblem("missing_model", "body.model is required", "body.model")
-        if self.router is not None:
-            self._route(self.router, model)
+        route = self._route(self.router, model, url, size) if self.router is not None else None
         self.seen.add(custom_id)
         self.models.add(model)
-        return NewRequest(custom_id=custom_id, model=model, body=body)
+        return NewRequest(custom_id=custom_id, model=model, body=body,
+                          provider_model=route.model if route else None)
 
-    def _route(self, router: Router, model: str) -> None:
-        try:
-            route = router.resolve(model)
-        except UnknownModel:
-            raise LineProblem("model_not_found", f"model {model!r} is not served by any configured provider",
-                              "body.model") from None
+    def route_of(self, model: str) -> Route:
+        """The route a checked line's model was resolved to (for a second pass over a file)."""
+        return self.routes[model]
+
+    def _route(self, router: Router, model: str, url: str, size: int) -> Route:
+        route = self.routes.get(model)
+        if route is None:
+            try:
+                route = self.routes[model] = router.resolve(model)
+            except UnknownModel:
+                raise LineProblem("model_not_found", f"model {model!r} is not served by any configured provider",
+                                  "body.model") from None
         self.providers.setdefault(route.provider, model)
         if len(self.providers) > 1:
             found = ", ".join(f"{p} (e.g. {m!r})" for p, m in self.providers.items())
             raise LineProblem("mixed_providers", "all lines of a batch must go to one provider; "
                               f"this batch needs {found}: split it into one batch per provider", "body.model")
+        self._check_capabilities(router, route, url, size)
+        self.provider_models.add(route.model)
+        return route
+
+    def _check_capabilities(self, router: Router, route: Route, url: str, size: int) -> None:
+        caps = router.entry(route.provider).provider.capabilities
+        if url not in caps.endpoints:
+            raise LineProblem("unsupported_endpoint", f"provider {route.provider!r} cannot batch {url} (it serves "
+                              f"{', '.join(sorted(caps.endpoints))})", "url")
+        if caps.one_model_per_job and self.provider_models and route.model not in self.provider_models:
+            other = next(iter(self.provider_models))
+            raise LineProblem("mixed_models", f"provider {route.provider!r} runs one model per batch; this line "
+                              f"uses {route.model!r} and an earlier one {other!r}: split the batch by model",
+                              "body.model")
+        self.lines += 1
+        self.size += size
+        if caps.max_lines is not None and self.lines > caps.max_lines:
+            raise LineProblem("too_many_requests", f"provider {route.provider!r} takes at most {caps.max_lines} "
+                              "requests per batch: split the batch", None)
+        if caps.max_bytes is not None and self.size > caps.max_bytes:
+            raise LineProblem("batch_too_large", f"provider {route.provider!r} takes at most "
+                              f"{caps.max_bytes // 2**20} MB per batch: split the batch", None)
 
     @property
     def provider(self) -> str:
@@ -134,3 +173,8 @@ class LineValidator:
     def model(self) -> str | None:
         """The batch's `model` field: set when every line uses the same model."""
         return next(iter(self.models)) if len(self.models) == 1 else None
+
+    @property
+    def provider_model(self) -> str | None:
+        """The provider's model name when every line resolves to the same one."""
+        return next(iter(self.provider_models)) if len(self.provider_models) == 1 else None

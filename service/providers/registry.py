@@ -82,7 +82,7 @@ def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str,
         models = spec.get("models") or {}
         if isinstance(models, list):
             models = {m: None for m in models}
-        adapter = _adapter_class(kind)(name, base_url=spec["base_url"], api_key=api_key,  # type: ignore[call-arg]
+        adapter = _adapter_class(kind)(name, base_url=spec["base_url"], api_key=api_key,
                                        options=spec.get("options") or {})
         entries[name] = ProviderEntry(
             provider=adapter, models=set(models), aliases=dict(spec.get("aliases") or {}),
@@ -95,8 +95,8 @@ def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str,
 
 def build_router(providers_file: Path | None, *, sim_latency_ms: float = 50.0, sim_failure_rate: float = 0.0,
                  executor_concurrency: int = 16) -> Router:
-    sim = SimProvider(SIM, latency_ms=sim_latency_ms, failure_rate=sim_failure_rate,
-                      concurrency=executor_concurrency)
+    sim = SimProvider(SIM, options={"latency_ms": sim_latency_ms, "failure_rate": sim_failure_rate,
+                                    "concurrency": executor_concurrency})
     entries = {SIM: ProviderEntry(provider=sim, default_price=DEFAULT_SIM_PRICE)}
     if providers_file:
         entries.update(load_entries(providers_file))

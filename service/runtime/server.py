@@ -16,9 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from service.edge.auth import Authenticator
 from service.edge.batch_service import BatchServicer
-from service.edge.file_service import BatchInputs, FileServicer
+from service.edge.file_service import FileServicer
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
+from service.intake.file_inputs import BatchInputs
 from service.providers.registry import build_router
 from service.providers.routing import Router
 from service.runtime.config import Settings

@@ -5,6 +5,11 @@ half-written state. Writes that race between replicas are compare-and-set on the
 (`status`, lease owner), never read-modify-write in Python. Results are inserted with
 "on conflict do nothing" and the batch counters move only by what was really inserted, so
 storing the same result twice (a retry, a second replica) counts it once.
+
+Callers speak in intents (`record_provider_batch_id`, `mark_cancel_sent`, ...), never in column
+names. Reads come in two kinds that cannot be confused: a tenant's (`get_batch(project, id)`,
+`get_file(project, id)`: another project's objects are not found) and the engine's
+(`engine_batch(id)`: any project, for background work only).
 """
 
 from __future__ import annotations
@@ -19,13 +24,24 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import defer
 
 from service.domain.errors import Conflict, NotFound
-from service.domain.model import CANCELLABLE, BatchStatus, LineOutcome, ResultStatus, Usage, can_transition, now
+from service.domain.model import (
+    CANCELLABLE,
+    TERMINAL,
+    BatchError,
+    BatchStatus,
+    FileStatus,
+    LineOutcome,
+    ResultStatus,
+    Usage,
+    can_transition,
+    now,
+)
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 
 INSERT_CHUNK = 500
-UPLOADING = "uploading"
 
 
 def new_id(prefix: str) -> str:
@@ -36,9 +52,25 @@ def new_id(prefix: str) -> str:
 
 @dataclass(frozen=True)
 class NewRequest:
+    """A validated request line, with the provider model intake resolved it to."""
+
     custom_id: str
     model: str
     body: dict[str, Any]
+    provider_model: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFileIds:
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+
+
+def usage_values(usage: Usage) -> dict[str, Any]:
+    """A `Usage` as the six columns every usage-carrying table has."""
+    return {"input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
+            "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+            "input_cost": usage.input_cost, "output_cost": usage.output_cost}
 
 
 class Store:
@@ -81,7 +113,8 @@ class Store:
             count = 0
             async for req in _aiter(requests):
                 chunk.append({"batch_id": batch.id, "idx": count, "custom_id": req.custom_id,
-                              "model": req.model, "body_json": json.dumps(req.body, separators=(",", ":"))})
+                              "model": req.model, "provider_model": req.provider_model,
+                              "body_json": json.dumps(req.body, separators=(",", ":"))})
                 count += 1
                 if len(chunk) >= INSERT_CHUNK:
                     await s.execute(self._insert(RequestRow), chunk)
@@ -91,13 +124,17 @@ class Store:
             batch.total = count
         return batch
 
-    async def get_batch(self, project: str | None, batch_id: str) -> BatchRow:
-        """`project=None` is the engine's view (all projects); callers always pass theirs."""
+    async def get_batch(self, project: str, batch_id: str) -> BatchRow:
+        """A tenant's batch: another project's is not found, exactly like an unknown id."""
+        return await self._batch(batch_id, BatchRow.project == project)
+
+    async def engine_batch(self, batch_id: str) -> BatchRow:
+        """Any project's batch, for the engine's background work (never for a caller's request)."""
+        return await self._batch(batch_id)
+
+    async def _batch(self, batch_id: str, *where: Any) -> BatchRow:
         async with self.sessions() as s:
-            query = select(BatchRow).where(BatchRow.id == batch_id)
-            if project is not None:
-                query = query.where(BatchRow.project == project)
-            row = await s.scalar(query)
+            row = await s.scalar(select(BatchRow).where(BatchRow.id == batch_id, *where))
         if row is None:
             raise NotFound(f"No batch found with id '{batch_id}'.", param="id", code="batch_not_found")
         return row
@@ -126,8 +163,8 @@ class Store:
         async with self.sessions.begin() as s:
             await s.execute(update(BatchRow).where(
                 BatchRow.id == batch_id, BatchRow.project == project,
-                BatchRow.status.in_([st.value for st in CANCELLABLE]),
-            ).values(status=BatchStatus.CANCELLING.value, cancelling_at=now()))
+                BatchRow.status.in_(CANCELLABLE),
+            ).values(status=BatchStatus.CANCELLING, cancelling_at=now(), next_poll_at=None))
         batch = await self.get_batch(project, batch_id)
         if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             return batch
@@ -184,19 +221,21 @@ class Store:
     # --- engine side ------------------------------------------------------------------------
 
     async def claim(self, owner: str, lease_seconds: float, limit: int) -> list[str]:
-        """Lease up to `limit` unfinished batches that are due, for this replica only."""
+        """Lease up to `limit` unfinished batches that are due, for this replica only. The UPDATE
+        re-checks every condition, the status included: a batch that ended between the SELECT and
+        the UPDATE (another replica finished it) is never leased again."""
         t = time.time()
-        terminal = [s.value for s in BatchStatus if s.terminal]
         free = or_(BatchRow.lease_owner.is_(None), BatchRow.lease_owner == owner, BatchRow.lease_until < t)
         due = or_(BatchRow.next_poll_at.is_(None), BatchRow.next_poll_at <= t)
+        unfinished = BatchRow.status.not_in(TERMINAL)
         async with self.sessions() as s:
             candidates = list((await s.scalars(
-                select(BatchRow.id).where(BatchRow.status.not_in(terminal), free, due)
+                select(BatchRow.id).where(unfinished, free, due)
                 .order_by(BatchRow.created_at).limit(limit))).all())
         claimed = []
         for batch_id in candidates:
             async with self.sessions.begin() as s:
-                res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, free).values(
+                res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, unfinished, free).values(
                     lease_owner=owner, lease_until=t + lease_seconds))
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 claimed.append(batch_id)
@@ -213,21 +252,55 @@ class Store:
             await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.lease_owner == owner)
                             .values(lease_owner=None, lease_until=None, next_poll_at=next_poll_at))
 
-    async def transition(self, batch_id: str, src: BatchStatus, dst: BatchStatus, **fields: Any) -> bool:
-        """Move `src → dst` if the batch is still in `src`; stamps `<dst>_at`. False if it moved
-        meanwhile (another replica, or a cancel): the caller re-reads and decides again."""
+    async def transition(self, batch_id: str, src: BatchStatus, dst: BatchStatus, *,
+                         errors: Sequence[BatchError] = (), files: OutputFileIds | None = None) -> bool:
+        """Move `src → dst` if the batch is still in `src`; stamps `<dst>_at`, and records why it
+        failed (`errors`) or the files it ended with. False if it moved meanwhile (another replica,
+        or a cancel): the caller re-reads and decides again."""
         if not can_transition(src, dst):
             raise ValueError(f"illegal batch transition {src} -> {dst}")
         stamp = dst.timestamp_field
-        values = {"status": dst.value, **({stamp: now()} if stamp else {}), **fields}
+        values: dict[str, Any] = {"status": dst, **({stamp: now()} if stamp else {})}
+        if errors:
+            values["errors"] = list(errors)
+        if files is not None:
+            values.update(output_file_id=files.output_file_id, error_file_id=files.error_file_id)
         async with self.sessions.begin() as s:
-            res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.status == src.value)
+            res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.status == src)
                                   .values(**values))
         return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def set_fields(self, batch_id: str, **fields: Any) -> None:
+    async def _update(self, batch_id: str, **values: Any) -> None:
         async with self.sessions.begin() as s:
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(**fields))
+            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(**values))
+
+    async def make_due(self, batch_id: str) -> None:
+        """Look at this batch at the engine's next tick, whatever backoff it was in (a cancel)."""
+        await self._update(batch_id, next_poll_at=None)
+
+    async def mark_submit_started(self, batch_id: str) -> None:
+        """Persisted before the provider is called: after a crash, `find_submitted` is asked first."""
+        await self._update(batch_id, submit_started_at=now())
+
+    async def record_provider_batch_id(self, batch_id: str, provider_batch_id: str) -> None:
+        await self._update(batch_id, provider_batch_id=provider_batch_id)
+
+    async def mark_cancel_sent(self, batch_id: str) -> None:
+        await self._update(batch_id, cancel_sent_at=now())
+
+    async def record_poll_failure(self, batch_id: str) -> int:
+        """Count one more failed provider call in a row; returns the count (for the backoff)."""
+        async with self.sessions.begin() as s:
+            count = await s.scalar(update(BatchRow).where(BatchRow.id == batch_id)
+                                   .values(poll_failures=BatchRow.poll_failures + 1)
+                                   .returning(BatchRow.poll_failures))
+        return int(count or 0)
+
+    async def record_provider_status(self, batch_id: str, raw_status: str, completed: int | None,
+                                     failed: int | None) -> None:
+        """What the provider last said about a native batch; a successful poll ends a failure streak."""
+        await self._update(batch_id, poll_failures=0, provider_status=raw_status,
+                           provider_completed=completed, provider_failed=failed)
 
     async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1) -> list[RequestRow]:
         """Lines with no stored result yet, in order."""
@@ -252,12 +325,12 @@ class Store:
                 return
             last = rows[-1].idx
 
-    async def request_keys(self, batch_id: str, indexes: Sequence[int]) -> dict[int, tuple[str, str]]:
-        """index -> (custom_id, model) for the given lines."""
+    async def request_keys(self, batch_id: str, indexes: Sequence[int]) -> dict[int, RequestRow]:
+        """index -> request row (without its body) for the given lines."""
         async with self.sessions() as s:
-            rows = (await s.execute(select(RequestRow.idx, RequestRow.custom_id, RequestRow.model).where(
+            rows = (await s.scalars(select(RequestRow).options(defer(RequestRow.body_json)).where(
                 RequestRow.batch_id == batch_id, RequestRow.idx.in_(list(indexes))))).all()
-        return {idx: (cid, model) for idx, cid, model in rows}
+        return {row.idx: row for row in rows}
 
     async def store_results(self, batch_id: str, results: Sequence[LineOutcome]) -> int:
         """Insert results not stored yet and add them to the batch's counts and usage, in one
@@ -274,15 +347,11 @@ class Store:
                 return 0
             new = [by_index[i] for i in inserted]
             usage = sum((r.usage for r in new), Usage())
+            added = {column: getattr(BatchRow, column) + value for column, value in usage_values(usage).items()}
             await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
                 completed=BatchRow.completed + sum(1 for r in new if r.status is ResultStatus.COMPLETED),
                 failed=BatchRow.failed + sum(1 for r in new if r.status is ResultStatus.FAILED),
-                input_tokens=BatchRow.input_tokens + usage.input_tokens,
-                cached_tokens=BatchRow.cached_tokens + usage.cached_tokens,
-                output_tokens=BatchRow.output_tokens + usage.output_tokens,
-                reasoning_tokens=BatchRow.reasoning_tokens + usage.reasoning_tokens,
-                input_cost=BatchRow.input_cost + usage.input_cost,
-                output_cost=BatchRow.output_cost + usage.output_cost,
+                **added,
             ))
         return len(inserted)
 
@@ -300,11 +369,14 @@ class Store:
         async with self.sessions.begin() as s:
             await s.execute(self._insert(FileChunkRow).values(file_id=file_id, seq=seq, data=data))
 
-    async def finish_file(self, file_id: str, size: int, line_count: int, status: str = "processed") -> FileRow:
+    async def finish_file(self, file_id: str, size: int, line_count: int) -> FileRow:
+        """The upload is complete: the file becomes visible, as `processed`."""
         async with self.sessions.begin() as s:
-            await s.execute(update(FileRow).where(FileRow.id == file_id).values(
-                bytes=size, line_count=line_count, status=status))
-        return await self.get_file(None, file_id)
+            row = await s.scalar(update(FileRow).where(FileRow.id == file_id).values(
+                bytes=size, line_count=line_count, status=FileStatus.PROCESSED).returning(FileRow))
+        if not isinstance(row, FileRow):
+            raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+        return row
 
     async def discard_file(self, file_id: str) -> None:
         """Remove a file and its content whatever its status (failed uploads, rewritten outputs)."""
@@ -312,19 +384,18 @@ class Store:
             await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
             await s.execute(delete(FileRow).where(FileRow.id == file_id))
 
-    async def get_file(self, project: str | None, file_id: str) -> FileRow:
+    async def get_file(self, project: str, file_id: str) -> FileRow:
+        """A tenant's file: another project's, and one still uploading, are not found."""
         async with self.sessions() as s:
-            query = select(FileRow).where(FileRow.id == file_id, FileRow.status != UPLOADING)
-            if project is not None:
-                query = query.where(FileRow.project == project)
-            row = await s.scalar(query)
+            row = await s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project,
+                                                       FileRow.status != FileStatus.UPLOADING))
         if row is None:
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
         return row
 
     async def list_files(self, project: str, purpose: str, limit: int, after: str,
                          ascending: bool) -> tuple[list[FileRow], bool]:
-        query = select(FileRow).where(FileRow.project == project, FileRow.status != UPLOADING)
+        query = select(FileRow).where(FileRow.project == project, FileRow.status != FileStatus.UPLOADING)
         if purpose:
             query = query.where(FileRow.purpose == purpose)
         if after:
@@ -364,15 +435,13 @@ class Store:
 
 def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
     return {
-        "batch_id": batch_id, "idx": res.index, "custom_id": res.custom_id, "status": res.status.value,
+        "batch_id": batch_id, "idx": res.index, "custom_id": res.custom_id, "status": res.status,
         "status_code": res.status_code, "request_id": res.request_id,
         "response_json": json.dumps(res.body, separators=(",", ":")) if res.body is not None else None,
         "error_code": res.error.code if res.error else None,
         "error_message": res.error.message if res.error else None,
         "error_type": res.error.type if res.error else None,
-        "input_tokens": res.usage.input_tokens, "cached_tokens": res.usage.cached_tokens,
-        "output_tokens": res.usage.output_tokens, "reasoning_tokens": res.usage.reasoning_tokens,
-        "input_cost": res.usage.input_cost, "output_cost": res.usage.output_cost, "created_at": t,
+        **usage_values(res.usage), "created_at": t,
     }
 
 

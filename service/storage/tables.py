@@ -7,12 +7,66 @@ and are bumped in the same transaction that inserts results, so reading a batch 
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+import dataclasses
+import json
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import BigInteger, Dialect, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from service.domain.model import COMPLETION_WINDOWS, BatchError, BatchStatus, FileStatus, ResultStatus, Usage
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class StatusType(TypeDecorator[StrEnum]):
+    """A status enum stored as its plain string (no database enum type, so adding a status needs no
+    migration); rows come back typed, and a value outside the enum is refused on the way in."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[StrEnum]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> StrEnum | None:
+        return None if value is None else self.enum(value)
+
+
+class BatchErrorsType(TypeDecorator[list[BatchError]]):
+    """A batch's `errors` as one typed value, stored in OpenAI's shape `{"object": "list", "data": [...]}`."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if not value:
+            return None
+        return json.dumps({"object": "list", "data": [dataclasses.asdict(e) for e in value]})
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> list[BatchError] | None:
+        if not value:
+            return None
+        return [BatchError(**item) for item in json.loads(value)["data"]]
+
+
+class _UsageColumns:
+    """Token and cost sums, read and written as one `Usage` (the `usage` composite)."""
+
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    output_cost: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class ApiKeyRow(Base):
@@ -24,18 +78,20 @@ class ApiKeyRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
-class BatchRow(Base):
+class BatchRow(_UsageColumns, Base):
     __tablename__ = "batches"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     project: Mapped[str] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[BatchStatus] = mapped_column(StatusType(BatchStatus))
     endpoint: Mapped[str] = mapped_column(String(64))
     completion_window: Mapped[str] = mapped_column(String(8))
     input_file_id: Mapped[str] = mapped_column(String(64), default="")
     model: Mapped[str | None] = mapped_column(String(256))
     provider: Mapped[str] = mapped_column(String(64))
+    # The provider's own model name when every line has the same one (resolved once, at intake).
+    provider_model: Mapped[str | None] = mapped_column(String(256))
     metadata_json: Mapped[str | None] = mapped_column(Text)
-    errors_json: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[list[BatchError] | None] = mapped_column("errors_json", BatchErrorsType)
     output_file_id: Mapped[str | None] = mapped_column(String(64))
     error_file_id: Mapped[str | None] = mapped_column(String(64))
 
@@ -52,12 +108,8 @@ class BatchRow(Base):
     total: Mapped[int] = mapped_column(Integer, default=0)
     completed: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
-    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    input_cost: Mapped[float] = mapped_column(Float, default=0.0)
-    output_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    usage: Mapped[Usage] = composite("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
+                                     "input_cost", "output_cost")
 
     # Engine bookkeeping, never shown to callers.
     provider_batch_id: Mapped[str | None] = mapped_column(String(256))
@@ -77,6 +129,19 @@ class BatchRow(Base):
         Index("ix_batches_status", "status"),
     )
 
+    @classmethod
+    def new(cls, *, id: str, project: str, endpoint: str, completion_window: str, created_at: int,
+            input_file_id: str = "", metadata: dict[str, str] | None = None) -> BatchRow:
+        """A batch as CreateBatch makes it: `validating`, nothing counted yet. The one place a
+        batch row is built (code and tests), so no column is forgotten or set by hand."""
+        return cls(
+            id=id, project=project, status=BatchStatus.VALIDATING, endpoint=endpoint,
+            completion_window=completion_window, input_file_id=input_file_id, provider="",
+            metadata_json=json.dumps(metadata) if metadata else None, created_at=created_at,
+            expires_at=created_at + COMPLETION_WINDOWS[completion_window],
+            total=0, completed=0, failed=0, usage=Usage(), poll_failures=0,
+        )
+
 
 class RequestRow(Base):
     __tablename__ = "batch_requests"
@@ -84,32 +149,29 @@ class RequestRow(Base):
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     custom_id: Mapped[str] = mapped_column(String(512))
     model: Mapped[str] = mapped_column(String(256))
+    # The provider's own name for `model`, resolved once at intake (NULL only on rows from before
+    # migration 0002); a later edit of the providers file never re-routes an accepted line.
+    provider_model: Mapped[str | None] = mapped_column(String(256))
     body_json: Mapped[str] = mapped_column(Text)
 
     __table_args__ = (Index("ux_batch_requests_custom_id", "batch_id", "custom_id", unique=True),)
 
 
-class ResultRow(Base):
+class ResultRow(_UsageColumns, Base):
     __tablename__ = "batch_results"
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     custom_id: Mapped[str] = mapped_column(String(512))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[ResultStatus] = mapped_column(StatusType(ResultStatus))
     status_code: Mapped[int] = mapped_column(Integer, default=0)
     request_id: Mapped[str | None] = mapped_column(String(256))
     response_json: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(64))
-    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    input_cost: Mapped[float] = mapped_column(Float, default=0.0)
-    output_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    usage: Mapped[Usage] = composite("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
+                                     "input_cost", "output_cost")
     created_at: Mapped[int] = mapped_column(BigInteger)
-
-    __table_args__ = (Index("ix_batch_results_custom_id", "batch_id", "custom_id"),)
 
 
 class FileRow(Base):
@@ -120,7 +182,7 @@ class FileRow(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     line_count: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[FileStatus] = mapped_column(StatusType(FileStatus))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int | None] = mapped_column(BigInteger)
 
