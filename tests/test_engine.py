@@ -39,3 +39,24 @@ async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url
         done = await client.wait_for(batch.id)
     assert done.status == "completed"
     assert done.request_counts.completed == 1
+
+
+async def test_an_accepted_batch_keeps_the_route_it_was_accepted_with(sqlite_url: str) -> None:
+    """The route is resolved once, at intake: editing the providers file (here, an alias) after a
+    batch was accepted does not change which model its lines run on, nor the batch's provider."""
+    def router(alias_target: str) -> Router:
+        local = ProviderEntry(provider=SimProvider("local"), aliases={"fast": alias_target},
+                              default_price=DEFAULT_SIM_PRICE)
+        return Router({SIM: ProviderEntry(provider=SimProvider(SIM), default_price=DEFAULT_SIM_PRICE),
+                       "local": local})
+
+    async with gateway(make_settings(sqlite_url), router("model-one")) as (app, client):
+        await app.engine.stop()  # accept the batch, run nothing
+        batch = await client.create([chat_line("a", model="fast"), chat_line("b", model="fast")])
+    assert batch.provider == "local"
+
+    async with gateway(make_settings(sqlite_url), router("model-two")) as (_, client):
+        done = await client.wait_for(batch.id)
+        results = await client.results(batch.id)
+    assert done.status == "completed"
+    assert [r.response["model"] for r in results] == ["model-one", "model-one"]
