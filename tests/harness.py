@@ -74,7 +74,10 @@ class Client:
         return await self.stub.CreateBatch(req, metadata=md(key))
 
     async def get(self, batch_id: str, key: str = KEY_A) -> batch_pb2.Batch:
-        return await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))
+        batch: batch_pb2.Batch = await self.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch_id), metadata=md(key))
+        counts = batch.request_counts
+        assert counts.completed + counts.failed <= counts.total, f"counts contradict total: {batch}"
+        return batch
 
     async def wait_until(self, batch_id: str, test: Callable[[batch_pb2.Batch], bool], timeout: float = 60.0,
                          key: str = KEY_A) -> batch_pb2.Batch:

@@ -91,7 +91,7 @@ def fake_state(fake: ProviderFake, provider: str, provider_batch_id: str) -> str
 
 
 def make_adapter(fake: ProviderFake, flavor: Flavor) -> NativeBatchAdapter:
-    return flavor.adapter(flavor.provider, base_url=fake.url(flavor.provider),  # type: ignore[call-arg]
+    return flavor.adapter(flavor.provider, base_url=fake.url(flavor.provider),
                           api_key=fake.key(flavor.provider), options=dict(flavor.options))
 
 

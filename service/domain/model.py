@@ -57,6 +57,20 @@ def can_transition(src: BatchStatus, dst: BatchStatus) -> bool:
     return dst in TRANSITIONS[src]
 
 
+def request_counts(status: BatchStatus, total: int, completed: int, failed: int,
+                   provider_completed: int | None = None, provider_failed: int | None = None) -> tuple[int, int]:
+    """The (completed, failed) counts a caller sees. They never contradict `total`
+    (completed + failed <= total), whatever a provider reports. While a native batch runs, its results
+    are stored only at the end, so the provider's live counts show progress; once the batch has ended
+    only the stored results count, so the counts agree with the per-line results a caller can page."""
+    if not status.terminal:
+        completed = max(completed, provider_completed or 0)
+        failed = max(failed, provider_failed or 0)
+    completed = min(max(completed, 0), total)
+    failed = min(max(failed, 0), total - completed)
+    return completed, failed
+
+
 class ResultStatus(StrEnum):
     """A request line's own status (Sail's lookup): pending until a result is stored."""
 

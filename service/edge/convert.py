@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage
+from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage, request_counts
 from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
 
@@ -56,16 +56,18 @@ def _u32(value: int | None) -> int:
     return min(max(value or 0, 0), 2**32 - 1)
 
 
+def _request_counts(row: BatchRow) -> batch_pb2.BatchRequestCounts:
+    completed, failed = request_counts(row.status, row.total, row.completed, row.failed, row.provider_completed,
+                                       row.provider_failed)
+    return batch_pb2.BatchRequestCounts(total=row.total, completed=completed, failed=failed)
+
+
 def batch_message(row: BatchRow) -> batch_pb2.Batch:
     msg = batch_pb2.Batch(
         id=row.id, object="batch", endpoint=row.endpoint, input_file_id=row.input_file_id or "",
         completion_window=row.completion_window, status=row.status, created_at=_u32(row.created_at),
         expires_at=_u32(row.expires_at), provider=row.provider,
-        request_counts=batch_pb2.BatchRequestCounts(
-            total=row.total,
-            completed=max(row.completed, row.provider_completed or 0),
-            failed=max(row.failed, row.provider_failed or 0),
-        ),
+        request_counts=_request_counts(row),
         usage=_usage(row.usage),
     )
     for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",

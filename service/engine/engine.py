@@ -12,8 +12,14 @@ is written so that running it again after a crash is harmless:
   Results are stored before the batch is marked terminal, and lines the provider did not
   return get an explicit error result, so none goes missing silently.
 
-Provider hiccups (429, 5xx, timeouts) slow the batch down with exponential backoff and jitter,
-never fail it. The engine knows nothing of gRPC or HTTP.
+Every provider call of a native batch (find_submitted, submit, cancel, poll, results) goes through
+one policy: a retryable failure (429, 5xx, timeouts, a body the adapter cannot read) slows the batch
+down with exponential backoff and jitter, up to a ceiling; a non-retryable one ends the batch as
+`failed` with the reason in its `errors`. Whatever the provider does (an unknown status forever, a
+results download that keeps failing, no answer at all), a watchdog ends the batch as `expired` once
+`expires_at + expiry_grace_seconds` has passed. Whenever Sluice gives up on a batch it has
+submitted, it first asks the provider to cancel it, so nothing keeps running (and billing) there.
+The engine knows nothing of gRPC or HTTP.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class EngineSettings:
     poll_seconds: float = 5.0
     max_backoff_seconds: float = 300.0
     max_parallel_batches: int = 32
+    # How long after its window a native batch may wait for the provider to report the end before
+    # the watchdog gives up on it (the provider normally expires it itself at the window's end).
+    expiry_grace_seconds: float = 2 * 3600.0
 
 
 # Called once a batch's results are all stored, before it is marked terminal: writes the
@@ -195,12 +204,13 @@ class Engine:
                 LineOutcome(r.idx, r.custom_id, status, error=ResultError(code, message, type="batch_error"))
                 for r in pending])
 
-    async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus) -> None:
+    async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus,
+                      errors: Sequence[BatchError] = ()) -> None:
         fresh = await self.store.engine_batch(batch.id)
         if fresh.status is not src:
             return  # moved meanwhile (another replica finished it): never rewrite an ended batch's files
         files = await self.finalizer(fresh)
-        if await self.store.transition(batch.id, src, dst, files=files):
+        if await self.store.transition(batch.id, src, dst, files=files, errors=errors):
             log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,
                      fresh.completed, fresh.failed, fresh.total)
 
@@ -313,29 +323,73 @@ class Engine:
 
     # --- native batch APIs ----------------------------------------------------------------------
 
+    def _deadline(self, batch: BatchRow) -> float:
+        return batch.expires_at + self.settings.expiry_grace_seconds
+
     async def _step_native(self, batch: BatchRow, adapter: NativeBatchAdapter) -> float | None:
-        """One step; returns when to look at the batch again (None: it is done)."""
-        status = BatchStatus(batch.status)
+        """One step under the one retry policy; returns when to look at the batch again (None: done)."""
+        if time.time() >= self._deadline(batch):
+            await self._give_up(batch, adapter, BatchStatus.EXPIRED, BatchError(
+                "batch_expired", f"{adapter.name} did not report the end of this batch within its completion "
+                f"window and {self.settings.expiry_grace_seconds:.0f} s of grace (last status: "
+                f"{batch.provider_status or 'none'}); Sluice asked {adapter.name} to cancel it and kept what was "
+                "done."))
+            return None
         try:
-            if batch.provider_batch_id is None:
-                if await self._end_early(batch, status):
-                    return None
-                await self._submit(batch, adapter)
-                return time.time() + self.settings.poll_seconds
-            if status is BatchStatus.CANCELLING and batch.cancel_sent_at is None:
-                await adapter.cancel(batch.provider_batch_id)
-                await self.store.mark_cancel_sent(batch.id)
-                log.info("batch %s: cancel sent to %s", batch.id, adapter.name)
-            state = await adapter.poll(batch.provider_batch_id)
+            return await self._advance_native(batch, adapter)
         except ProviderError as exc:
             if not exc.retryable:
-                await self._fail(batch, status, "provider_error", f"{adapter.name}: {exc.message}")
+                await self._give_up(batch, adapter, BatchStatus.FAILED,
+                                    BatchError(exc.code or "provider_error", f"{adapter.name}: {exc.message}"))
                 return None
-            failures = await self.store.record_poll_failure(batch.id)
-            delay = self._backoff(failures, exc.retry_after)
-            log.warning("batch %s: %s answered %s (%s); next try in %.1fs", batch.id, adapter.name,
-                        exc.status_code, exc.message, delay)
-            return time.time() + delay
+            return await self._retry_later(batch, f"{adapter.name} answered {exc.status_code or 'nothing'} "
+                                                  f"({exc.message})", exc.retry_after)
+        except Exception as exc:  # a body the adapter could not read, a database hiccup: retry, bounded
+            log.exception("engine: batch %s step failed", batch.id)
+            return await self._retry_later(batch, f"{type(exc).__name__}: {exc}", None)
+
+    async def _retry_later(self, batch: BatchRow, reason: str, retry_after: float | None) -> float:
+        """Back off after a failure, but look again by the watchdog's deadline at the latest."""
+        failures = await self.store.record_poll_failure(batch.id)
+        delay = self._backoff(failures, retry_after)
+        log.warning("batch %s: %s; next try in %.1fs", batch.id, reason, delay)
+        return min(time.time() + delay, max(self._deadline(batch), time.time() + self.settings.tick_seconds))
+
+    async def _give_up(self, batch: BatchRow, adapter: NativeBatchAdapter, dst: BatchStatus,
+                       error: BatchError) -> None:
+        """End a batch Sluice can no longer drive: first ask the provider to cancel what it was sent
+        (best effort, once), then end the batch with the reason. An expired batch keeps its stored
+        results and gets its output files; its other lines are expired."""
+        if batch.provider_batch_id and batch.cancel_sent_at is None:
+            try:
+                await adapter.cancel(batch.provider_batch_id)
+                await self.store.mark_cancel_sent(batch.id)
+                log.info("batch %s: giving up; cancel sent to %s", batch.id, adapter.name)
+            except Exception as exc:  # the batch ends anyway; say what is left at the provider
+                log.warning("batch %s: giving up; could not cancel %s at %s (%s): cancel it there by hand",
+                            batch.id, batch.provider_batch_id, adapter.name, exc)
+        status = (await self.store.engine_batch(batch.id)).status
+        if status.terminal:
+            return
+        if dst is BatchStatus.FAILED:
+            await self._fail(batch, status, error.code, error.message)
+            return
+        await self._close_unfinished(batch, ResultStatus.EXPIRED, "batch_expired",
+                                     "The batch expired before this request ran.")
+        await self._finish(batch, status, dst, errors=[error])
+
+    async def _advance_native(self, batch: BatchRow, adapter: NativeBatchAdapter) -> float | None:
+        status = batch.status
+        if batch.provider_batch_id is None:
+            if await self._end_early(batch, status):
+                return None
+            await self._submit(batch, adapter)
+            return time.time() + self.settings.poll_seconds
+        if status is BatchStatus.CANCELLING and batch.cancel_sent_at is None:
+            await adapter.cancel(batch.provider_batch_id)
+            await self.store.mark_cancel_sent(batch.id)
+            log.info("batch %s: cancel sent to %s", batch.id, adapter.name)
+        state = await adapter.poll(batch.provider_batch_id)
         if state.raw_status != batch.provider_status:
             log.info("batch %s: %s reports %s (%s of %s requests done)", batch.id, adapter.name, state.raw_status,
                      (state.completed or 0) + (state.failed or 0), state.total if state.total is not None else "?")

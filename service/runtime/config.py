@@ -48,6 +48,7 @@ class Settings:
     poll_seconds: float = 5.0  # how often in-flight native batches are polled
     executor_concurrency: int = 16
     lease_seconds: float = 30.0
+    expiry_grace_seconds: float = 2 * 3600.0  # native batches: see the engine's watchdog
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     max_message_bytes: int = 64 * 1024 * 1024
 
@@ -71,5 +72,6 @@ class Settings:
             poll_seconds=_float("SLUICE_POLL_SECONDS", 5.0),
             executor_concurrency=_int("SLUICE_EXECUTOR_CONCURRENCY", 16),
             lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
+            expiry_grace_seconds=_float("SLUICE_EXPIRY_GRACE_SECONDS", 2 * 3600.0),
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
         )

@@ -62,7 +62,8 @@ async def start(settings: Settings, router: Router | None = None) -> App:
                                     executor_concurrency=settings.executor_concurrency)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
-        lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds), finalizer=OutputFiles(store))
+        lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
+        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
