@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run serve test lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench clean
+.PHONY: run serve test postgres lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,14 @@ run: $(STAMP)
 serve: $(STAMP)
 	SLUICE_PROVIDERS_FILE=$${SLUICE_PROVIDERS_FILE:-providers.example.yaml} $(BIN)/sluice serve
 
-## Everything CI checks: lint, types, protobuf lint/breaking/freshness, then the test suite
-## (which installs and starts its own PostgreSQL server when it needs one).
+## Everything CI checks: lint, types, protobuf lint/breaking/freshness, then the test suite (which
+## starts its own throwaway PostgreSQL servers, and installs Sluice from a copy of the clone into a
+## fresh venv to prove `sluice run` needs no source tree: tests/test_install.py).
 test: $(STAMP) lint lint-imports typecheck buf-lint buf-breaking proto-check pytest
+
+## PostgreSQL's server binaries for the tests (Debian's package; does nothing when they are there).
+postgres:
+	scripts/install_postgres.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -52,7 +57,7 @@ buf-breaking: $(STAMP)
 	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
 	else echo "buf breaking: no previous commit with buf.yaml; skipped"; fi
 
-pytest: $(STAMP)
+pytest: $(STAMP) postgres
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)

@@ -70,7 +70,7 @@ API_VERSION = "2023-06-01"
 BATCHES = "/v1/messages/batches"
 DEFAULT_MAX_TOKENS = 4096
 
-# Anthropic error type -> HTTP status (platform.claude.com errors; notes §4)
+# Anthropic error type -> HTTP status (the Errors page of Anthropic's API docs, platform.claude.com)
 ERROR_STATUS = {
     "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402, "permission_error": 403,
     "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
@@ -191,8 +191,8 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
 
 
 def usage_of(raw: Any) -> TokenUsage:
-    """Messages usage → OpenAI semantics: `input_tokens` excludes cache reads and writes, so
-    prompt = input + cache_creation + cache_read and cached = cache_read (notes §4, §8)."""
+    """Messages usage → OpenAI semantics (Anthropic's prompt caching docs): `input_tokens` excludes
+    cache reads and writes, so prompt = input + cache_creation + cache_read and cached = cache_read."""
     raw = raw if isinstance(raw, dict) else {}
     cache_read = as_int(raw.get("cache_read_input_tokens"))
     prompt = as_int(raw.get("input_tokens")) + as_int(raw.get("cache_creation_input_tokens")) + cache_read

@@ -213,8 +213,9 @@ def to_generate_content_request(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def usage_of(raw: Any) -> TokenUsage:
-    """usageMetadata → OpenAI semantics (notes §8): thoughts are output tokens billed apart from
-    the candidates, so completion = candidates + thoughts and reasoning = thoughts."""
+    """usageMetadata → OpenAI semantics (the Gemini API's `UsageMetadata` reference): thoughts are
+    output tokens billed apart from the candidates, so completion = candidates + thoughts and
+    reasoning = thoughts."""
     raw = raw if isinstance(raw, dict) else {}
     thoughts = as_int(raw.get("thoughtsTokenCount"))
     return TokenUsage(input_tokens=as_int(raw.get("promptTokenCount")) + as_int(raw.get("toolUsePromptTokenCount")),

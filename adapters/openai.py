@@ -1,4 +1,5 @@
-"""Native batch adapters for the OpenAI family: OpenAI, Azure OpenAI and Groq (notes §2, §3, §6a).
+"""Native batch adapters for the OpenAI family: OpenAI, Azure OpenAI and Groq (OpenAI's Batch
+and Files API reference, Microsoft's Azure OpenAI batch docs, Groq's Batch API docs).
 
 All three share one flow, implemented once in `OpenAIAdapter`:
 
@@ -195,9 +196,9 @@ class OpenAIAdapter(NativeBatchAdapter):
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
-    """Azure OpenAI (notes §3). `base_url` is `https://{resource}.openai.azure.com/openai` for the
-    dated API (`api-version` query, paths and endpoints without `/v1`), or `…/openai/v1` for the v1
-    surface (no `api-version`, OpenAI spelling).
+    """Azure OpenAI (Microsoft's Azure OpenAI batch docs). `base_url` is
+    `https://{resource}.openai.azure.com/openai` for the dated API (`api-version` query, paths and
+    endpoints without `/v1`), or `…/openai/v1` for the v1 surface (no `api-version`, OpenAI spelling).
 
     Options: `api_version` (default `2024-10-21`), `deployments` (model → deployment name; the router's
     aliases usually do this already). Every line must use the same deployment (Azure's `model_mismatch`):
@@ -233,7 +234,7 @@ class AzureOpenAIAdapter(OpenAIAdapter):
 
 
 class GroqAdapter(OpenAIAdapter):
-    """Groq (notes §6a): OpenAI-compatible at `https://api.groq.com/openai/v1`, chat completions
+    """Groq (Groq's Batch API docs): OpenAI-compatible at `https://api.groq.com/openai/v1`, chat completions
     only, `completion_window` from 24h to 7d (option `completion_window`), and a batch list
     without pagination."""
 

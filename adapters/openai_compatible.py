@@ -1,5 +1,5 @@
 """`OpenAICompatibleExecutor`: Ollama, vLLM (`vllm serve`) or any OpenAI-compatible endpoint without
-a batch API (notes §7). Sluice runs each line itself; the engine bounds concurrency and retries.
+a batch API. Sluice runs each line itself; the engine bounds concurrency and retries.
 
 Each line's body is POSTed to `{base_url}{url}`, where a `/v1` the base URL already ends with is not
 repeated (`http://host:11434/v1` + `/v1/chat/completions` → `http://host:11434/v1/chat/completions`).

@@ -105,7 +105,7 @@ def _detail(usage: Mapping[str, Any], key: str, field: str) -> int:
 
 
 def usage_from_openai(usage: Any) -> TokenUsage:
-    """OpenAI `usage` of any endpoint → `Usage` (notes §8).
+    """OpenAI `usage` of any endpoint → `Usage` (fields as OpenAI's API reference names them per endpoint).
 
     - chat / completions: `prompt_tokens`, `completion_tokens` (reasoning included),
       `prompt_tokens_details.cached_tokens`, `completion_tokens_details.reasoning_tokens`;

@@ -1,4 +1,4 @@
-"""Together's native batch API (notes §6c): OpenAI-like, with these differences handled here.
+"""Together's native batch API (Together's Batch API docs): OpenAI-like, with these differences handled here.
 
 - Upload: purpose `batch-api`. Default is the documented redirect flow: form `POST /files`
   (`purpose`, `file_name`, `file_type=jsonl`) → 302 with `Location` (a signed URL) and

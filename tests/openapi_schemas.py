@@ -3,15 +3,14 @@
     from tests.openapi_schemas import validate
     validate("Batch", response.json())          # raises jsonschema.ValidationError
 
-The spec is `shared/reference/openai-batch-files.openapi.yaml` beside the repository (override
-with SLUICE_OPENAPI_SPEC). `$ref`s such as `#/components/schemas/Error` resolve against the
-whole document; OpenAPI 3.1 schemas are JSON Schema 2020-12.
+The spec is vendored at `tests/specs/openai-batch-files.openapi.yaml` (its source is named in
+tests/specs/README.md). `$ref`s such as `#/components/schemas/Error` resolve against the whole
+document; OpenAPI 3.1 schemas are JSON Schema 2020-12.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,13 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-ROOT = Path(__file__).resolve().parent.parent
-_CANDIDATES = (
-    ROOT.parent / "shared" / "reference" / "openai-batch-files.openapi.yaml",
-    Path("/work/shared/reference/openai-batch-files.openapi.yaml"),
-)
+SPEC = Path(__file__).resolve().parent / "specs" / "openai-batch-files.openapi.yaml"
 _URI = "urn:openai-openapi"
-
-
-def spec_path() -> Path:
-    env = os.environ.get("SLUICE_OPENAPI_SPEC")
-    if env:
-        return Path(env)
-    for path in _CANDIDATES:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"OpenAPI spec not found; tried {[str(p) for p in _CANDIDATES]}")
 
 
 @functools.cache
 def spec() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(spec_path().read_text())
+    data: dict[str, Any] = yaml.safe_load(SPEC.read_text())
     return data
 
 
@@ -56,7 +41,7 @@ def schema_names() -> list[str]:
 @functools.cache
 def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
     if schema_name not in spec()["components"]["schemas"]:
-        raise KeyError(f"no schema {schema_name!r} in {spec_path()}; have {schema_names()}")
+        raise KeyError(f"no schema {schema_name!r} in {SPEC}; have {schema_names()}")
     schema = {"$ref": f"{_URI}#/components/schemas/{schema_name}"}
     return jsonschema.Draft202012Validator(
         schema, registry=_registry(), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER

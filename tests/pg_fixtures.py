@@ -18,15 +18,26 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg_server import PostgresServer
+from tests.pg_server import PostgresServer, PostgresServerError, require_postgres_bin_dir
 
 __all__ = ["postgres_server", "postgres_url"]
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """Start one throwaway PostgreSQL server for the whole test session."""
-    with PostgresServer() as server:
+    """Start one throwaway PostgreSQL server for the whole test session.
+
+    Without PostgreSQL every test that needs it fails with the way to install it (never skips).
+    """
+    try:
+        bin_dir = require_postgres_bin_dir()
+    except PostgresServerError as exc:
+        missing = str(exc)
+    else:
+        missing = ""
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    with PostgresServer(bin_dir=bin_dir) as server:
         yield server
 
 

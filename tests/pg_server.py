@@ -1,8 +1,9 @@
 """Throwaway real PostgreSQL servers for the test suite (no mocks, no Docker).
 
 The harness uses the PostgreSQL server binaries installed on the machine
-(Debian's ``postgresql`` package, installed on demand by
-:func:`ensure_postgres_installed`), ``initdb``-s a fresh cluster in a temporary
+(Debian's ``postgresql`` package, which ``make test`` installs with
+``scripts/install_postgres.sh`` before pytest starts; their absence is a test
+failure naming that script), ``initdb``-s a fresh cluster in a temporary
 directory and runs ``postgres`` on ``127.0.0.1`` on a free port chosen at run
 time. Durability is switched off (``fsync``, ``synchronous_commit``,
 ``full_page_writes``) because the data is thrown away anyway.
@@ -53,8 +54,8 @@ import asyncpg
 __all__ = [
     "PostgresServer",
     "PostgresServerError",
-    "ensure_postgres_installed",
     "find_postgres_bin_dir",
+    "require_postgres_bin_dir",
 ]
 
 T = TypeVar("T")
@@ -73,14 +74,14 @@ ADMIN_ROLE = "postgres"
 
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _INSTALL_HINT = (
-    "Install the PostgreSQL server binaries, e.g. on Debian/Ubuntu: "
-    "`sudo apt-get install -y postgresql` (needs /usr/lib/postgresql/<version>/bin/"
-    "{initdb,pg_ctl,postgres}), or point $" + BIN_DIR_ENV + " at a PostgreSQL bin directory."
+    "Run the suite with `make test`, which installs them, or install them with "
+    "`scripts/install_postgres.sh` (Debian's postgresql package: /usr/lib/postgresql/<version>/bin/"
+    "{initdb,pg_ctl,postgres,pg_isready}), or point $" + BIN_DIR_ENV + " at a PostgreSQL bin directory."
 )
 
 
 class PostgresServerError(RuntimeError):
-    """Raised when PostgreSQL cannot be installed, started or administered."""
+    """Raised when PostgreSQL is not installed, or cannot be started or administered."""
 
 
 def _log(message: str) -> None:
@@ -107,7 +108,8 @@ def find_postgres_bin_dir() -> Path | None:
     if explicit:
         path = Path(explicit)
         if not _has_binaries(path):
-            raise PostgresServerError(f"${BIN_DIR_ENV}={explicit} does not contain {REQUIRED_BINARIES}")
+            raise PostgresServerError(
+                f"${BIN_DIR_ENV}={explicit} does not contain {', '.join(REQUIRED_BINARIES)}. " + _INSTALL_HINT)
         return path
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
         if _has_binaries(Path(candidate)):
@@ -118,64 +120,17 @@ def find_postgres_bin_dir() -> Path | None:
     return None
 
 
-_install_lock = threading.Lock()
+def require_postgres_bin_dir() -> Path:
+    """Return the PostgreSQL ``bin`` directory, or fail saying how to install it.
 
-
-def ensure_postgres_installed() -> Path:
-    """Return the PostgreSQL ``bin`` directory, installing Debian's ``postgresql`` if missing.
-
-    Installation (``apt-get update`` + ``apt-get install -y --no-install-recommends
-    postgresql``) only happens when no server binaries are found; progress goes to
-    stderr. Needs root (or password-less ``sudo``). Raises
-    :class:`PostgresServerError` with installation instructions when that fails.
-
-    Note: the Debian package's post-install may create and start a cluster on port
-    5432. This harness never uses it.
+    The suite never installs software itself: ``make test`` runs ``scripts/install_postgres.sh``
+    before pytest. A missing server is a failure, never a skip, so a run that lacks PostgreSQL
+    cannot pass with its PostgreSQL half silently left out.
     """
-    with _install_lock:
-        found = find_postgres_bin_dir()
-        if found is not None:
-            return found
-
-        prefix: list[str] = []
-        if os.geteuid() != 0:
-            sudo = shutil.which("sudo")
-            if sudo is None:
-                raise PostgresServerError(
-                    "PostgreSQL server binaries not found and not running as root (no sudo). " + _INSTALL_HINT
-                )
-            prefix = [sudo, "-n"]
-        if shutil.which("apt-get") is None:
-            raise PostgresServerError(
-                "PostgreSQL server binaries not found and apt-get is unavailable. " + _INSTALL_HINT
-            )
-
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        commands = [
-            [*prefix, "apt-get", "update"],
-            [*prefix, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
-             "--no-install-recommends", "postgresql"],
-        ]
-        for command in commands:
-            _log("PostgreSQL server binaries not found; running: " + " ".join(command))
-            started = time.monotonic()
-            result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            _log(f"  ... exit code {result.returncode} after {time.monotonic() - started:.1f}s")
-            if result.returncode != 0:
-                tail = "\n".join(result.stdout.splitlines()[-20:])
-                raise PostgresServerError(
-                    f"Installing PostgreSQL failed: {' '.join(command)} exited with "
-                    f"{result.returncode}.\n{tail}\n{_INSTALL_HINT}"
-                )
-
-        found = find_postgres_bin_dir()
-        if found is None:
-            raise PostgresServerError(
-                "apt-get install postgresql succeeded but no server binaries were found. " + _INSTALL_HINT
-            )
-        _log(f"PostgreSQL installed: {found}")
-        return found
+    found = find_postgres_bin_dir()
+    if found is None:
+        raise PostgresServerError("PostgreSQL server binaries not found. " + _INSTALL_HINT)
+    return found
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -260,7 +215,7 @@ class PostgresServer:
         :param database: database created at start-up and used by :attr:`url`.
         :param port: fixed TCP port; ``None`` picks a free one at start.
         :param startup_timeout: bound on the total time waited for readiness (seconds).
-        :param bin_dir: PostgreSQL ``bin`` directory; default :func:`ensure_postgres_installed`.
+        :param bin_dir: PostgreSQL ``bin`` directory; default :func:`require_postgres_bin_dir`.
         :param extra_settings: additional ``-c name=value`` server settings.
         """
         for name in (user, database):
@@ -348,7 +303,7 @@ class PostgresServer:
             raise PostgresServerError("server already started")
         started = time.monotonic()
         if self.bin_dir is None:
-            self.bin_dir = ensure_postgres_installed()
+            self.bin_dir = require_postgres_bin_dir()
         if os.geteuid() == 0:
             self._run_as = _ensure_system_user(SYSTEM_USER)
 

@@ -54,8 +54,21 @@ def test_serve_without_a_key_exits_2_with_a_clear_message(tmp_path: Path) -> Non
 def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     out = run("serve", env={"SLUICE_API_KEY": "k", "SLUICE_SIM_LATENCY_MS": "fast",
                             "SLUICE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/s.db"}, cwd=tmp_path)
-    assert out.returncode != 0
-    assert "SLUICE_SIM_LATENCY_MS must be a number" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert "sluice: SLUICE_SIM_LATENCY_MS must be a number" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_providers_file_is_a_clear_error(tmp_path: Path) -> None:
+    """The providers file is read by library code (service/providers/registry.py) once the server
+    starts; its error still reaches the user as one line and exit status 2, not a traceback."""
+    providers = tmp_path / "providers.yaml"
+    providers.write_text("providers:\n  x: {kind: nope, base_url: http://h}\n")
+    out = run("serve", "--port", "0", env={"SLUICE_API_KEY": "k", "SLUICE_PROVIDERS_FILE": str(providers),
+                                           "SLUICE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/s.db"},
+              cwd=tmp_path)
+    assert out.returncode == 2
+    assert f"sluice: {providers}: provider 'x': unknown kind 'nope'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_migrate_creates_the_schema(tmp_path: Path) -> None:

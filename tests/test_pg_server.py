@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
-from tests.pg_server import PostgresServer, PostgresServerError
+from tests.pg_server import PostgresServer, PostgresServerError, find_postgres_bin_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +138,28 @@ def test_start_failure_reports_log_tail() -> None:
     with pytest.raises(PostgresServerError, match="shared_buffers"):
         server.start()
     assert server.base_dir is None
+
+
+def test_missing_server_fails_naming_the_installer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SLUICE_PG_BIN_DIR", str(tmp_path))
+    with pytest.raises(PostgresServerError, match=r"`make test`.*scripts/install_postgres\.sh"):
+        PostgresServer().start()
+
+
+def test_install_script_changes_nothing_when_installed(tmp_path: Path) -> None:
+    """`make test` runs the script every time: with PostgreSQL present it must not call apt-get or
+    sudo, and it must find the same binaries as the harness."""
+    calls = tmp_path / "calls"
+    for name in ("apt-get", "sudo"):
+        stub = tmp_path / name
+        stub.write_text(f"#!/bin/sh\necho {name} \"$@\" >> {calls}\nexit 1\n")
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run([str(REPO_ROOT / "scripts" / "install_postgres.sh")], env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"PostgreSQL server binaries: {find_postgres_bin_dir()}"
+    assert not calls.exists()
 
 
 async def _select_one(url: str) -> int:

@@ -34,12 +34,6 @@ def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
     return result
 
 
-def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
-
-
 def _usage(usage: Usage) -> batch_pb2.BatchUsage:
     return batch_pb2.BatchUsage(
         input_tokens=_u32(usage.input_tokens),

@@ -24,7 +24,6 @@ from service.domain.errors import Internal, SluiceError
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "sluice"
-T = TypeVar("T")
 
 
 def status_parts(err: SluiceError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:

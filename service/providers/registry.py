@@ -35,9 +35,9 @@ ADAPTER_KINDS: dict[str, str] = {
 }
 
 
-class ConfigError(SystemExit):
-    def __init__(self, path: Path, message: str) -> None:
-        super().__init__(f"{path}: {message}")
+class ConfigError(Exception):
+    """The configuration (a setting, the providers file) cannot be used; the message says what to
+    change. The `sluice` command reports it as `sluice: <message>` and exits with status 2."""
 
 
 def _adapter_class(kind: str) -> type[Provider]:
@@ -58,26 +58,26 @@ def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str,
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(path, f"cannot read providers file: {exc}") from None
+        raise ConfigError(f"{path}: cannot read providers file: {exc}") from None
     providers = data.get("providers") or {}
     if not isinstance(providers, dict):
-        raise ConfigError(path, "'providers' must be a mapping of name -> settings")
+        raise ConfigError(f"{path}: 'providers' must be a mapping of name -> settings")
     entries: dict[str, ProviderEntry] = {}
     for name, spec in providers.items():
         if not isinstance(spec, dict):
-            raise ConfigError(path, f"provider {name!r}: settings must be a mapping")
+            raise ConfigError(f"{path}: provider {name!r}: settings must be a mapping")
         kind = spec.get("kind", name)
         if kind not in ADAPTER_KINDS:
-            raise ConfigError(path, f"provider {name!r}: unknown kind {kind!r} (known: {', '.join(ADAPTER_KINDS)})")
+            raise ConfigError(f"{path}: provider {name!r}: unknown kind {kind!r} (known: {', '.join(ADAPTER_KINDS)})")
         if name == SIM or "/" in name:
-            raise ConfigError(path, f"provider name {name!r} is reserved or contains '/'")
+            raise ConfigError(f"{path}: provider name {name!r} is reserved or contains '/'")
         key_env = spec.get("api_key_env")
         api_key = env.get(key_env, "") if key_env else ""
         if key_env and not api_key:
             log.info("provider %s skipped: %s is not set", name, key_env)
             continue
         if "base_url" not in spec:
-            raise ConfigError(path, f"provider {name!r}: base_url is required")
+            raise ConfigError(f"{path}: provider {name!r}: base_url is required")
         discount = float(spec.get("batch_discount", 0.5))
         models = spec.get("models") or {}
         if isinstance(models, list):

@@ -11,6 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
+from service.providers.registry import ConfigError
 from service.runtime.config import Settings
 
 # Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
@@ -48,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return _command(args)
+    except ConfigError as exc:
+        print(f"sluice: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; configuration errors propagate as `ConfigError` (exit status 2)."""
     settings = Settings.from_env()
     if args.command == "migrate":
         from service.storage.db import migrate
@@ -61,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         generated = "sk-sluice-" + secrets.token_urlsafe(24)
         settings = dataclasses.replace(settings, api_keys={generated: "default"})
     if not settings.api_keys:
-        print("sluice: no API key configured: set SLUICE_API_KEY (or SLUICE_API_KEYS=project=key,...)",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("no API key configured: set SLUICE_API_KEY (or SLUICE_API_KEYS=project=key,...)")
     from service.runtime import server
     from service.runtime.envoy import EnvoyError
 

@@ -1,4 +1,5 @@
-"""Settings, read once from the environment (documented in README.md)."""
+"""Settings, read once from the environment (documented in README.md). A value that cannot be
+used raises `ConfigError`, which the `sluice` command reports."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from service.providers.registry import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
 
@@ -15,7 +18,7 @@ def _float(name: str, default: float) -> float:
     try:
         return float(raw) if raw not in (None, "") else default
     except ValueError as exc:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
 
 
 def _int(name: str, default: int) -> int:
@@ -28,7 +31,7 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         project, sep, key = item.partition("=")
         if not sep or not project.strip() or not key.strip():
-            raise SystemExit(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
+            raise ConfigError(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
         keys[key.strip()] = project.strip()
     return keys
 

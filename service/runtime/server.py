@@ -20,7 +20,7 @@ from service.edge.file_service import FileServicer
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
 from service.intake.file_inputs import BatchInputs
-from service.providers.registry import build_router
+from service.providers.registry import ConfigError, build_router
 from service.providers.routing import Router
 from service.runtime.config import Settings
 from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
@@ -82,7 +82,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     if port == 0:
-        raise SystemExit(f"cannot listen on {settings.grpc_host}:{settings.grpc_port} (port in use?)")
+        raise ConfigError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port} (port in use?)")
     await server.start()
     engine.start()
     for name in (*SERVICE_NAMES, ""):
@@ -124,7 +124,7 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise SystemExit(f"cannot serve REST on {host}:{port} ({exc.strerror}): "
+            raise ConfigError(f"cannot serve REST on {host}:{port} ({exc.strerror}): "
                              "set SLUICE_HTTP_PORT to a free port") from None
 
 
