@@ -196,7 +196,6 @@ class Engine:
         body["model"] = self._provider_model(req)
         return RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
 
-
     async def _close_unfinished(self, batch: BatchRow, status: ResultStatus, code: str, message: str) -> None:
         """Give every line without a result an explicit error result (cancelled/expired/lost)."""
         while pending := await self.store.pending_requests(batch.id, STORE_CHUNK):
