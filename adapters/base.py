@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from adapters.errors import ProviderError
+from adapters.errors import ProviderError  # part of the port: adapters and the engine import it from here
 from adapters.http import HttpClient
-
-__all__ = ["ProviderError"]  # re-exported: part of the port
 
 log = logging.getLogger(__name__)
 
