@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from service.domain.errors import Conflict, NotFound
 from service.domain.model import CANCELLABLE, BatchStatus, LineOutcome, ResultStatus, Usage, can_transition, now
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
+from service.storage.webhooks import record_batch_ended
 
 INSERT_CHUNK = 500
 UPLOADING = "uploading"
@@ -89,6 +90,8 @@ class Store:
             if chunk:
                 await s.execute(self._insert(RequestRow), chunk)
             batch.total = count
+            if BatchStatus(batch.status).terminal:  # failed at creation: its webhook event, atomically
+                await record_batch_ended(s, batch.id, BatchStatus(batch.status))
         return batch
 
     async def get_batch(self, project: str | None, batch_id: str) -> BatchRow:
@@ -223,6 +226,8 @@ class Store:
         async with self.sessions.begin() as s:
             res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.status == src.value)
                                   .values(**values))
+            if res.rowcount == 1 and dst.terminal:  # type: ignore[attr-defined]
+                await record_batch_ended(s, batch_id, dst)  # the webhook outbox, in the same transaction
         return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     async def set_fields(self, batch_id: str, **fields: Any) -> None:
