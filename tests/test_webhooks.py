@@ -39,6 +39,7 @@ from service.storage.repository import Store
 from service.storage.tables import WebhookDeliveryRow, WebhookEventRow
 from service.storage.webhooks import EndpointSpec, WebhookStore, event_id_for
 from sluice.v1 import batch_pb2, file_pb2_grpc, webhook_pb2, webhook_pb2_grpc
+from tests.e2e import start_stack
 from tests.harness import KEY_A, KEY_B, Client, ServerProcess, chat_line, client, gateway, make_settings, md, until
 from tests.test_store import batch_row, requests
 from tests.webhook_receiver import WebhookReceiver
@@ -385,3 +386,32 @@ async def test_two_replicas_deliver_each_event_once(tmp_path: Path, postgres_url
                                           .where(WebhookDeliveryRow.status == "delivered")) == 8
             await until("eight deliveries recorded", all_recorded)
         assert len(rx.requests) == 8
+
+
+def test_deliveries_over_rest_through_envoy(tmp_path: Path) -> None:
+    """The read side through the real REST edge: GET /v1/webhook_endpoints[/{id}/deliveries]."""
+    with WebhookReceiver(SECRET, fail_first=1) as rx:
+        config = write_config(tmp_path / "webhooks.yaml", [endpoint(rx.url)])
+        with start_stack(tmp_path / "stack", f"sqlite+aiosqlite:///{tmp_path}/sluice.db",
+                         SLUICE_WEBHOOKS_FILE=str(config)) as stack:
+            http = stack.http()
+            line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "sim/x", "messages": [{"role": "user", "content": "hi"}]}}
+            batch = http.post("/v1/batches", json={"endpoint": "/v1/chat/completions", "requests": [line]}).json()
+
+            def delivered() -> list[dict[str, Any]] | None:
+                page = http.get("/v1/webhook_endpoints/receiver/deliveries").json()
+                return page["data"] if page["data"] and page["data"][0]["status"] == "delivered" else None
+
+            data = asyncio.run(until("the delivery", lambda: asyncio.to_thread(delivered)))
+            endpoints = http.get("/v1/webhook_endpoints").json()
+            other = stack.http(KEY_B).get("/v1/webhook_endpoints/receiver/deliveries")
+    assert endpoints == {"object": "list", "data": [{
+        "id": "receiver", "object": "webhook_endpoint", "url": rx.url, "event_types": list(ALL_WEBHOOK_EVENT_TYPES),
+        "enabled": True, "created_at": endpoints["data"][0]["created_at"]}]}
+    (d,) = data
+    assert d["batch_id"] == batch["id"] and d["event_type"] == "batch.completed" and d["id"].startswith("evt_")
+    assert [(a["attempt"], a.get("status_code")) for a in d["attempts"]] == [(1, 500), (2, 200)]
+    assert isinstance(d["created_at"], int) and "next_attempt_at" not in d
+    assert other.status_code == 404 and other.json()["error"]["code"] == "webhook_endpoint_not_found"
+    check_event(rx, batch["id"], "batch.completed")

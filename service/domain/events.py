@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from enum import StrEnum
+from itertools import pairwise
 from typing import Any
 
 from service.domain.model import BatchStatus, can_transition
@@ -59,5 +60,5 @@ def statuses_between(previous: BatchStatus, current: BatchStatus,
     start = _PASSAGE.index(previous) + 1 if previous in _PASSAGE else len(_PASSAGE)
     end = _PASSAGE.index(current) if current in _PASSAGE else len(_PASSAGE)
     path = [s for s in _PASSAGE[start:end] if s in visited] + [current]
-    steps = zip([previous, *path], path, strict=False)
-    return path if all(can_transition(a, b) for a, b in steps) else [current]
+    legal = all(can_transition(a, b) for a, b in pairwise([previous, *path]))
+    return path if legal else [current]

@@ -37,8 +37,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from service.domain.json_values import plain_json
 from service.domain.model import SUPPORTED_ENDPOINTS, TERMINAL
-from service.edge.convert import plain_json
 from service.runtime.config import ClientSettings
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
