@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import KEY_A, KEY_B, ServerProcess
+from tests.harness import KEY_A, KEY_B, ROOT, ServerProcess
 
 SLUICE = Path(sys.executable).parent / "sluice"
 
@@ -56,28 +56,39 @@ def questions(path: Path, n: int, model: str = "sim/demo", url: str = "/v1/chat/
     return path
 
 
+def readme_example() -> list[str]:
+    """The shell lines of README.md's "With the command line" example."""
+    text = (ROOT / "README.md").read_text().split("### With the command line", 1)[1]
+    return text.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+
+
 def test_the_readme_example_end_to_end(server: ServerProcess, tmp_path: Path) -> None:
-    """README, "Command line": create with --watch, then the results to a file."""
-    questions(tmp_path / "questions.jsonl", 20)
-    created = ok(sluice(server, "batches", "create", "questions.jsonl", "--watch", cwd=tmp_path))
+    """README, "With the command line", as written: make the file, create with --watch, then the
+    results to a file and the listing."""
+    lines = readme_example()
+    assert lines[0].startswith("export SLUICE_API_KEY=") and lines[-1].startswith(".venv/bin/sluice ")
+    subprocess.run(["bash", "-e", "-c", "\n".join(lines[1:-1])], cwd=tmp_path, check=True, timeout=60)
+    command = lines[-1].split()[1:]
+    assert command == ["batches", "create", "questions.jsonl", "--watch"]
+    created = ok(sluice(server, *command, cwd=tmp_path))
     assert "uploaded questions.jsonl as file-" in created.stderr
-    assert "20/20" in created.stderr and "0 failed" in created.stderr and "tokens" in created.stderr
+    assert "100/100" in created.stderr and "0 failed" in created.stderr and "tokens" in created.stderr
     batch_id = created.stderr.split("created batch ")[1].split()[0]
-    lines = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in created.stdout.splitlines() if line.strip())
-    assert lines["id"].strip() == batch_id and lines["status"].strip() == "completed"
-    assert lines["requests"].strip() == "20 completed, 0 failed, 20 total"
-    assert lines["output file"].strip() == f"file-output-{batch_id.removeprefix('batch_')}"
+    shown = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in created.stdout.splitlines() if line.strip())
+    assert shown["id"] == batch_id and shown["status"] == "completed"
+    assert shown["requests"] == "100 completed, 0 failed, 100 total"
+    assert shown["output file"] == f"file-output-{batch_id.removeprefix('batch_')}"
 
     results = ok(sluice(server, "batches", "results", batch_id, "-o", "answers.jsonl", cwd=tmp_path))
-    assert f"wrote 20 results of {batch_id} (completed) to answers.jsonl" in results.stderr
+    assert f"wrote 100 results of {batch_id} (completed) to answers.jsonl" in results.stderr
     written = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    assert [r["custom_id"] for r in written] == [f"q{i}" for i in range(20)]
+    assert [r["custom_id"] for r in written] == [f"q{i}" for i in range(100)]
     assert all(r["status"] == "completed" and r["status_code"] == 200 for r in written)
     assert written[0]["response"]["choices"][0]["message"]["content"]
     assert isinstance(written[0]["usage"]["total_tokens"], int)
 
     listed = ok(sluice(server, "batches", "list"))
-    assert batch_id in listed.stdout and "20/20" in listed.stdout
+    assert batch_id in listed.stdout and "100/100" in listed.stdout
     files = ok(sluice(server, "files", "list"))
     assert "questions.jsonl" in files.stdout and f"{batch_id}_output.jsonl" in files.stdout
 

@@ -101,6 +101,7 @@ Sluice is running (Ctrl-C stops it).
 Try it:
   export OPENAI_BASE_URL=http://{host}:{http_port}/v1 OPENAI_API_KEY={key}
   curl -s $OPENAI_BASE_URL/batches -H "Authorization: Bearer $OPENAI_API_KEY"
+  SLUICE_ADDRESS={host}:{grpc_port} SLUICE_API_KEY={key} sluice batches list
 """, flush=True)
 
 

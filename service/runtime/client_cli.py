@@ -25,7 +25,9 @@ import grpc
 from google.api import httpbody_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -35,7 +37,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from service.domain.json_values import plain_json
 from service.domain.model import SUPPORTED_ENDPOINTS, TERMINAL
@@ -152,12 +154,19 @@ def as_json(message: Message) -> Any:
                                                 always_print_fields_with_no_presence=True))
 
 
-def _when(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else ""
+def _when(seconds: int, short: bool = False) -> str:
+    """Local time; `short` (listings): to the minute."""
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S") \
+        if seconds else ""
 
 
 def _cost(value: float) -> str:
     return f"${value:.6f}".rstrip("0").rstrip(".") if value else "$0"
+
+
+def _table(*headers: str) -> Table:
+    return Table(*(Column(h, no_wrap=True) for h in headers), box=box.SIMPLE_HEAD, pad_edge=False,
+                 collapse_padding=True)
 
 
 class Out:
@@ -169,6 +178,13 @@ class Out:
         if not self.stdout.is_terminal:  # a file or a pipe: no 80-column wrapping of tables
             self.stdout = Console(soft_wrap=True, width=200)
         self.stderr = Console(stderr=True)
+
+    def table(self, table: Table) -> None:
+        """At its natural width, even wider than the terminal (which then wraps the lines, as
+        kubectl's do): ids are for copying, never cut or folded."""
+        natural = Measurement.get(self.stdout, self.stdout.options.update_width(10_000), table).maximum
+        console = self.stdout if natural <= self.stdout.width else Console(soft_wrap=True, width=natural)
+        console.print(table)
 
     def say(self, text: str) -> None:
         """A plain line on stderr (never wrapped or styled: scripts and tests read it)."""
@@ -213,21 +229,21 @@ class Out:
         if self.json:
             self.emit(as_json(page))
             return
-        table = Table("ID", "STATUS", "ENDPOINT", "MODEL", "DONE", "FAILED", "TOKENS", "COST", "CREATED")
+        table = _table("ID", "STATUS", "MODEL", "DONE", "FAILED", "TOKENS", "COST", "CREATED")
         for b in page.data:
             counts = b.request_counts
-            table.add_row(b.id, b.status, b.endpoint, b.model if b.HasField("model") else "",
+            table.add_row(b.id, b.status, b.model if b.HasField("model") else "",
                           f"{counts.completed + counts.failed}/{counts.total}", str(counts.failed),
-                          str(b.usage.total_tokens), _cost(b.usage.total_cost), _when(b.created_at))
-        self.stdout.print(table)
+                          str(b.usage.total_tokens), _cost(b.usage.total_cost), _when(b.created_at, short=True))
+        self.table(table)
         if page.has_more:
             self.say(f"more: --after {page.last_id}")
 
     def files(self, files: list[Any], has_more: bool = False) -> None:
-        table = Table("ID", "FILENAME", "PURPOSE", "BYTES", "STATUS", "CREATED")
+        table = _table("ID", "FILENAME", "PURPOSE", "BYTES", "STATUS", "CREATED")
         for f in files:
-            table.add_row(f.id, f.filename, f.purpose, str(f.bytes), f.status, _when(f.created_at))
-        self.stdout.print(table)
+            table.add_row(f.id, f.filename, f.purpose, str(f.bytes), f.status, _when(f.created_at, short=True))
+        self.table(table)
         if has_more and files:
             self.say(f"more: --after {files[-1].id}")
 
@@ -273,7 +289,7 @@ def cmd_batches_create(api: Api, out: Out, args: argparse.Namespace) -> int:
         request.metadata.update(_metadata(args.metadata))
     batch = api.call(api.batches.CreateBatch, request)
     if not out.json:
-        out.say(f"uploaded {path.name} as {uploaded.id}; created batch {batch.id}")
+        out.say(f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
     if args.watch:
         return _watch(api, out, batch.id)
     out.batch(batch)
