@@ -199,7 +199,9 @@ class Store:
         claimed = []
         for batch_id in candidates:
             async with self.sessions.begin() as s:
-                res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, free).values(
+                # Not terminal, again: the candidate list may be stale (a step that just ended it).
+                res = await s.execute(update(BatchRow).where(
+                    BatchRow.id == batch_id, free, BatchRow.status.not_in(terminal)).values(
                     lease_owner=owner, lease_until=t + lease_seconds))
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 claimed.append(batch_id)
