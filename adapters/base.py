@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from adapters.errors import ProviderError  # part of the port: adapters and the engine import it from here
+from adapters.errors import ProviderError as ProviderError  # re-exported: part of the port
 from adapters.http import HttpClient
 
 log = logging.getLogger(__name__)

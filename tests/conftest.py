@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from service.storage.db import create_engine, migrate
+from service.storage.repository import Store
 from tests.harness import Client, gateway, make_settings
 from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
 
@@ -30,3 +32,14 @@ async def sluice(sqlite_url: str) -> AsyncIterator[Client]:
     """A gateway on SQLite with the sim provider answering at once."""
     async with gateway(make_settings(sqlite_url)) as (_, c):
         yield c
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """A migrated, empty store on each backend."""
+    await migrate(db_url)
+    s = Store(create_engine(db_url))
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -38,16 +38,6 @@ from tests.harness import ROOT
 TABLES = {"api_keys", "batches", "batch_requests", "batch_results", "files", "file_chunks"}
 
 
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await migrate(db_url)
-    s = Store(create_engine(db_url))
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 def batch_row(project: str = "alpha", **fields: Any) -> BatchRow:
     row = BatchRow.new(id=new_id("batch_"), project=project, endpoint="/v1/chat/completions",
                        completion_window="24h", created_at=now())

@@ -6,7 +6,8 @@ are `SluiceError`s and are turned into statuses by `translate_errors`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable, Iterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any, TypeAlias
 
 from service.domain.errors import InvalidRequest, PayloadTooLarge
@@ -14,6 +15,7 @@ from service.domain.model import MAX_REQUESTS, now
 from service.edge import convert
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
+from service.edge.watch import watch_batch
 from service.intake.file_inputs import BatchInputs
 from service.intake.validation import (
     LineProblem,
@@ -62,12 +64,16 @@ def inline_requests(lines: Any, validator: LineValidator) -> list[NewRequest]:
 @translate_errors
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
     def __init__(self, store: Store, auth: Authenticator, router: Router, on_change: Callable[[], None],
-                 inputs: BatchInputs) -> None:
+                 inputs: BatchInputs, *, watch_poll_seconds: float = 0.25,
+                 closing: asyncio.Event | None = None) -> None:
         self.store = store
         self.auth = auth
         self.router = router
         self.on_change = on_change
         self.inputs = inputs
+        self.watch_poll_seconds = watch_poll_seconds
+        # Set when the server shuts down: watch streams end at once instead of holding it up.
+        self.closing = closing or asyncio.Event()
 
     async def _project(self, context: Context) -> str:
         return await self.auth.project(context.invocation_metadata())
@@ -139,3 +145,9 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         batch, req, res = await self.store.get_result(await self._project(context), request.batch_id,
                                                       request.custom_id)
         return convert.result_message(batch, req, res)
+
+    async def WatchBatch(self, request: batch_pb2.WatchBatchRequest,
+                         context: Context) -> AsyncIterator[batch_pb2.WatchBatchResponse]:
+        project = await self._project(context)
+        async for kind, batch in watch_batch(self.store, project, request.id, self.watch_poll_seconds, self.closing):
+            yield batch_pb2.WatchBatchResponse(type=kind.value, batch=batch)

@@ -1,8 +1,8 @@
 """Rows to protobuf messages, and protobuf JSON values back to plain JSON.
 
 `google.protobuf.Struct` holds every number as a double, so `{"max_tokens": 100}` arrives as
-100.0; providers with strict schemas reject that. `plain_json` turns integral doubles back into
-integers before a body is stored or sent anywhere.
+100.0; providers with strict schemas reject that. `plain_json` (service/domain/json_values.py)
+turns integral doubles back into integers before a body is stored or sent anywhere.
 """
 
 from __future__ import annotations
@@ -12,21 +12,10 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from service.domain.json_values import plain_json
 from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage, request_counts
 from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
-
-MAX_SAFE_INT = 2**53
-
-
-def plain_json(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_SAFE_INT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: plain_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain_json(v) for v in value]
-    return value
 
 
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from service.providers.registry import ConfigError
+from service.runtime import client_cli
 from service.runtime.config import Settings
 
 # Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
@@ -27,7 +28,10 @@ ENV_HELP = """environment:
   SLUICE_API_KEY                        API key of the 'default' project
   SLUICE_API_KEYS                       more keys: project=key,other=key2
   SLUICE_SIM_LATENCY_MS / SLUICE_SIM_FAILURE_RATE   the built-in sim provider
+  SLUICE_WEBHOOKS_FILE                  webhook endpoints (YAML; see README.md, "Webhooks")
+  SLUICE_RUN_ENGINE                     false: serve the API only; other replicas drive batches
   SLUICE_LOG_LEVEL                      INFO (default), DEBUG, WARNING
+  SLUICE_ADDRESS                        the server, for `sluice batches|files` (127.0.0.1:50051)
 See README.md for the full list."""
 
 
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                          epilog=ENV_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--work-dir", default="var", help="where Envoy's rendered config and logs go (var/)")
     sub.add_parser("migrate", help="apply database migrations and exit")
+    client_cli.add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("batches", "files"):
+        return client_cli.run(args)
 
     logging.basicConfig(level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -102,6 +109,7 @@ Sluice is running (Ctrl-C stops it).
 Try it:
   export OPENAI_BASE_URL=http://{host}:{http_port}/v1 OPENAI_API_KEY={key}
   curl -s $OPENAI_BASE_URL/batches -H "Authorization: Bearer $OPENAI_API_KEY"
+  SLUICE_ADDRESS={host}:{grpc_port} SLUICE_API_KEY={key} sluice batches list
 """, flush=True)
 
 

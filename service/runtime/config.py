@@ -25,6 +25,17 @@ def _int(name: str, default: int) -> int:
     return int(_float(name, default))
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+
+
 def parse_api_keys(raw: str) -> dict[str, str]:
     """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
     keys: dict[str, str] = {}
@@ -54,6 +65,12 @@ class Settings:
     expiry_grace_seconds: float = 2 * 3600.0  # native batches: see the engine's watchdog
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     max_message_bytes: int = 64 * 1024 * 1024
+    # Webhook endpoints and delivery settings (YAML; README.md, "Webhooks").
+    webhooks_file: Path | None = None
+    # False: serve the API (watch streams included) but drive no batches and send no webhooks.
+    run_engine: bool = True
+    # How often a WatchBatch stream looks at its batch: bounds progress events to a few a second.
+    watch_poll_seconds: float = 0.25
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -77,4 +94,19 @@ class Settings:
             lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
             expiry_grace_seconds=_float("SLUICE_EXPIRY_GRACE_SECONDS", 2 * 3600.0),
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            webhooks_file=Path(webhooks) if (webhooks := os.environ.get("SLUICE_WEBHOOKS_FILE", "").strip()) else None,
+            run_engine=_bool("SLUICE_RUN_ENGINE", True),
         )
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the `sluice batches|files` commands send their RPCs, and with which key."""
+
+    address: str = "127.0.0.1:50051"
+    api_key: str = ""
+
+    @classmethod
+    def from_env(cls) -> ClientSettings:
+        return cls(address=os.environ.get("SLUICE_ADDRESS", "").strip() or "127.0.0.1:50051",
+                   api_key=os.environ.get("SLUICE_API_KEY", "").strip())

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from service.edge.auth import Authenticator
 from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
+from service.edge.webhook_service import WebhookServicer
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
+from service.engine.webhooks import WebhookConfig, WebhookConfigError, WebhookDispatcher, load_webhooks, new_secret
 from service.intake.file_inputs import BatchInputs
 from service.providers.registry import ConfigError, build_router
 from service.providers.routing import Router
@@ -26,11 +29,13 @@ from service.runtime.config import Settings
 from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
-from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
+from service.storage.webhooks import WebhookStore
+from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
-                 file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name)
+                 file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+                 webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name)
 
 
 @dataclass
@@ -41,20 +46,42 @@ class App:
     router: Router
     health: health.aio.HealthServicer
     port: int
+    webhooks: WebhookDispatcher | None = None
+    # Set first thing on stop: watch streams end rather than hold the shutdown for `grace`.
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self, grace: float = 10.0) -> None:
         """In-flight RPCs get `grace` seconds; the engine finishes its current steps."""
+        self.closing.set()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.engine.stop()
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         await self.router.aclose()
         await self.store.close()
 
 
+def webhook_config(settings: Settings) -> WebhookConfig:
+    if settings.webhooks_file is None:
+        return WebhookConfig()
+    try:
+        return load_webhooks(settings.webhooks_file, os.environ)
+    except WebhookConfigError as exc:
+        raise SystemExit(f"sluice: {exc}") from None
+
+
 async def start(settings: Settings, router: Router | None = None) -> App:
+    webhooks = webhook_config(settings)
     await migrate(settings.database_url)
     store = Store(create_engine(settings.database_url))
+    webhook_store = WebhookStore(store.engine)
+    for endpoint_id, secret in (await webhook_store.sync_endpoints(webhooks.endpoints, new_secret)).items():
+        # Shown once (stdout, never the log): the receiver needs it to verify signatures.
+        print(f"Webhook endpoint '{endpoint_id}': signing secret {secret}\n"
+              "  (generated now and shown only this once; give it to the receiver, or put `secret:` in the "
+              "webhooks file)", flush=True)
     auth = Authenticator(store)
     await auth.register(settings.api_keys)
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
@@ -74,9 +101,12 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
     ])
+    closing = asyncio.Event()
     batch_pb2_grpc.add_BatchServiceServicer_to_server(
-        BatchServicer(store, auth, router, engine.wake, BatchInputs(store)), server)
+        BatchServicer(store, auth, router, engine.wake, BatchInputs(store),
+                      watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
     file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(store, auth), server)
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_store, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -84,12 +114,17 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     if port == 0:
         raise ConfigError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port} (port in use?)")
     await server.start()
-    engine.start()
+    dispatcher = None
+    if settings.run_engine:
+        engine.start()
+        if webhooks.endpoints:
+            dispatcher = WebhookDispatcher(webhook_store, webhooks, settings.replica_id)
+            dispatcher.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
              settings.database_url.split("@")[-1])
-    return App(server, store, engine, router, health_servicer, port)
+    return App(server, store, engine, router, health_servicer, port, dispatcher, closing)
 
 
 async def _until_signal() -> None:

@@ -40,6 +40,7 @@ from service.domain.model import (
     now,
 )
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
+from service.storage.webhooks import record_batch_ended
 
 INSERT_CHUNK = 500
 
@@ -122,6 +123,8 @@ class Store:
             if chunk:
                 await s.execute(self._insert(RequestRow), chunk)
             batch.total = count
+            if BatchStatus(batch.status).terminal:  # failed at creation: its webhook event, atomically
+                await record_batch_ended(s, batch.id, BatchStatus(batch.status))
         return batch
 
     async def get_batch(self, project: str, batch_id: str) -> BatchRow:
@@ -268,6 +271,8 @@ class Store:
         async with self.sessions.begin() as s:
             res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.status == src)
                                   .values(**values))
+            if res.rowcount == 1 and dst.terminal:  # type: ignore[attr-defined]
+                await record_batch_ended(s, batch_id, dst)  # the webhook outbox, in the same transaction
         return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
     async def _update(self, batch_id: str, **values: Any) -> None:

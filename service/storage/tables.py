@@ -12,7 +12,7 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, Dialect, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import BigInteger, Boolean, Dialect, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -196,3 +196,74 @@ class FileChunkRow(Base):
     file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WebhookEndpointRow(Base):
+    """A webhook destination of a project (from the webhooks file, `SLUICE_WEBHOOKS_FILE`).
+
+    The signing secret is kept as given: Sluice must sign with it, so it cannot be hashed. An
+    endpoint removed from the file is disabled, not deleted, so its delivery history stays."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(Text)
+    # Comma-separated event types, e.g. "batch.completed,batch.failed".
+    event_types: Mapped[str] = mapped_column(String(256))
+    secret: Mapped[str] = mapped_column(String(256))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_webhook_endpoints_project", "project", "id"),)
+
+
+class WebhookEventRow(Base):
+    """The outbox: one row per batch that ended, written in the transaction that ends it."""
+
+    __tablename__ = "webhook_events"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # evt_..., also the webhook-id
+    project: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    batch_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_webhook_events_batch", "batch_id"),)
+
+
+class WebhookDeliveryRow(Base):
+    """One event owed to one endpoint: pending until delivered or given up (`failed`).
+
+    Delivery workers of every replica claim due rows with a compare-and-set on the lease."""
+
+    __tablename__ = "webhook_deliveries"
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+                                             primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "event_id"),
+    )
+
+
+class WebhookAttemptRow(Base):
+    """One HTTP attempt of a delivery and what came of it."""
+
+    __tablename__ = "webhook_attempts"
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)  # 1-based
+    attempted_at: Mapped[int] = mapped_column(BigInteger)
+    status_code: Mapped[int | None] = mapped_column(Integer)  # None: no HTTP answer
+    error: Mapped[str | None] = mapped_column(Text)  # None: delivered
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)

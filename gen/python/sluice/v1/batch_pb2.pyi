@@ -251,3 +251,17 @@ class GetBatchResultRequest(_message.Message):
     batch_id: str
     custom_id: str
     def __init__(self, batch_id: _Optional[str] = ..., custom_id: _Optional[str] = ...) -> None: ...
+
+class WatchBatchRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class WatchBatchResponse(_message.Message):
+    __slots__ = ("type", "batch")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    batch: Batch
+    def __init__(self, type: _Optional[str] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...

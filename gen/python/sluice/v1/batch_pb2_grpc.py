@@ -65,6 +65,11 @@ class BatchServiceStub:
                 request_serializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_batch__pb2.BatchResult.FromString,
                 _registered_method=True)
+        self.WatchBatch = channel.unary_stream(
+                '/sluice.v1.BatchService/WatchBatch',
+                request_serializer=sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.FromString,
+                _registered_method=True)
 
 
 class BatchServiceServicer:
@@ -125,6 +130,21 @@ class BatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchBatch(self, request, context):
+        """Streams a batch as it runs: first the batch as it is now (`snapshot`), then the batch again
+        on every status change (`status`) and when its counts, usage or cost change (`progress`, a
+        few per second at most); the stream ends after a terminal status. It follows the batch in
+        the database, so it works whichever replica drives the batch. A stream that ends before a
+        terminal status (a server restart) can simply be opened again: it starts with the current
+        state. Through Envoy this is `GET /v1/batches/{id}/events` as Server-Sent Events: one
+        `data: {"type": ..., "batch": {...}}` event per message. (A result whose `custom_id` is
+        literally `events` cannot be read with `GET /v1/batches/{id}/events` for the same reason
+        as `results`: the literal path wins.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +177,11 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.GetBatchResult,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_batch__pb2.BatchResult.SerializeToString,
+            ),
+            'WatchBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBatch,
+                    request_deserializer=sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +347,33 @@ class BatchService:
             '/sluice.v1.BatchService/GetBatchResult',
             sluice_dot_v1_dot_batch__pb2.GetBatchResultRequest.SerializeToString,
             sluice_dot_v1_dot_batch__pb2.BatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.BatchService/WatchBatch',
+            sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.SerializeToString,
+            sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
