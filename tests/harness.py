@@ -17,10 +17,13 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
+from sqlalchemy import update
 
 from service.providers.routing import Router
 from service.runtime.config import Settings
 from service.runtime.server import App, start
+from service.storage.repository import Store
+from service.storage.tables import BatchRow
 from sluice.v1 import batch_pb2, batch_pb2_grpc
 
 KEY_A = "sk-test-alpha-0123456789"
@@ -59,6 +62,13 @@ def chat_line(custom_id: str, text: str = "hello there", model: str = "sim/small
     body = struct_pb2.Struct()
     body.update({"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16, **extra})
     return batch_pb2.BatchRequestLine(custom_id=custom_id, method="POST", url="/v1/chat/completions", body=body)
+
+
+async def move_expiry(store: Store, batch_id: str, expires_at: int) -> None:
+    """Simulate the passage of time for a batch: set its `expires_at` (the window is always 24 h,
+    so tests that need expiry move the batch's end rather than wait a day)."""
+    async with store.sessions.begin() as s:
+        await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=expires_at))
 
 
 @dataclass

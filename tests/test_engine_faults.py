@@ -10,14 +10,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import update
 
 from adapters.openai import OpenAIAdapter
 from service.storage.db import create_engine
 from service.storage.repository import Store
-from service.storage.tables import BatchRow
 from tests import native_scenarios as sc
-from tests.harness import gateway
+from tests.harness import gateway, move_expiry
 from tests.native_scenarios import HOLD, Flavor, fake_server  # noqa: F401  (module-scoped fixture)
 from tests.provider_fake import ProviderFake
 
@@ -44,8 +42,7 @@ async def end_window_in(db: str, batch_id: str, seconds: float) -> float:
     store = Store(create_engine(db))
     try:
         expires_at = int(time.time() + seconds)
-        async with store.sessions.begin() as s:
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(expires_at=expires_at))
+        await move_expiry(store, batch_id, expires_at)
     finally:
         await store.close()
     return expires_at + GRACE

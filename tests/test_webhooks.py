@@ -40,7 +40,19 @@ from service.storage.tables import WebhookDeliveryRow, WebhookEventRow
 from service.storage.webhooks import EndpointSpec, WebhookStore, event_id_for
 from sluice.v1 import batch_pb2, file_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 from tests.e2e import start_stack
-from tests.harness import KEY_A, KEY_B, Client, ServerProcess, chat_line, client, gateway, make_settings, md, until
+from tests.harness import (
+    KEY_A,
+    KEY_B,
+    Client,
+    ServerProcess,
+    chat_line,
+    client,
+    gateway,
+    make_settings,
+    md,
+    move_expiry,
+    until,
+)
 from tests.test_store import batch_row, requests
 from tests.webhook_receiver import WebhookReceiver
 
@@ -205,7 +217,7 @@ async def test_no_event_without_the_status_and_no_status_without_the_event(store
                               created_at=now()))
     with pytest.raises(IntegrityError):
         await store.transition(batch.id, BatchStatus.IN_PROGRESS, BatchStatus.EXPIRED)
-    assert (await store.get_batch(None, batch.id)).status == "in_progress"
+    assert (await store.engine_batch(batch.id)).status == "in_progress"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -237,7 +249,7 @@ async def test_each_ending_gives_one_verified_event_after_two_500s(tmp_path: Pat
             cancelling = await c.create(slow)
             for b in (expiring, cancelling):
                 await c.wait_until(b.id, lambda b: b.status == "in_progress")
-            await app.store.set_fields(expiring.id, expires_at=now() - 1)
+            await move_expiry(app.store, expiring.id, now() - 1)
             await c.stub.CancelBatch(batch_pb2.CancelBatchRequest(id=cancelling.id), metadata=md())
 
             ended = {b.id: await c.wait_for(b.id) for b in (done, failed, expiring, cancelling)}
