@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import Client, gateway, make_settings
 from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
+from tests.provider_fake.server import live_fakes
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -30,3 +31,18 @@ async def sluice(sqlite_url: str) -> AsyncIterator[Client]:
     """A gateway on SQLite with the sim provider answering at once."""
     async with gateway(make_settings(sqlite_url)) as (_, c):
         yield c
+
+
+@pytest.fixture(autouse=True)
+def provider_fake_conformance() -> Iterator[None]:
+    """Fail any test during which a provider fake saw a request, or sent an answer, that breaks the
+    provider's official spec (tests/provider_fake/conformance.py). A test that breaks one on purpose
+    takes its violations with `fake.take_violations()` and asserts on them."""
+    yield
+    found: dict[str, int] = {}
+    for fake in live_fakes():
+        for v in fake.take_violations():
+            found[str(v)] = found.get(str(v), 0) + 1
+    if found:
+        lines = [f"  - {text}" + (f" (x{n})" if n > 1 else "") for text, n in found.items()]
+        pytest.fail("the provider fake saw spec violations:\n" + "\n".join(lines), pytrace=False)

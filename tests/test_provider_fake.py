@@ -47,6 +47,11 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
+def taken(fake: ProviderFake) -> list[str]:
+    """The spec violations this test provoked on purpose (taken, so the conformance fixture passes)."""
+    return [f"{v.where}: {v.message}" for v in fake.take_violations()]
+
+
 # ============================================================================ OpenAI
 
 
@@ -84,7 +89,8 @@ def test_openai_happy_path_with_fail_line(fake: ProviderFake) -> None:
             chat_line("c", "CACHE THINK one two")]
     b = oa_create(c, rows)
     assert b["status"] == "validating" and b["object"] == "batch" and b["request_counts"]["total"] == 0
-    assert b["output_file_id"] is None and b["metadata"] == {"job": "t"} and b["model"] == "gpt-4o-mini"
+    # OpenAI's spec types output_file_id etc. without null: absent until set
+    assert "output_file_id" not in b and b["metadata"] == {"job": "t"} and b["model"] == "gpt-4o-mini"
     b, seen = poll(c, f"/batches/{b['id']}", "status", OA_TERMINAL)
     assert seen == ["in_progress", "finalizing", "completed"]
     assert b["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
@@ -145,7 +151,9 @@ def test_openai_auth_and_validation_errors(fake: ProviderFake) -> None:
     assert seen == ["failed"] and b["failed_at"]
     codes = {e["code"] for e in b["errors"]["data"]}
     assert {"duplicate_custom_id", "url_mismatch"} <= codes
-    assert b["output_file_id"] is None and b["error_file_id"] is None
+    assert "output_file_id" not in b and "error_file_id" not in b
+    assert taken(fake) == ["line 1: not JSON: Expecting value: line 1 column 1 (char 0)",
+                           "request: body completion_window: '48h' is not one of ['24h']"]
 
 
 def test_openai_fault_429_then_success(fake: ProviderFake) -> None:
@@ -245,12 +253,14 @@ def test_azure_specifics(fake: ProviderFake) -> None:
     av = {"api-version": "2024-10-21"}
     c = httpx.Client(base_url=fake.url("azure"), headers={"api-key": fake.key("azure")}, params=av)
     assert httpx.get(fake.url("azure") + "/batches", headers={"api-key": fake.key("azure")}).status_code == 400
+    assert taken(fake) == ["request: required query parameter 'api-version' is missing"]
     bad = httpx.get(fake.url("azure") + "/batches", headers={"api-key": "nope"}, params=av)
-    assert bad.status_code == 401 and bad.json()["error"]["code"] == "401"
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"  # the spec's ErrorCode
     rows = [chat_line("a", "hi", model="my-deploy", url="/chat/completions"),
             chat_line("b", "yo", model="my-deploy", url="/chat/completions")]
-    up = c.post("/files", files={"file": ("in.jsonl", jsonl(rows))}, data={"purpose": "batch"}).json()
-    assert up["status"] == "pending"
+    created = c.post("/files", files={"file": ("in.jsonl", jsonl(rows))}, data={"purpose": "batch"})
+    up = created.json()
+    assert created.status_code == 201 and up["status"] == "pending"
     assert c.get(f"/files/{up['id']}").json()["status"] == "pending"
     assert c.get(f"/files/{up['id']}").json()["status"] == "processed"
     b = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/chat/completions",
@@ -264,7 +274,8 @@ def test_azure_specifics(fake: ProviderFake) -> None:
     b = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/chat/completions",
                                  "completion_window": "24h"}).json()
     b = c.get(f"/batches/{b['id']}").json()
-    assert b["status"] == "failed" and b["errors"]["data"][0]["code"] == "model_mismatch"
+    # Azure 2024-10-21's BatchErrors: `data` is one object, `line` a string
+    assert b["status"] == "failed" and b["errors"]["data"]["code"] == "model_mismatch"
 
 
 def test_groq_specifics(fake: ProviderFake) -> None:
@@ -291,14 +302,15 @@ def test_together(fake: ProviderFake) -> None:
     c = httpx.Client(base_url=fake.url("together"), headers={"Authorization": f"Bearer {fake.key('together')}"})
     rows = [{"custom_id": "a", "body": {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}},
             {"custom_id": "b", "body": {"model": "m", "messages": [{"role": "user", "content": "FAIL"}]}}]
-    assert c.post("/files", files={"file": ("i.jsonl", jsonl(rows))}, data={"purpose": "batch"}).status_code == 400
-    # legacy redirect upload flow
-    r = c.post("/files", data={"purpose": "batch-api", "file_name": "i.jsonl", "file_type": "jsonl"})
-    assert r.status_code == 302
-    fid = r.headers["X-Together-File-Id"]
-    assert httpx.put(r.headers["Location"], content=jsonl(rows)).status_code == 200
-    assert c.post(f"/files/{fid}/preprocess").json()["processed"] is True
-    r = c.post("/batches", json={"input_file_id": fid, "endpoint": "/v1/chat/completions"})
+    assert c.post("/files/upload", files={"file": ("i.jsonl", jsonl(rows))},
+                  data={"purpose": "batch", "file_name": "i.jsonl"}).status_code == 400
+    assert taken(fake) == ["request: body purpose: 'batch' is not one of ['fine-tune', 'eval', 'eval-sample', "
+                           "'eval-output', 'eval-summary', 'batch-generated', 'batch-api']"]
+    up = c.post("/files/upload", files={"file": ("i.jsonl", jsonl(rows))},
+                data={"purpose": "batch-api", "file_name": "input.jsonl"}).json()
+    assert up["filename"] == "input.jsonl" and up["Processed"] is True and up["FileType"] == "jsonl"
+    r = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/v1/chat/completions"})
+    assert r.status_code == 201
     job = r.json()["job"]
     assert job["status"] == "VALIDATING" and re.match(r"\d{4}-\d\d-\d\dT", job["created_at"])
     assert "request_counts" not in job and job["progress"] == 0
@@ -308,7 +320,9 @@ def test_together(fake: ProviderFake) -> None:
     err = parse_jsonl(c.get(f"/files/{job['error_file_id']}/content").text)
     assert [x["custom_id"] for x in out] == ["a"] and [x["custom_id"] for x in err] == ["b"]
     assert isinstance(c.get("/batches").json(), list)
-    assert httpx.get(fake.url("together") + "/batches").status_code == 401
+    denied = httpx.get(fake.url("together") + "/batches")
+    assert denied.status_code == 401 and denied.json() == {"error": "Invalid API key provided."}
+    assert taken(fake) == ["request: credentials missing: needs bearerAuth (Authorization: Bearer <token>)"]
 
 
 # ============================================================================ Anthropic
@@ -518,6 +532,7 @@ def test_mistral(fake: ProviderFake) -> None:
     assert up["purpose"] == "batch" and up["num_lines"] == 2
     r = c.post("/batch/jobs", json={"input_files": [up["id"]], "endpoint": "/v1/bogus", "model": "m"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "endpoint"]
+    assert [t[:40] for t in taken(fake)] == ["request: body endpoint: '/v1/bogus' is n"]
     job = c.post("/batch/jobs", json={"input_files": [up["id"]], "endpoint": "/v1/chat/completions",
                                       "model": "mistral-small-latest"}).json()
     assert job["status"] == "QUEUED" and job["total_requests"] == 2
@@ -544,6 +559,7 @@ def test_mistral(fake: ProviderFake) -> None:
     assert lst["object"] == "list" and lst["total"] == 3 and len(lst["data"]) == 2
     assert len(c.get("/batch/jobs", params={"page": 1, "page_size": 2}).json()["data"]) == 1
     assert httpx.get(fake.url("mistral") + "/batch/jobs").status_code == 401
+    assert taken(fake) == ["request: credentials missing: needs ApiKey (Authorization: Bearer <token>)"]
 
 
 # ============================================================================ process mode

@@ -343,15 +343,15 @@ class Engine:
 
     async def _submit(self, batch: BatchRow, adapter: NativeBatchAdapter) -> None:
         provider_id = None
+        job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint,
+                       model=self.router.resolve(batch.model).model if batch.model else "",
+                       completion_window=batch.completion_window, line_count=batch.total)
         if batch.submit_started_at is not None:
-            provider_id = await adapter.find_submitted(batch.id)
+            provider_id = await adapter.find_submitted(batch.id, job=job, since=batch.submit_started_at)
             if provider_id:
                 log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
         if provider_id is None:
             await self.store.set_fields(batch.id, submit_started_at=now())
-            job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint,
-                           model=self.router.resolve(batch.model).model if batch.model else "",
-                           completion_window=batch.completion_window, line_count=batch.total)
             provider_id = await adapter.submit(job, self._lines(batch))
             log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
         await self.store.set_fields(batch.id, provider_batch_id=provider_id)

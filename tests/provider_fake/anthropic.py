@@ -15,6 +15,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     fail_message,
     json_response,
@@ -47,6 +48,14 @@ class Anthropic(Provider):
             route("POST", BASE + r"/([^/]+)/cancel", self.cancel),
             route("GET", BASE + r"/([^/]+)/results", self.results),
         ]
+
+    def target(self, req: Request) -> Target:
+        if req.method == "POST" and req.path == BASE:
+            return Target(None, "create")
+        m = re.match("^" + re.escape(BASE) + r"/([^/]+)(/cancel|/results)?$", req.path)
+        if m:
+            return Target(m.group(1), {"/cancel": "cancel", "/results": "results"}.get(m.group(2) or "", "status"))
+        return Target()
 
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         kind = kind or "invalid_request_error"
@@ -202,7 +211,7 @@ class Anthropic(Provider):
         end_time = None
         if ended:
             end_time = max(v for k, v in b.times.items())
-        return {
+        obj: JSON = {
             "id": b.id, "type": "message_batch", "processing_status": b.state,
             "request_counts": counts,
             "created_at": rfc3339(b.created_at), "expires_at": rfc3339(b.created_at + 86400),
@@ -210,3 +219,4 @@ class Anthropic(Provider):
             "archived_at": None,
             "results_url": f"{req.base_url}{BASE}/{b.id}/results" if ended else None,
         }
+        return self.store.overridden(b, obj, "processing_status", obj["request_counts"])
