@@ -410,7 +410,7 @@ class AnthropicAdapter(NativeBatchAdapter):
             raise ProviderError(
                 f"{self.name}: cannot tell yet whether batch {batch_id} was created before the crash: "
                 f"{', '.join(undecided)} (same request count, created since the submit started) must end "
-                "first", provider=self.name, retryable=True, retry_after=60.0, code="submission_undecided")
+                "first", provider=self.name, retryable=True, code="submission_undecided")
         return None
 
     async def _batches_since(self, earliest: float) -> AsyncIterator[Mapping[str, Any]]:

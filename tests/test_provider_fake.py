@@ -584,3 +584,102 @@ def test_subprocess_mode() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ============================================================================ fault switches for engine tests
+
+
+def finished_openai_batches(fake: ProviderFake, c: httpx.Client, n: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        b = oa_create(c, [chat_line("a", f"hello {i}"), chat_line("b", "FAIL it")])
+        fake.complete("openai", b["id"])
+        out.append(c.get(f"/batches/{b['id']}").json())
+    return out
+
+
+def test_results_download_failing_forever_per_batch_or_globally(fake: ProviderFake) -> None:
+    c = oa(fake)
+    first, second = finished_openai_batches(fake, c, 2)
+    fake.add_fault(provider="openai", kind="results", batch=first["id"], status=404, times=None)
+    for _ in range(5):  # forever: every download of that batch's output or error file
+        assert c.get(f"/files/{first['output_file_id']}/content").status_code == 404
+        assert c.get(f"/files/{first['error_file_id']}/content").status_code == 404
+    assert c.get(f"/files/{second['output_file_id']}/content").status_code == 200  # another batch
+    assert c.get(f"/batches/{first['id']}").status_code == 200  # status polls are not results
+    assert fake.state()["faults_pending"] == [None]
+    fake.clear_faults()
+    fake.add_fault(provider="openai", kind="results", raw_body='{"custom_id": "sl-0", "resp', times=None)
+    for b in (first, second):
+        r = c.get(f"/files/{b['output_file_id']}/content")
+        assert r.status_code == 200 and r.text == '{"custom_id": "sl-0", "resp'  # unreadable, every time
+    fake.clear_faults()
+    fake.add_fault(kind="results", status=500, times=None)  # any provider
+    an_c = an(fake)
+    ab = an_c.post(AB, json={"requests": [an_req("a", "hi")]}).json()
+    fake.complete("anthropic", ab["id"])
+    assert an_c.get(f"{AB}/{ab['id']}/results").status_code == 500
+    assert an_c.get(f"{AB}/{ab['id']}").status_code == 200
+    log = [(r["kind"], r["batch"], r["status"]) for r in fake.state()["requests"] if r["fault"]]
+    assert ("results", ab["id"], 500) in log
+
+
+def test_status_that_stays_unknown_and_nonsense_counts(fake: ProviderFake) -> None:
+    """What a batch *reports* can be pinned, whatever it really does; the fake's answers then break
+    the spec on purpose, so they are not checked against it."""
+    c = oa(fake)
+    b = oa_create(c, [chat_line("a", "one"), chat_line("b", "two"), chat_line("c", "three")])
+    fake.settings("openai", b["id"], reported_status="mystery_state", reported_counts={"completed": 95, "failed": 5})
+    for _ in range(6):
+        got = c.get(f"/batches/{b['id']}").json()
+        assert got["status"] == "mystery_state"
+        assert got["request_counts"]["completed"] == 95 and got["request_counts"]["failed"] == 5
+    assert fake.state()["batches"]["openai"][b["id"]]["kind"] == "completed"  # it really finished
+    fake.configure(reported_status="weird")  # every new batch, any provider
+    try:
+        assert oa_create(c, [chat_line("a", "x")])["status"] == "weird"
+        ab = an(fake).post(AB, json={"requests": [an_req("a", "hi")]}).json()
+        assert ab["processing_status"] == "weird"
+    finally:
+        fake.configure(reported_status=None)
+    assert oa_create(c, [chat_line("a", "x")])["status"] == "validating"
+    fake.settings("anthropic", ab["id"], reported_counts={"succeeded": 95})
+    assert an(fake).get(f"{AB}/{ab['id']}").json()["request_counts"]["succeeded"] == 95
+
+
+def test_provider_that_stops_answering(fake: ProviderFake) -> None:
+    c = oa(fake)
+    fake.add_fault(provider="openai", method="GET", path_regex="/batches$", hang=True, times=None)
+    for _ in range(2):
+        with pytest.raises(httpx.ReadTimeout):
+            c.get("/batches", timeout=0.3)
+    fake.clear_faults()  # hung requests are released (their connections dropped)
+    assert c.get("/batches").status_code == 200
+    fake.add_fault(provider="openai", reset=True, times=1)
+    with pytest.raises(httpx.RemoteProtocolError):
+        c.get("/batches")
+    assert c.get("/batches").status_code == 200
+    port = fake.port
+    fake.refuse_connections()
+    try:
+        for _ in range(2):
+            with pytest.raises(httpx.ConnectError):
+                c.get("/batches")
+    finally:
+        fake.accept_connections()
+    assert fake.port == port and c.get("/batches").status_code == 200
+
+
+def test_cancel_calls_recorded_per_batch(fake: ProviderFake) -> None:
+    c = oa(fake)
+    b = oa_create(c, [chat_line("a", "SLOW one")])
+    other = oa_create(c, [chat_line("a", "x")])
+    c.post(f"/batches/{b['id']}/cancel")
+    fake.add_fault(provider="openai", kind="cancel", status=500, times=1)
+    assert c.post(f"/batches/{b['id']}/cancel").status_code == 500  # a faulted call reached the provider too
+    assert fake.cancel_calls("openai", b["id"]) == 2 and fake.cancel_calls("openai", other["id"]) == 0
+    assert fake.state()["cancels"]["openai"] == {b["id"]: 2}
+    an_c = an(fake)
+    ab = an_c.post(AB, json={"requests": [an_req("a", "SLOW")]}).json()
+    an_c.post(f"{AB}/{ab['id']}/cancel")
+    assert fake.cancel_calls("anthropic", ab["id"]) == 1

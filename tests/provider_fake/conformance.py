@@ -71,6 +71,7 @@ class SpecConfig:
     prefix: str  # the fake's base path that stands for the spec's server URL
     line_schema: tuple[str, str] | None = None  # (document, pointer) of one JSONL line of a batch input file
     line_purposes: tuple[str, ...] = ("batch",)  # upload purposes whose files hold batch input lines
+    output_line_schema: tuple[str, str] | None = None  # one line of a batch's output/error file
     # Error envelope for an error status the operation does not document: {status or "*": pointer}
     error_fallback: dict[str, str] = field(default_factory=dict)
     # Path prefix -> error_fallback, for providers whose envelope depends on the resource (Together)
@@ -80,6 +81,7 @@ class SpecConfig:
 SPECS: dict[str, SpecConfig] = {
     "openai": SpecConfig("openai.json", "/openai/v1",
                          line_schema=("openai-batch-lines.json", "#/components/schemas/BatchRequestInput"),
+                         output_line_schema=("openai-batch-lines.json", "#/components/schemas/BatchRequestOutput"),
                          error_fallback={"*": "#/components/schemas/ErrorResponse"}),
     "azure": SpecConfig("azure.json", "/azure/openai",
                         line_schema=("openai-batch-lines.json", "#/components/schemas/BatchRequestInput")),
@@ -466,6 +468,14 @@ class Conformance:
                 continue
             out += [self._v(method, path, f"line {n}", m) for m in schema_errors(document, pointer, obj)]
         return out
+
+    def check_output_lines(self, batch_id: str, rows: list[Any]) -> list[Violation]:
+        """The lines of an output/error file the fake writes (served later as bytes)."""
+        if self.config.output_line_schema is None:
+            return []
+        document, pointer = self.config.output_line_schema
+        return [self._v("GET", f"output file of {batch_id}", f"line {n}", m)
+                for n, row in enumerate(rows, start=1) for m in schema_errors(document, pointer, row)]
 
     # --- responses
     def check_response(self, method: str, path: str, status: int, headers: Mapping[str, str],

@@ -397,6 +397,7 @@ class Store:
             self.log: list[JSON] = []
             self.faults: list[Fault] = []
             self.cancels: dict[str, dict[str, int]] = {p: {} for p in PROVIDERS}
+            self.default_overrides.clear()
 
     def next_seq(self) -> int:
         self.seq += 1

@@ -410,6 +410,8 @@ class OpenAILike(Provider):
         if b.kind == "failed":
             return
         out, err = result_lines(b, self.name, lambda it: it.body.get("model", ""), self.flavor.detailed_usage)
+        if self.spec is not None:
+            self.store.violations += self.spec.check_output_lines(b.id, out + err)
         for key, rows, suffix in (("output_file_id", out, "output"), ("error_file_id", err, "error")):
             if rows or self.flavor.empty_error_file:
                 rec = FileRec(self.store.new_id("file-", self.name), f"{b.id}_{suffix}.jsonl", "batch_output",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 import time
 import weakref
@@ -60,6 +62,8 @@ class ProviderFake:
         self._thread: threading.Thread | None = None
         self._release = threading.Event()  # set: hung requests give up (faults cleared, fake stopped)
         self._refusing = False
+        self._conns: set[socket.socket] = set()  # open client connections (dropped when refusing)
+        self._conns_lock = threading.Lock()
 
     # --- lifecycle
     def start(self) -> ProviderFake:
@@ -90,10 +94,14 @@ class ProviderFake:
         self._close()
 
     def refuse_connections(self) -> None:
-        """Close the listening socket: connections to the port are refused (a provider that is down)
-        until `accept_connections`. Requests already in flight finish."""
+        """Close the listening socket and drop every open connection: connecting to the port is
+        refused (a provider that is down) until `accept_connections`."""
         self._refusing = True
         self._close()
+        with self._conns_lock:
+            for conn in list(self._conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     def accept_connections(self) -> None:
         """Listen again, on the same port."""
@@ -126,6 +134,7 @@ class ProviderFake:
     # --- control plane (also reachable over HTTP under /_fake/)
     def reset(self) -> None:
         self.store.reset()
+        self._release.set()
 
     def configure(self, polls_per_state: int | None = None, anthropic_eventual_404: bool | None = None,
                   keys: dict[str, str] | None = None, **overrides: Any) -> None:
@@ -322,6 +331,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr access log
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._conns_lock:
+            self.fake._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._conns_lock:
+            self.fake._conns.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _read_body(self) -> bytes:
         if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
