@@ -4,7 +4,11 @@ Requests go inline in one JSON body `{"requests": [{custom_id, params}]}`: the b
 spool (memory, then a temporary file) one line at a time and uploaded from there, so a large
 batch is never held as Python objects. OpenAI chat bodies are translated to Messages params
 (system messages → `system`, required `max_tokens`, tools, tool_choice, stop sequences) and
-Messages back to `chat.completion` bodies.
+Messages back to `chat.completion` bodies. The params are checked against the official SDK's
+types (anthropic 2.14.0, `BatchCreateParams`): that SDK declares no sampling parameters
+(`temperature`, `top_p`, `top_k` are gone from the Messages API since SDK 1.0), so an OpenAI
+body's `temperature`/`top_p` are dropped rather than sent to be refused. The `anthropic-version`
+header is the one that SDK sends (option `anthropic_version` overrides it).
 
 Status: `in_progress` → in_progress, `canceling` → cancelling, `ended` → cancelled when a cancel
 was initiated, expired when every request expired, completed otherwise. Request counts other
@@ -80,7 +84,7 @@ from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2023-06-01"
+API_VERSION = "2026-10-21"  # what the official SDK the adapter is checked against sends (anthropic 2.14.0)
 BATCHES = "/v1/messages/batches"
 DEFAULT_MAX_TOKENS = 4096
 
@@ -213,9 +217,6 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
     stops = stop_list(body.get("stop"))
     if stops:
         params["stop_sequences"] = stops
-    for key in ("temperature", "top_p", "top_k"):
-        if body.get(key) is not None:
-            params[key] = body[key]
     if body.get("tools"):
         params["tools"] = [_tool(t) for t in body["tools"]]
     choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))

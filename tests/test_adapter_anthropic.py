@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from anthropic._constants import ANTHROPIC_API_VERSION
 
 from adapters.anthropic import (
     AnthropicAdapter,
@@ -66,7 +67,7 @@ def test_system_messages_extracted_and_max_tokens_defaulted() -> None:
     assert params == {
         "model": "claude-x", "max_tokens": 4096, "system": "be brief\n\nno lies",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
-        "stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9,
+        "stop_sequences": ["END"],  # no sampling parameters: the Messages API (anthropic SDK >= 1.0) has none
     }
     assert to_messages_params({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 99)["max_tokens"] == 99
     assert to_messages_params({"model": "m", "max_tokens": 5, "max_completion_tokens": 7,
@@ -195,7 +196,7 @@ async def test_404_is_retryable_only_right_after_create(fake: ProviderFake) -> N
 def test_sends_version_and_key_headers() -> None:
     adapter = AnthropicAdapter("anthropic", base_url="http://127.0.0.1:1", api_key="k")
     headers = adapter.http.client.headers
-    assert headers["x-api-key"] == "k" and headers["anthropic-version"] == "2023-06-01"
+    assert headers["x-api-key"] == "k" and headers["anthropic-version"] == ANTHROPIC_API_VERSION  # the SDK's
 
 
 # --------------------------------------------------------------------------- whole batches

@@ -293,6 +293,9 @@ def test_groq_specifics(fake: ProviderFake) -> None:
     assert b["status"] == "completed"
     lst = c.get("/batches").json()
     assert set(lst) == {"object", "data"}
+    # the official groq SDK's types (tests/provider_fake/sdk_conformance.py) say both were wrong
+    assert taken(fake) == ["request: form purpose: 'fine-tune' is not one of ['batch']",
+                           "request: body endpoint: '/v1/embeddings' is not one of ['/v1/chat/completions']"]
 
 
 # ============================================================================ Together
@@ -389,6 +392,8 @@ def test_anthropic_validation_and_auth(fake: ProviderFake) -> None:
     assert c.post(AB, json={"requests": [req]}).status_code == 400
     assert c.post(AB, json={"requests": [an_req("d", "x"), an_req("d", "y")]}).status_code == 400
     assert fake.state()["batch_creates"]["anthropic"] == 0
+    assert taken(fake) == ["request: no anthropic-version header", "request: body requests[0].params: required "
+                           "field 'max_tokens' missing (MessageCreateParamsNonStreaming)"]
 
 
 def test_anthropic_cancel_expire_eventual_404_and_list(fake: ProviderFake) -> None:
@@ -515,6 +520,7 @@ def test_gemini_cancel_expire_fail_auth_list(fake: ProviderFake) -> None:
     bad = httpx.get(fake.url("gemini") + "/v1beta/batches", headers={"x-goog-api-key": "nope"})
     assert bad.status_code == 400 and bad.json()["error"]["status"] == "INVALID_ARGUMENT"
     assert httpx.get(fake.url("gemini") + "/v1beta/batches").status_code == 403
+    assert taken(fake) == ["request: no x-goog-api-key (or ?key=)"]
     p1 = c.get("/v1beta/batches", params={"pageSize": 2}).json()
     assert len(p1["operations"]) == 2 and p1["nextPageToken"]
     p2 = c.get("/v1beta/batches", params={"pageSize": 2, "pageToken": p1["nextPageToken"]}).json()

@@ -32,7 +32,8 @@ from .core import (
 
 LIFE = Lifecycle(["in_progress", "ended"], "canceling", "ended", "ended", "ended", started_index=0)
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-VERSION = "2023-06-01"
+# API versions served: the long-standing one and the one the official SDK (anthropic 2.14.0) sends.
+VERSIONS = ("2023-06-01", "2026-10-21")
 BASE = "/anthropic/v1/messages/batches"
 
 
@@ -68,8 +69,8 @@ class Anthropic(Provider):
             return self.error(401, "invalid x-api-key", "authentication_error")
         if req.header("anthropic-version") is None:
             return self.error(400, "anthropic-version: header is required", "invalid_request_error")
-        if req.header("anthropic-version") != VERSION:
-            return self.error(400, f"anthropic-version: unsupported version (fake serves {VERSION})",
+        if req.header("anthropic-version") not in VERSIONS:
+            return self.error(400, f"anthropic-version: unsupported version (fake serves {', '.join(VERSIONS)})",
                               "invalid_request_error")
         return None
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from .conformance import Conformance, checker
 from .core import Batch, HttpError, Request, Response, Route, Store, Target
+from .sdk_conformance import SdkConformance, sdk_checker
 
 STATUS_KINDS = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -21,7 +22,7 @@ class Provider:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.routes: list[Route] = self.build_routes()
-        self.spec: Conformance | None = checker(self.name)
+        self.spec: Conformance | SdkConformance | None = checker(self.name) or sdk_checker(self.name)
 
     # --- to override
     def build_routes(self) -> list[Route]:

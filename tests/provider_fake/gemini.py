@@ -128,6 +128,7 @@ class Gemini(Provider):
         if (req.header("x-goog-upload-offset") or "0") != "0":
             raise HttpError(400, "the fake only supports single-chunk uploads at offset 0")
         sess = self.store.uploads.pop(upload_id)
+        self.check_lines(req, "UPLOADED", req.body)
         if sess["length"] is not None and int(sess["length"]) != len(req.body):
             raise HttpError(400, f"declared length {sess['length']} != received {len(req.body)} bytes")
         rec = FileRec("files/" + short_hash("file", upload_id, n=12), sess["display_name"], "UPLOADED",
