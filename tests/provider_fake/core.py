@@ -395,6 +395,7 @@ class Store:
             self.creates: dict[str, int] = {p: 0 for p in PROVIDERS}
             self.file_uploads: dict[str, int] = {p: 0 for p in PROVIDERS}
             self.log: list[JSON] = []
+            self.bodies: list[tuple[str, str, str, bytes]] = []  # (provider, method, path, body) of each request
             self.faults: list[Fault] = []
             self.cancels: dict[str, dict[str, int]] = {p: {} for p in PROVIDERS}
             self.default_overrides.clear()

@@ -173,6 +173,13 @@ class ProviderFake:
         with self.store.lock:
             return self.store.snapshot()
 
+    def request_bodies(self, provider: str, method: str, path_regex: str) -> list[bytes]:
+        """The bodies of the requests this provider received (since the last reset) whose method
+        matches and whose path `re.search`es `path_regex`, oldest first."""
+        with self.store.lock:
+            return [body for p, m, path, body in self.store.bodies
+                    if p == provider and m == method and re.search(path_regex, path)]
+
     def cancel_calls(self, provider: str, batch_id: str) -> int:
         """How many cancel requests for this provider batch reached the fake (faulted ones included)."""
         with self.store.lock:
@@ -274,6 +281,7 @@ class ProviderFake:
             return json_response(404, {"error": f"unknown provider prefix in {req.path}; "
                                                 f"use one of {list(PROVIDERS)}"})
         with self.store.lock:
+            self.store.bodies.append((name, req.method, req.path, req.body))
             target = prov.target(req)
             if target.kind == "cancel" and target.batch_id:
                 counts = self.store.cancels[name]
