@@ -27,6 +27,7 @@ from tests.native_chat_scenarios import (
     ANTHROPIC,
     HOLD,
     cancel_batch,
+    crash_while_creating,
     expire_batch,
     fresh,
     full_batch,
@@ -324,33 +325,23 @@ async def test_crash_during_create_does_not_duplicate_the_batch(fake: ProviderFa
     """Sluice stops while the create call is in flight; Anthropic creates the batch. The next Sluice
     waits while that batch (same size, created since the submit started) runs, then adopts it."""
     fake.configure(polls_per_state=HOLD)
-    fake.add_fault(provider="anthropic", method="POST", path_regex=ANTHROPIC.create_path, delay_seconds=1.0)
+    batch_id = await crash_while_creating(fake, sqlite_url, ANTHROPIC, [line(ANTHROPIC, "a", "hello world"),
+                                                                        line(ANTHROPIC, "b", "FAIL this")])
     settings = make_settings(sqlite_url, poll_seconds=0.05)
-    async with gateway(settings, make_router(fake, ANTHROPIC)) as (app, c):
-        created = await c.create([line(ANTHROPIC, "a", "hello world"), line(ANTHROPIC, "b", "FAIL this")])
-
-        async def create_in_flight() -> bool:
-            return bool(fake.state()["faults_pending"] == [0])
-        await until("the create call in flight", create_in_flight)
-        await app.engine.stop(grace_seconds=0.05)  # the crash: the submit step is cancelled mid-call
-        assert not (await c.get(created.id)).HasField("provider_batch_id")
-
-    async def created_at_provider() -> bool:
-        return bool(fake.state()["batch_creates"]["anthropic"] == 1)
-    await until("the provider to create the batch", created_at_provider)
     (pid,) = fake.state()["batches"]["anthropic"]
-    lists_before = len(requests_to(fake, ANTHROPIC, "GET", "/messages/batches"))
+    def lists() -> int:
+        return len([r for r in requests_to(fake, ANTHROPIC, "GET", "/messages/batches")
+                    if r["path"].endswith("/batches")])
+    lists_before = lists()
     async with gateway(settings, make_router(fake, ANTHROPIC)) as (_, c):
         async def asked_twice() -> bool:
-            lists = [r for r in requests_to(fake, ANTHROPIC, "GET", "/messages/batches")
-                     if r["path"].endswith("/batches")]
-            return len(lists) - lists_before >= 2
+            return lists() - lists_before >= 2
         await until("Sluice to look for the lost submission twice", asked_twice)
         assert fake.state()["batch_creates"]["anthropic"] == 1  # no second batch while undecided
-        assert (await c.get(created.id)).status == "validating"
+        assert (await c.get(batch_id)).status == "validating"
         fake.complete("anthropic", pid)  # Anthropic finishes the batch nobody is polling
-        done = await c.wait_for(created.id, timeout=30)
-        results = await results_by_id(c, created.id)
+        done = await c.wait_for(batch_id, timeout=30)
+        results = await results_by_id(c, batch_id)
     assert done.status == "completed" and done.provider_batch_id == pid, done
     assert results["a"]["status"] == "completed" and results["b"]["status"] == "failed"
     assert fake.state()["batch_creates"]["anthropic"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .conformance import Conformance, checker
@@ -62,6 +63,21 @@ class Provider:
         """Record spec violations of an uploaded batch input file's lines (where the spec has a line schema)."""
         if self.spec is not None:
             self.store.violations += self.spec.check_lines(req.method, req.path, purpose, data)
+
+    def files_and_batches_target(self, req: Request, prefix: str, batches: str = "/batches",
+                                 file_keys: tuple[str, ...] = ("output_file_id", "error_file_id")) -> Target:
+        """`target` of the OpenAI-shaped APIs: `POST {batches}`, `{batches}/{id}[/cancel]` and the
+        content of a batch's output/error file (`file_keys` name them on the batch's data)."""
+        tail = req.path[len(prefix):]
+        if req.method == "POST" and tail == batches:
+            return Target(None, "create")
+        m = re.match("^" + re.escape(batches) + r"/([^/]+)(/cancel)?$", tail)
+        if m:
+            return Target(m.group(1), "cancel" if m.group(2) else "status")
+        m = re.match(r"^/files/([^/]+)/content$", tail)
+        if m and (owner := self.result_file_owner(m.group(1), file_keys)):
+            return Target(owner, "results")
+        return Target()
 
     def result_file_owner(self, file_id: str,
                           keys: tuple[str, ...] = ("output_file_id", "error_file_id")) -> str | None:

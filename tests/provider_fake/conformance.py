@@ -30,7 +30,7 @@ import datetime as _dt
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,17 @@ def _is_datetime(value: object) -> bool:
         raise ValueError(f"{value!r} is not an RFC 3339 date-time")
     _dt.datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
     return True
+
+
+def jsonl_objects(data: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number from 1, parsed object, None) per non-blank line, or (n, None, "not JSON: ...")."""
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line), None
+        except ValueError as e:
+            yield n, None, f"not JSON: {e}"
 
 
 # --------------------------------------------------------------------------- documents
@@ -458,15 +469,9 @@ class Conformance:
             return []
         document, pointer = self.config.line_schema
         out = []
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                out.append(self._v(method, path, f"line {n}", f"not JSON: {e}"))
-                continue
-            out += [self._v(method, path, f"line {n}", m) for m in schema_errors(document, pointer, obj)]
+        for n, obj, problem in jsonl_objects(data):
+            problems = [problem] if problem else schema_errors(document, pointer, obj)
+            out += [self._v(method, path, f"line {n}", m) for m in problems]
         return out
 
     def check_output_lines(self, batch_id: str, rows: list[Any]) -> list[Violation]:

@@ -61,16 +61,7 @@ class Mistral(Provider):
         ]
 
     def target(self, req: Request) -> Target:
-        tail = req.path[len(V):]
-        if req.method == "POST" and tail == "/batch/jobs":
-            return Target(None, "create")
-        m = re.match(r"^/batch/jobs/([^/]+)(/cancel)?$", tail)
-        if m:
-            return Target(m.group(1), "cancel" if m.group(2) else "status")
-        m = re.match(r"^/files/([^/]+)/content$", tail)
-        if m and (owner := self.result_file_owner(m.group(1), ("output_file", "error_file"))):
-            return Target(owner, "results")
-        return Target()
+        return self.files_and_batches_target(req, V, "/batch/jobs", ("output_file", "error_file"))
 
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         if status == 422:

@@ -195,16 +195,7 @@ class OpenAILike(Provider):
         super().__init__(store)
 
     def target(self, req: Request) -> Target:
-        tail = req.path[len(self.flavor.prefix):]
-        if req.method == "POST" and tail == "/batches":
-            return Target(None, "create")
-        m = re.match(r"^/batches/([^/]+)(/cancel)?$", tail)
-        if m:
-            return Target(m.group(1), "cancel" if m.group(2) else "status")
-        m = re.match(r"^/files/([^/]+)/content$", tail)
-        if m and (owner := self.result_file_owner(m.group(1))):
-            return Target(owner, "results")
-        return Target()
+        return self.files_and_batches_target(req, self.flavor.prefix)
 
     def build_routes(self) -> list[Route]:
         p = re.escape(self.flavor.prefix)

@@ -34,16 +34,19 @@ from typing_extensions import TypedDict
 
 from tests.sdk_types import type_errors
 
-from .conformance import Violation, schema_errors
+from .conformance import Violation, jsonl_objects, schema_errors
 from .core import parse_multipart
 
 Check = Callable[[Any], list[str]]
 
 
-def _model(model: type[pydantic.BaseModel]) -> Check:
+def _model(tp: Any) -> Check:
+    """Validation as the SDK's pydantic type (a model, or any type pydantic can adapt)."""
+    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(tp)
+
     def check(value: Any) -> list[str]:
         try:
-            model.model_validate(value)
+            adapter.validate_python(value)
         except pydantic.ValidationError as e:
             return [f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()[:10]]
         return []
@@ -220,13 +223,9 @@ def _groq() -> SdkConformance:
 
     def lines(data: bytes) -> list[tuple[int, str]]:
         out: list[tuple[int, str]] = []
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                out.append((n, f"not JSON: {e}"))
+        for n, obj, problem in jsonl_objects(data):
+            if problem:
+                out.append((n, problem))
                 continue
             out += [(n, m) for m in schema_errors("openai-batch-lines.json", "#/components/schemas/BatchRequestInput",
                                                   obj)]
@@ -254,16 +253,7 @@ def _groq() -> SdkConformance:
 def _gemini() -> SdkConformance:
     from google.genai import types
 
-    def adapter(tp: Any) -> Check:
-        ta = pydantic.TypeAdapter(tp)
-
-        def check(value: Any) -> list[str]:
-            try:
-                ta.validate_python(value)
-            except pydantic.ValidationError as e:
-                return [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5]]
-            return []
-        return check
+    adapter = _model
 
     fields: dict[str, Check] = {
         "contents": adapter(list[types.Content]), "systemInstruction": adapter(types.Content),
@@ -307,11 +297,7 @@ def _gemini() -> SdkConformance:
 
     def lines(data: bytes) -> list[tuple[int, str]]:
         out: list[tuple[int, str]] = []
-        for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-            try:
-                obj = json.loads(line) if line.strip() else None
-            except ValueError:
-                continue  # not a JSONL batch input file
+        for n, obj, _ in jsonl_objects(data):  # lines that are not JSON: not a batch input file
             if isinstance(obj, dict) and "request" in obj:
                 extra = set(obj) - {"key", "request"}
                 out += [(n, f"unknown field {k!r}") for k in sorted(extra)]

@@ -60,16 +60,7 @@ class Together(Provider):
         ]
 
     def target(self, req: Request) -> Target:
-        tail = req.path[len(V):]
-        if req.method == "POST" and tail == "/batches":
-            return Target(None, "create")
-        m = re.match(r"^/batches/([^/]+)(/cancel)?$", tail)
-        if m:
-            return Target(m.group(1), "cancel" if m.group(2) else "status")
-        m = re.match(r"^/files/([^/]+)/content$", tail)
-        if m and (owner := self.result_file_owner(m.group(1))):
-            return Target(owner, "results")
-        return Target()
+        return self.files_and_batches_target(req, V)
 
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         """The spec's `ErrorData` (files): `{"error": {message, type, param, code}}`."""
