@@ -4,7 +4,11 @@ Requests go inline in one JSON body `{"requests": [{custom_id, params}]}`: the b
 spool (memory, then a temporary file) one line at a time and uploaded from there, so a large
 batch is never held as Python objects. OpenAI chat bodies are translated to Messages params
 (system messages → `system`, required `max_tokens`, tools, tool_choice, stop sequences) and
-Messages back to `chat.completion` bodies.
+Messages back to `chat.completion` bodies. The params are checked against the official SDK's
+types (anthropic 2.14.0, `BatchCreateParams`): that SDK declares no sampling parameters
+(`temperature`, `top_p`, `top_k` are gone from the Messages API since SDK 1.0), so an OpenAI
+body's `temperature`/`top_p` are dropped rather than sent to be refused. The `anthropic-version`
+header is the one that SDK sends (option `anthropic_version` overrides it).
 
 Status: `in_progress` → in_progress, `canceling` → cancelling, `ended` → cancelled when a cancel
 was initiated, expired when every request expired, completed otherwise. Request counts other
@@ -15,15 +19,30 @@ Anthropic is eventually consistent right after a create: a GET can answer 404 fo
 or one of the first `options.not_found_retries` (default 3) 404s for a batch this process did
 not submit (after a restart), is retryable; later 404s are real and fail the batch.
 
-`find_submitted` always answers None: Anthropic batches carry no metadata or name to find them
-by, and the create call takes no idempotency key. A crash between the create call and storing
-its id can therefore leave an orphan batch at Anthropic (Sluice submits again); the window is
-one HTTP round trip.
+Lost submissions (`find_submitted`). Anthropic batches carry no metadata or name, the create call
+takes no idempotency key, and a batch's requests can be read back only once it has ended (its
+results). What the API does allow: listing batches (newest first, with `created_at` and
+`request_counts`) and reading an ended batch's results. So each request's `custom_id` carries a
+tag of Sluice's batch id (`sl-<index>-<tag>`, tag = 12 hex digits of SHA-256 of the id), and after a
+crash during submit Sluice lists the batches created since it started submitting (less
+`options.find_skew_seconds`, default 120, for clock skew) with exactly the batch's request count:
+- an ended candidate whose results carry the tag is the lost submission: it is adopted;
+- a candidate still in progress cannot be told apart from another batch of the same size, so the
+  answer is a retryable "not decided yet" error (the engine backs off and asks again) until every
+  such candidate has ended, rather than adopting a stranger or creating a duplicate;
+- no candidate (left): the create never reached Anthropic, and Sluice submits.
+The remaining cost is time, not money or correctness: a recovered batch waits while a same-size
+batch created after its submit started is still running (at most Anthropic's 24 h expiry). Lost
+submissions older than `options.find_pages` (default 10) pages of 100 batches are not found.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import hashlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
@@ -39,7 +58,6 @@ from adapters.base import (
     ProviderStatus,
     RequestLine,
     TokenUsage,
-    parse_line_id,
     provider_line_id,
 )
 from adapters.chat_format import (
@@ -66,7 +84,7 @@ from adapters.openai_format import as_int, iter_jsonl, spool_jsonl
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "2023-06-01"
+API_VERSION = "2026-10-21"  # what the official SDK the adapter is checked against sends (anthropic 2.14.0)
 BATCHES = "/v1/messages/batches"
 DEFAULT_MAX_TOKENS = 4096
 
@@ -76,6 +94,31 @@ ERROR_STATUS = {
     "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
     "timeout_error": 504, "overloaded_error": 529,
 }
+CUSTOM_ID = re.compile(r"^sl-(\d+)(?:-([0-9a-f]+))?$")
+
+
+def batch_tag(batch_id: str) -> str:
+    """12 hex digits naming a Sluice batch inside Anthropic's custom_ids (`^[a-zA-Z0-9_-]{1,64}$`)."""
+    return hashlib.sha256(batch_id.encode()).hexdigest()[:12]
+
+
+def custom_id(index: int, batch_id: str) -> str:
+    return f"{provider_line_id(index)}-{batch_tag(batch_id)}"
+
+
+def parse_custom_id(value: Any) -> tuple[int, str | None] | None:
+    """(line index, batch tag or None for the untagged `sl-<index>` of older submissions)."""
+    m = CUSTOM_ID.match(value) if isinstance(value, str) else None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _epoch(value: Any) -> float | None:
+    try:
+        return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 FINISH_REASONS = {
     "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
     "pause_turn": "stop", "refusal": "content_filter", "model_context_window_exceeded": "length",
@@ -174,9 +217,6 @@ def to_messages_params(body: dict[str, Any], default_max_tokens: int = DEFAULT_M
     stops = stop_list(body.get("stop"))
     if stops:
         params["stop_sequences"] = stops
-    for key in ("temperature", "top_p", "top_k"):
-        if body.get(key) is not None:
-            params[key] = body[key]
     if body.get("tools"):
         params["tools"] = [_tool(t) for t in body["tools"]]
     choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
@@ -273,6 +313,8 @@ class AnthropicAdapter(NativeBatchAdapter):
         self.default_max_tokens = int(options.get("default_max_tokens", DEFAULT_MAX_TOKENS))
         self.not_found_grace = float(options.get("not_found_grace_seconds", 60.0))
         self.not_found_retries = int(options.get("not_found_retries", 3))
+        self.find_skew = float(options.get("find_skew_seconds", 120.0))
+        self.find_pages = int(options.get("find_pages", 10))
         self._submitted_at: dict[str, float] = {}  # provider id -> monotonic time we created it
         self._not_found: dict[str, int] = {}
 
@@ -289,7 +331,7 @@ class AnthropicAdapter(NativeBatchAdapter):
                 params = to_messages_params(line.body, self.default_max_tokens)
             except UnsupportedRequest as exc:
                 raise submit_error(self.name, line.index, line.custom_id, str(exc)) from None
-            return {"custom_id": provider_line_id(line.index), "params": params}
+            return {"custom_id": custom_id(line.index, job.batch_id), "params": params}
 
         spool, count = await spool_jsonl(lines, encode)
         try:
@@ -338,12 +380,70 @@ class AnthropicAdapter(NativeBatchAdapter):
         async for row in iter_jsonl(self.http, str(url)):
             if not isinstance(row, dict):
                 continue
-            index = parse_line_id(str(row.get("custom_id", "")))
+            parsed = parse_custom_id(row.get("custom_id"))
             result = row.get("result")
-            if index is None or not isinstance(result, dict):
+            if parsed is None or not isinstance(result, dict):
                 log.warning("%s: ignoring a result line for unknown custom_id %r", self.name, row.get("custom_id"))
                 continue
-            yield to_line_result(index, result)
+            yield to_line_result(parsed[0], result)
+
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
+        """The batch a crashed submit created, told by request count, creation time and (once it
+        has ended) the batch tag in its results' custom_ids; see the module docstring."""
+        if job is None or since is None:
+            return None
+        earliest = since - self.find_skew
+        undecided: list[str] = []
+        async for batch in self._batches_since(earliest):
+            counts = batch.get("request_counts")
+            total = sum(as_int(v) for v in counts.values()) if isinstance(counts, Mapping) else -1
+            if total != job.line_count or not batch.get("id"):
+                continue
+            if batch.get("processing_status") != "ended":
+                undecided.append(str(batch["id"]))
+            elif await self._tagged(batch, batch_tag(batch_id)):
+                return str(batch["id"])
+        if undecided:
+            raise ProviderError(
+                f"{self.name}: cannot tell yet whether batch {batch_id} was created before the crash: "
+                f"{', '.join(undecided)} (same request count, created since the submit started) must end "
+                "first", provider=self.name, retryable=True, code="submission_undecided")
+        return None
+
+    async def _batches_since(self, earliest: float) -> AsyncIterator[Mapping[str, Any]]:
+        """Batches created at or after `earliest` (unix seconds), newest first, for `find_pages` pages."""
+        after: str | None = None
+        for _ in range(self.find_pages):
+            params: dict[str, Any] = {"limit": 100}
+            if after:
+                params["after_id"] = after
+            page = await self.http.json("GET", BATCHES, params=params)
+            data = page.get("data") if isinstance(page, Mapping) else None
+            if not isinstance(data, list) or not data:
+                return
+            for batch in data:
+                if not isinstance(batch, Mapping):
+                    continue
+                created = _epoch(batch.get("created_at"))
+                if created is not None and created < earliest:
+                    return
+                yield batch
+            last = page.get("last_id") or data[-1].get("id")
+            if not page.get("has_more") or not last:
+                return
+            after = str(last)
+
+    async def _tagged(self, batch: Mapping[str, Any], tag: str) -> bool:
+        """Whether an ended batch's results carry Sluice batch `tag` (its first result line tells)."""
+        url = batch.get("results_url")
+        if not url:
+            return False
+        async with contextlib.aclosing(iter_jsonl(self.http, str(url))) as rows:
+            async for row in rows:
+                parsed = parse_custom_id(row.get("custom_id") if isinstance(row, Mapping) else None)
+                return parsed is not None and parsed[1] == tag
+        return False
 
     async def send_cancel(self, provider_batch_id: str) -> None:
         await self.http.json("POST", f"{BATCHES}/{provider_batch_id}/cancel")

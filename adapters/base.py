@@ -226,9 +226,13 @@ class NativeBatchAdapter(Provider):
         """Create the batch at the provider and return its id. Called at most once per batch
         unless `find_submitted` said the provider never got it."""
 
-    async def find_submitted(self, batch_id: str) -> str | None:
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
         """After a crash between 'about to submit' and 'submitted': the provider batch created
-        for Sluice's `batch_id`, if any, so it is not submitted twice. Default: cannot tell."""
+        for Sluice's `batch_id`, if any, so it is not submitted twice. `job` is the batch as it
+        would be submitted (line count, endpoint, model) and `since` when Sluice last started
+        submitting it (unix seconds), for providers that can only recognise a batch by its shape
+        and creation time (Anthropic). Default: cannot tell."""
         return None
 
     @abstractmethod

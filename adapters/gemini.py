@@ -379,7 +379,8 @@ class GeminiAdapter(NativeBatchAdapter):
         op: dict[str, Any] = await self.http.json("GET", f"/{self.version}/{provider_batch_id}")
         return op
 
-    async def find_submitted(self, batch_id: str) -> str | None:
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
         token = ""
         for _ in range(self.find_pages):
             params = {"pageSize": str(self.page_size), **({"pageToken": token} if token else {})}

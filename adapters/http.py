@@ -48,6 +48,8 @@ def error_message(response: httpx.Response) -> str:
         return response.text[:500] or f"HTTP {response.status_code}"
     if isinstance(data, dict):
         err = data.get("error")
+        if isinstance(err, str) and err:  # Together's BatchErrorResponse: {"error": "<message>"}
+            return err
         if isinstance(err, dict):
             inner = err.get("error")
             if isinstance(inner, dict) and inner.get("message"):

@@ -110,14 +110,15 @@ class MistralAdapter(NativeBatchAdapter):
             "metadata": {METADATA_KEY: job.batch_id}, "timeout_hours": self.timeout_hours})
         return str(created["id"])
 
-    async def find_submitted(self, batch_id: str) -> str | None:
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
         for page in range(self.find_pages):
             listing = await self.http.json("GET", "/batch/jobs", params={
                 "page": page, "page_size": self.page_size, "order_by": "-created"})
             jobs = listing.get("data") or []
-            for job in jobs:
-                if (job.get("metadata") or {}).get(METADATA_KEY) == batch_id and job.get("id"):
-                    return str(job["id"])
+            for found in jobs:
+                if (found.get("metadata") or {}).get(METADATA_KEY) == batch_id and found.get("id"):
+                    return str(found["id"])
             if len(jobs) < self.page_size or (page + 1) * self.page_size >= as_int(listing.get("total")):
                 return None
         log.warning("%s: batch %s not found in the first %d pages of jobs", self.name, batch_id, self.find_pages)

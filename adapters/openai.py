@@ -41,8 +41,8 @@ from adapters.openai_format import (
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "sluice_batch_id"
-PENDING_FILE_STATUSES = frozenset({"pending", "running"})
-FAILED_FILE_STATUSES = frozenset({"error", "failed", "deleted"})
+# A file in one of these will never become usable (Azure's FileState has `deleting` and `deleted`).
+FAILED_FILE_STATUSES = frozenset({"error", "failed", "deleting", "deleted"})
 
 
 def require(obj: Any, key: str, provider: str) -> str:
@@ -65,6 +65,10 @@ class OpenAIAdapter(NativeBatchAdapter):
     kind = "openai"
     capabilities = Capabilities(max_lines=50_000, max_bytes=200 * 2**20, finds_lost_submissions=True)
     file_purpose = "batch"
+    # File statuses a batch may be created from ("": the provider reports none). Every other status
+    # is waited on (`file_ready_timeout`) or, in FAILED_FILE_STATUSES, fails the submit.
+    ready_file_statuses = frozenset({"processed", "uploaded", ""})
+    upload_path = "/files"
 
     def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
                  options: Mapping[str, Any] | None = None) -> None:
@@ -126,16 +130,21 @@ class OpenAIAdapter(NativeBatchAdapter):
 
     # --- plumbing -----------------------------------------------------------------------------
 
+    def upload_form(self, filename: str) -> dict[str, str]:
+        """The form fields of the upload besides `file`."""
+        return {"purpose": self.file_purpose}
+
     async def upload(self, spool: IO[bytes], filename: str) -> Mapping[str, Any]:
-        """Multipart `POST /files`; httpx streams the spooled file in chunks."""
-        file_obj = await self.http.json("POST", "/files", data={"purpose": self.file_purpose},
+        """Multipart `POST {upload_path}`; httpx streams the spooled file in chunks."""
+        file_obj = await self.http.json("POST", self.upload_path, data=self.upload_form(filename),
                                         files={"file": (filename, spool, "application/jsonl")})
         require(file_obj, "id", self.name)
         return dict(file_obj)
 
     async def wait_file_ready(self, file_obj: Mapping[str, Any]) -> None:
         """Azure answers uploads with `status: pending` and wants `processed` before a batch
-        references the file. Other providers say `processed` (or `uploaded`) at once."""
+        references the file. OpenAI says `processed` (or `uploaded`) at once. A status that is
+        neither ready nor failed (`pending`, `running`, one Sluice does not know) is waited on."""
         file_id = str(file_obj["id"])
         deadline = time.monotonic() + self.file_ready_timeout
         delay = 0.05
@@ -145,7 +154,7 @@ class OpenAIAdapter(NativeBatchAdapter):
                 details = file_obj.get("status_details") or status
                 raise ProviderError(f"{self.name} rejected the input file {file_id}: {details}", provider=self.name,
                                     retryable=False, code="file_rejected")
-            if status not in PENDING_FILE_STATUSES:
+            if status in self.ready_file_statuses:
                 return
             if time.monotonic() > deadline:
                 raise ProviderError(f"{self.name} did not process the input file {file_id} within "
@@ -170,7 +179,8 @@ class OpenAIAdapter(NativeBatchAdapter):
         created = await self.http.json("POST", "/batches", json=self.create_body(job, str(file_obj["id"])))
         return self.created_id(created)
 
-    async def find_submitted(self, batch_id: str) -> str | None:
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
         async for batch in self.list_batches():
             if self.sluice_id_of(batch) == batch_id and batch.get("id"):
                 return str(batch["id"])
@@ -209,6 +219,9 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     capabilities = Capabilities(one_model_per_job=True, max_lines=100_000, max_bytes=200 * 2**20,
                                 finds_lost_submissions=True)
     DEFAULT_API_VERSION = "2024-10-21"
+    # Azure's FileState: uploaded, pending, running, processed, error, deleting, deleted. Only
+    # `processed` files may back a batch.
+    ready_file_statuses = frozenset({"processed"})
 
     def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
                  options: Mapping[str, Any] | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import IO, Any
 
 from adapters.base import (
@@ -160,23 +160,40 @@ def error_body(body: Any, status_code: int) -> dict[str, Any]:
     return {"error": {"message": message, "type": "provider_error", "param": None, "code": str(status_code)}}
 
 
+def _line_number(value: Any) -> int | None:
+    """A batch error's `line`: an integer (OpenAI), or a numeric string (Azure 2024-10-21 types it string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
 def batch_errors(raw: Any) -> tuple[BatchErrorItem, ...]:
-    """OpenAI `Batch.errors` (`{object, data:[{code, message, param, line}]}`), a bare list of such
-    items, Mistral-style `[{message, count}]`, or a single string → error items."""
+    """A batch's `errors` → error items, in every documented shape:
+
+    - OpenAI `Batch.errors`: `{object, data: [{code, message, param, line}]}` (or a bare list of those);
+    - Azure OpenAI 2024-10-21 `BatchErrors`: `{object, data: {code, message, param, line}}`, `data` ONE
+      object and `line` a string;
+    - Mistral `[{message, count}]`; Together's plain-string `error`.
+    """
     if raw is None:
         return ()
     if isinstance(raw, str):
         return (BatchErrorItem(code="provider_error", message=raw),) if raw else ()
     items = raw.get("data") if isinstance(raw, Mapping) else raw
+    if isinstance(items, Mapping):
+        items = [items]
     if not isinstance(items, list):
         return ()
     out = []
     for item in items:
         if isinstance(item, Mapping):
-            line = item.get("line")
             out.append(BatchErrorItem(code=str(item.get("code") or "provider_error"),
-                                      message=str(item.get("message") or ""),
-                                      line=line if isinstance(line, int) else None,
+                                      message=str(item.get("message") or item.get("code") or ""),
+                                      line=_line_number(item.get("line")),
                                       param=str(item["param"]) if item.get("param") is not None else None))
         elif item:
             out.append(BatchErrorItem(code="provider_error", message=str(item)))
@@ -271,7 +288,7 @@ async def spool_jsonl(lines: AsyncIterable[RequestLine], encode: Callable[[Reque
     return spool, count
 
 
-async def iter_jsonl(http: HttpClient, url: str, **kwargs: Any) -> AsyncIterator[Any]:
+async def iter_jsonl(http: HttpClient, url: str, **kwargs: Any) -> AsyncGenerator[Any, None]:
     """Parsed objects of a JSONL download, line by line. Blank lines (a zero-byte file included)
     yield nothing; a line that is not JSON is logged and skipped."""
     async with http.stream("GET", url, **kwargs) as response:

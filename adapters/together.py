@@ -1,9 +1,9 @@
 """Together's native batch API (Together's Batch API docs): OpenAI-like, with these differences handled here.
 
-- Upload: purpose `batch-api`. Default is the documented redirect flow: form `POST /files`
-  (`purpose`, `file_name`, `file_type=jsonl`) → 302 with `Location` (a signed URL) and
-  `X-Together-File-Id` → `PUT` the bytes there (no credentials, explicit Content-Length) →
-  `POST /files/{id}/preprocess`. Option `upload: multipart` sends one multipart `POST /files` instead.
+- Upload: exactly as Together's OpenAPI spec (togethercomputer/openapi, 2.0.0) documents it, its only
+  upload: multipart `POST /files/upload` with `purpose=batch-api`, `file_name` and `file` (the bytes,
+  streamed from the spool). Older SDKs used a redirect flow (`POST /files` → 302 → `PUT` to a signed
+  URL → `POST /files/{id}/preprocess`) that the spec does not have; it is gone.
 - Input lines are `{custom_id, body}` (no `method`/`url`); endpoints: chat and text completions.
 - Create answers `{"job": {...}, "warning": ...}`; statuses are UPPERCASE; timestamps ISO-8601;
   no per-request counts (only `progress`); a failed job has a plain-string `error`.
@@ -17,20 +17,11 @@ Output and error files are OpenAI-shaped, so results, cancel and the HTTP plumbi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import IO, Any
+from typing import Any
 
-from adapters.base import BatchJob, Capabilities, ProviderError, ProviderStatus, RequestLine, provider_line_id
-from adapters.http import HttpClient
+from adapters.base import BatchJob, Capabilities, ProviderStatus, RequestLine, provider_line_id
 from adapters.openai import OpenAIAdapter, require
 from adapters.openai_format import together_job_status
-
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
-CHUNK = 64 * 1024
-
-
-async def _chunks(spool: IO[bytes]) -> AsyncIterator[bytes]:
-    while chunk := spool.read(CHUNK):
-        yield chunk
 
 
 def _items(payload: Any) -> list[Mapping[str, Any]]:
@@ -40,35 +31,16 @@ def _items(payload: Any) -> list[Mapping[str, Any]]:
 
 
 class TogetherAdapter(OpenAIAdapter):
-    """Together (`base_url` like `https://api.together.xyz/v1`). Options: `upload`
-    (`redirect`, default, or `multipart`), `completion_window`."""
+    """Together (`base_url` like `https://api.together.xyz/v1`). Option: `completion_window`."""
 
     kind = "together"
     capabilities = Capabilities(endpoints=frozenset({"/v1/chat/completions", "/v1/completions"}), max_lines=50_000,
                                 max_bytes=100 * 2**20, finds_lost_submissions=True)
     file_purpose = "batch-api"
-
-    def __init__(self, name: str, *, base_url: str = "", api_key: str = "",
-                 options: Mapping[str, Any] | None = None) -> None:
-        super().__init__(name, base_url=base_url, api_key=api_key, options=options)
-        self.upload_mode = str(self.options.get("upload") or "redirect")
-        self._signed: HttpClient | None = None
+    upload_path = "/files/upload"  # the spec's only upload: multipart purpose, file_name, file
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
-
-    @property
-    def signed(self) -> HttpClient:
-        """A client without credentials, for the pre-signed upload URL (often another host)."""
-        if self._signed is None:
-            self._signed = HttpClient(self.name, "", {})
-        return self._signed
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        if self._signed is not None:
-            signed, self._signed = self._signed, None
-            await signed.aclose()
 
     def encode_line(self, line: RequestLine) -> dict[str, Any]:
         return {"custom_id": provider_line_id(line.index), "body": line.body}
@@ -84,36 +56,21 @@ class TogetherAdapter(OpenAIAdapter):
     def status_of(self, batch: Mapping[str, Any]) -> ProviderStatus:
         return together_job_status(batch)
 
-    async def upload(self, spool: IO[bytes], filename: str) -> Mapping[str, Any]:
-        if self.upload_mode == "multipart":
-            return await super().upload(spool, filename)
-        response = await self.http.request("POST", "/files", data={
-            "purpose": self.file_purpose, "file_name": filename, "file_type": "jsonl"})
-        location = response.headers.get("location")
-        file_id = response.headers.get("x-together-file-id")
-        if response.status_code not in REDIRECTS or not location or not file_id:
-            raise ProviderError(f"{self.name} did not answer the upload with a signed URL "
-                                f"(HTTP {response.status_code})", provider=self.name, retryable=True,
-                                code="invalid_provider_response")
-        spool.seek(0, 2)
-        size = spool.tell()
-        spool.seek(0)
-        await self.signed.request("PUT", location, content=_chunks(spool),
-                                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-        file_obj = await self.http.json("POST", f"/files/{file_id}/preprocess")
-        return dict(file_obj) if isinstance(file_obj, Mapping) and file_obj.get("id") else {"id": file_id}
+    def upload_form(self, filename: str) -> dict[str, str]:
+        return {"purpose": self.file_purpose, "file_name": filename}
 
     async def list_batches(self) -> AsyncIterator[Mapping[str, Any]]:
         for job in _items(await self.http.json("GET", "/batches")):
             yield job
 
-    async def find_submitted(self, batch_id: str) -> str | None:
+    async def find_submitted(self, batch_id: str, job: BatchJob | None = None,
+                             since: int | None = None) -> str | None:
         name = f"sluice-{batch_id}.jsonl"
         files = {str(f["id"]) for f in _items(await self.http.json("GET", "/files"))
                  if f.get("filename") == name and f.get("id")}
         if not files:
             return None
-        async for job in self.list_batches():
-            if str(job.get("input_file_id")) in files and job.get("id"):
-                return str(job["id"])
+        async for job_obj in self.list_batches():
+            if str(job_obj.get("input_file_id")) in files and job_obj.get("id"):
+                return str(job_obj["id"])
         return None

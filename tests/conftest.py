@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from tests.harness import Client, gateway, make_settings
 from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
+from tests.provider_fake.server import live_fakes
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -43,3 +44,18 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(autouse=True)
+def provider_fake_conformance() -> Iterator[None]:
+    """Fail any test during which a provider fake saw a request, or sent an answer, that breaks the
+    provider's official spec (tests/provider_fake/conformance.py). A test that breaks one on purpose
+    takes its violations with `fake.take_violations()` and asserts on them."""
+    yield
+    found: dict[str, int] = {}
+    for fake in live_fakes():
+        for v in fake.take_violations():
+            found[str(v)] = found.get(str(v), 0) + 1
+    if found:
+        lines = [f"  - {text}" + (f" (x{n})" if n > 1 else "") for text, n in found.items()]
+        pytest.fail("the provider fake saw spec violations:\n" + "\n".join(lines), pytrace=False)

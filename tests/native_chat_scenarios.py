@@ -366,12 +366,13 @@ async def restart_mid_poll(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     assert fake.state()["batch_creates"][flavor.provider] == 1
 
 
-async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -> None:
-    """Sluice stops while the create call is in flight (the provider creates the batch, Sluice never
-    learns its id); the next Sluice finds it with `find_submitted` instead of creating another."""
+async def crash_while_creating(fake: ProviderFake, db: str, flavor: Flavor,
+                               lines: list[batch_pb2.BatchRequestLine]) -> str:
+    """Sluice stops while the create call is in flight: the provider creates the batch, Sluice never
+    learns its id. Returns Sluice's batch id once the provider has the batch."""
     fake.add_fault(provider=flavor.provider, method="POST", path_regex=flavor.create_path, delay_seconds=1.0)
     async with gateway(make_settings(db, poll_seconds=0.05), make_router(fake, flavor)) as (app, c):
-        created = await c.create([line(flavor, "a", "hello world")])
+        created = await c.create(lines)
 
         async def create_in_flight() -> bool:
             return bool(fake.state()["faults_pending"] == [0])
@@ -382,9 +383,16 @@ async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -
     async def created_at_provider() -> bool:
         return bool(fake.state()["batch_creates"][flavor.provider] == 1)
     await until("the provider to create the batch", created_at_provider)
+    return str(created.id)
+
+
+async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    """After `crash_while_creating`, the next Sluice finds the batch with `find_submitted` instead of
+    creating another."""
+    batch_id = await crash_while_creating(fake, db, flavor, [line(flavor, "a", "hello world")])
     async with gateway(make_settings(db, poll_seconds=0.05), make_router(fake, flavor)) as (_, c):
-        done = await c.wait_for(created.id, timeout=WAIT)
-        results = await results_by_id(c, created.id)
+        done = await c.wait_for(batch_id, timeout=WAIT)
+        results = await results_by_id(c, batch_id)
     assert done.status == "completed", done
     check_success(flavor, results["a"], "hello world")
     assert fake.state()["batch_creates"][flavor.provider] == 1

@@ -254,7 +254,7 @@ async def expire_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
 async def transient_faults(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     """429 + Retry-After on the upload and 500s on polls slow the batch down but never fail it."""
     p = flavor.provider
-    fake.add_fault(provider=p, method="POST", path_regex=r"/files$", status=429, retry_after=0.2, times=1)
+    fake.add_fault(provider=p, method="POST", path_regex=r"/files(/upload)?$", status=429, retry_after=0.2, times=1)
     fake.add_fault(provider=p, method="GET", path_regex=r"/batches/[^/]+$", status=500, times=3)
     started = time.monotonic()
     async with gateway(settings(db), make_router(fake, flavor)) as (_, c):
@@ -325,7 +325,7 @@ async def recover_lost_submission(fake: ProviderFake, db: str, flavor: Flavor) -
     provider (`find_submitted`) and adopts the batch it finds instead of submitting again."""
     p = flavor.provider
     texts = {"a": "hello there", "b": "FAIL it"}
-    fake.add_fault(provider=p, method="POST", path_regex=r"/files$", status=503, times=HOLD)
+    fake.add_fault(provider=p, method="POST", path_regex=r"/files(/upload)?$", status=503, times=HOLD)
     async with gateway(settings(db), make_router(fake, flavor)) as (_, c):
         created = await c.create(lines(flavor, texts))
 

@@ -7,21 +7,27 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from anthropic._constants import ANTHROPIC_API_VERSION
 
 from adapters.anthropic import (
     AnthropicAdapter,
     batch_status,
+    batch_tag,
+    parse_custom_id,
     to_chat_completion,
     to_line_result,
     to_messages_params,
     usage_of,
 )
-from adapters.base import ProviderError, ProviderState
+from adapters.base import BatchJob, ProviderError, ProviderState, RequestLine
 from adapters.chat_format import UnsupportedRequest
-from tests.harness import gateway, make_settings
+from service.domain.model import now
+from tests.harness import gateway, make_settings, until
 from tests.native_chat_scenarios import (
     ANTHROPIC,
+    HOLD,
     cancel_batch,
+    crash_while_creating,
     expire_batch,
     fresh,
     full_batch,
@@ -63,7 +69,7 @@ def test_system_messages_extracted_and_max_tokens_defaulted() -> None:
     assert params == {
         "model": "claude-x", "max_tokens": 4096, "system": "be brief\n\nno lies",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
-        "stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9,
+        "stop_sequences": ["END"],  # no sampling parameters: the Messages API (anthropic SDK >= 1.0) has none
     }
     assert to_messages_params({"model": "m", "messages": [{"role": "user", "content": "x"}]}, 99)["max_tokens"] == 99
     assert to_messages_params({"model": "m", "max_tokens": 5, "max_completion_tokens": 7,
@@ -192,7 +198,7 @@ async def test_404_is_retryable_only_right_after_create(fake: ProviderFake) -> N
 def test_sends_version_and_key_headers() -> None:
     adapter = AnthropicAdapter("anthropic", base_url="http://127.0.0.1:1", api_key="k")
     headers = adapter.http.client.headers
-    assert headers["x-api-key"] == "k" and headers["anthropic-version"] == "2023-06-01"
+    assert headers["x-api-key"] == "k" and headers["anthropic-version"] == ANTHROPIC_API_VERSION  # the SDK's
 
 
 # --------------------------------------------------------------------------- whole batches
@@ -258,3 +264,86 @@ async def test_embeddings_endpoint_refused_at_create(fake: ProviderFake, sqlite_
 
 async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:
     await restart_mid_poll(fake, sqlite_url, ANTHROPIC)
+
+
+# --------------------------------------------------------------------------- lost submissions
+
+
+def two_lines() -> Any:
+    async def gen() -> Any:
+        for i in range(2):
+            yield RequestLine(i, f"c{i}", "/v1/chat/completions",
+                              {"model": "claude-test", "messages": [{"role": "user", "content": f"line {i}"}]})
+    return gen()
+
+
+def adapter_for(fake: ProviderFake, **options: Any) -> AnthropicAdapter:
+    return AnthropicAdapter("anthropic", base_url=fake.base_url + "/anthropic", api_key=fake.key("anthropic"),
+                            options=options)
+
+
+async def test_custom_ids_carry_a_tag_of_the_sluice_batch(fake: ProviderFake) -> None:
+    adapter = adapter_for(fake)
+    try:
+        pid = await adapter.submit(BatchJob("batch_a", "/v1/chat/completions", "claude-test", "24h", 2), two_lines())
+    finally:
+        await adapter.aclose()
+    with fake.store.lock:
+        ids = [item.custom_id for item in fake.store.batches["anthropic"][pid].items]
+    assert ids == [f"sl-0-{batch_tag('batch_a')}", f"sl-1-{batch_tag('batch_a')}"]
+    assert parse_custom_id(ids[1]) == (1, batch_tag("batch_a"))
+    assert parse_custom_id("sl-7") == (7, None)  # batches submitted before the tag still read
+    assert parse_custom_id("other-7") is None
+
+
+async def test_find_submitted_by_count_time_and_tag(fake: ProviderFake) -> None:
+    """In progress: undecidable (retryable, never a guess); ended: adopted only with this batch's tag;
+    other counts and batches created before the submit started are not candidates."""
+    adapter = adapter_for(fake, find_skew_seconds=5)
+    job = BatchJob("batch_a", "/v1/chat/completions", "claude-test", "24h", 2)
+    since = now()
+    try:
+        assert await adapter.find_submitted("batch_a", job=job, since=since) is None  # nothing there yet
+        pid = await adapter.submit(job, two_lines())
+        with pytest.raises(ProviderError) as undecided:
+            await adapter.find_submitted("batch_a", job=job, since=since)
+        assert undecided.value.retryable and undecided.value.code == "submission_undecided"
+        assert pid in undecided.value.message
+        fake.complete("anthropic", pid)
+        assert await adapter.find_submitted("batch_a", job=job, since=since) == pid
+        # the same batch is not another Sluice batch's, nor one of another size, nor an older one
+        other = BatchJob("batch_b", "/v1/chat/completions", "claude-test", "24h", 2)
+        assert await adapter.find_submitted("batch_b", job=other, since=since) is None
+        three = BatchJob("batch_a", "/v1/chat/completions", "claude-test", "24h", 3)
+        assert await adapter.find_submitted("batch_a", job=three, since=since) is None
+        assert await adapter.find_submitted("batch_a", job=job, since=since + 3600) is None
+        assert await adapter.find_submitted("batch_a") is None  # without the job: cannot tell
+    finally:
+        await adapter.aclose()
+    assert fake.state()["batch_creates"]["anthropic"] == 1
+
+
+async def test_crash_during_create_does_not_duplicate_the_batch(fake: ProviderFake, sqlite_url: str) -> None:
+    """Sluice stops while the create call is in flight; Anthropic creates the batch. The next Sluice
+    waits while that batch (same size, created since the submit started) runs, then adopts it."""
+    fake.configure(polls_per_state=HOLD)
+    batch_id = await crash_while_creating(fake, sqlite_url, ANTHROPIC, [line(ANTHROPIC, "a", "hello world"),
+                                                                        line(ANTHROPIC, "b", "FAIL this")])
+    settings = make_settings(sqlite_url, poll_seconds=0.05)
+    (pid,) = fake.state()["batches"]["anthropic"]
+    def lists() -> int:
+        return len([r for r in requests_to(fake, ANTHROPIC, "GET", "/messages/batches")
+                    if r["path"].endswith("/batches")])
+    lists_before = lists()
+    async with gateway(settings, make_router(fake, ANTHROPIC)) as (_, c):
+        async def asked_twice() -> bool:
+            return lists() - lists_before >= 2
+        await until("Sluice to look for the lost submission twice", asked_twice)
+        assert fake.state()["batch_creates"]["anthropic"] == 1  # no second batch while undecided
+        assert (await c.get(batch_id)).status == "validating"
+        fake.complete("anthropic", pid)  # Anthropic finishes the batch nobody is polling
+        done = await c.wait_for(batch_id, timeout=30)
+        results = await results_by_id(c, batch_id)
+    assert done.status == "completed" and done.provider_batch_id == pid, done
+    assert results["a"]["status"] == "completed" and results["b"]["status"] == "failed"
+    assert fake.state()["batch_creates"]["anthropic"] == 1

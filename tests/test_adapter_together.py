@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from adapters.base import BatchJob, ProviderState, RequestLine
@@ -19,8 +20,6 @@ from tests.provider_fake import ProviderFake
 
 TOGETHER = Flavor("together", TogetherAdapter, "meta-llama/Llama-3.3-70B-Instruct-Turbo", detailed_usage=False,
                   has_cancelling=False)
-MULTIPART = Flavor("together", TogetherAdapter, "meta-llama/Llama-3.3-70B-Instruct-Turbo", detailed_usage=False,
-                   has_cancelling=False, options={"upload": "multipart"})
 
 
 @pytest.fixture
@@ -35,11 +34,6 @@ def db(tmp_path: Path) -> str:
 
 async def test_full_batch(fake: ProviderFake, db: str) -> None:
     await sc.full_batch(fake, db, TOGETHER)
-
-
-async def test_full_batch_multipart_upload(fake: ProviderFake, db: str) -> None:
-    await sc.full_batch(fake, db, MULTIPART)
-    assert not any(r["method"] == "PUT" for r in fake.state()["requests"])
 
 
 async def test_cancel(fake: ProviderFake, db: str) -> None:
@@ -70,9 +64,10 @@ async def test_find_submitted_recovers_a_lost_submission(fake: ProviderFake, db:
     await sc.recover_lost_submission(fake, db, TOGETHER)
 
 
-async def test_redirect_upload_flow_and_input_format(fake: ProviderFake) -> None:
-    """Form POST /files → 302 signed URL → PUT without credentials → preprocess; lines are
-    `{custom_id, body}` with Sluice's ids; purpose `batch-api`; the `{"job": ...}` wrapper is read."""
+async def test_upload_as_the_spec_documents_and_input_format(fake: ProviderFake) -> None:
+    """The only upload Together's spec has: multipart `POST /files/upload` with `purpose=batch-api`,
+    `file_name` and `file`; then `POST /batches` (201, `{"job": ...}`). Lines are `{custom_id, body}`
+    with Sluice's ids; `find_submitted` finds the job by its file's name."""
     adapter = TogetherAdapter("together", base_url=fake.url("together"), api_key=fake.key("together"), options={})
 
     async def two() -> Any:
@@ -82,14 +77,11 @@ async def test_redirect_upload_flow_and_input_format(fake: ProviderFake) -> None
 
     pid = await adapter.submit(BatchJob("batch_t1", "/v1/chat/completions", "m", "24h", 2), two())
     calls = [(r["method"], r["path"], r["status"]) for r in fake.state()["requests"]]
-    assert calls[0] == ("POST", "/together/v1/files", 302)
-    assert calls[1][0] == "PUT" and calls[1][1].startswith("/together/_signed_upload/") and calls[1][2] == 200
-    assert calls[2][0] == "POST" and calls[2][1].endswith("/preprocess")
-    assert calls[3] == ("POST", "/together/v1/batches", 200)
+    assert calls == [("POST", "/together/v1/files/upload", 200), ("POST", "/together/v1/batches", 201)]
     with fake.store.lock:
         batch = fake.store.batches["together"][pid]
         f = fake.store.files["together"][batch.data["input_file_id"]]
-        assert f.purpose == "batch-api" and f.filename == "sluice-batch_t1.jsonl" and f.extra["processed"]
+        assert f.purpose == "batch-api" and f.filename == "sluice-batch_t1.jsonl"
         rows = [json.loads(x) for x in f.data.splitlines()]
     assert rows == [{"custom_id": f"sl-{i}", "body": {"model": "m", "messages": [{"role": "user",
                                                                                    "content": f"line {i}"}]}}
@@ -97,6 +89,17 @@ async def test_redirect_upload_flow_and_input_format(fake: ProviderFake) -> None
     assert await adapter.find_submitted("batch_t1") == pid
     assert await adapter.find_submitted("batch_unknown") is None
     await adapter.aclose()
+
+
+def test_the_fake_refuses_the_legacy_upload_flow(fake: ProviderFake) -> None:
+    """`POST /files` (the old redirect flow's first step) is no operation of the spec: the fake
+    answers 405 and records the violation, so an adapter that used it would fail its tests."""
+    r = httpx.post(fake.url("together") + "/files", headers={"Authorization": f"Bearer {fake.key('together')}"},
+                   data={"purpose": "batch-api", "file_name": "x.jsonl", "file_type": "jsonl"})
+    assert r.status_code == 405
+    (violation,) = fake.take_violations()
+    assert violation.where == "request" and "no POST on this path" in violation.message
+    assert fake.state()["file_uploads"]["together"] == 0
 
 
 async def test_embeddings_refused_at_create(fake: ProviderFake, db: str) -> None:
@@ -118,12 +121,14 @@ providers:
   together:
     base_url: {fake.url("together")}
     api_key_env: TOGETHER_KEY
-    options: {{upload: multipart}}
+    options: {{completion_window: 48h}}
     models: [meta-llama/Llama-3.3-70B-Instruct-Turbo]
 """)
     entries = load_entries(path, {"TOGETHER_KEY": "k"})
     adapter = entries["together"].provider
-    assert isinstance(adapter, TogetherAdapter) and adapter.upload_mode == "multipart"
+    assert isinstance(adapter, TogetherAdapter)
+    job = BatchJob("batch_y", "/v1/chat/completions", "m", "24h", 1)
+    assert adapter.create_body(job, "file-1")["completion_window"] == "48h"
     await adapter.aclose()
 
 

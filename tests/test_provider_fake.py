@@ -47,6 +47,11 @@ def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in text.splitlines() if x.strip()]
 
 
+def taken(fake: ProviderFake) -> list[str]:
+    """The spec violations this test provoked on purpose (taken, so the conformance fixture passes)."""
+    return [f"{v.where}: {v.message}" for v in fake.take_violations()]
+
+
 # ============================================================================ OpenAI
 
 
@@ -84,7 +89,8 @@ def test_openai_happy_path_with_fail_line(fake: ProviderFake) -> None:
             chat_line("c", "CACHE THINK one two")]
     b = oa_create(c, rows)
     assert b["status"] == "validating" and b["object"] == "batch" and b["request_counts"]["total"] == 0
-    assert b["output_file_id"] is None and b["metadata"] == {"job": "t"} and b["model"] == "gpt-4o-mini"
+    # OpenAI's spec types output_file_id etc. without null: absent until set
+    assert "output_file_id" not in b and b["metadata"] == {"job": "t"} and b["model"] == "gpt-4o-mini"
     b, seen = poll(c, f"/batches/{b['id']}", "status", OA_TERMINAL)
     assert seen == ["in_progress", "finalizing", "completed"]
     assert b["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
@@ -145,7 +151,9 @@ def test_openai_auth_and_validation_errors(fake: ProviderFake) -> None:
     assert seen == ["failed"] and b["failed_at"]
     codes = {e["code"] for e in b["errors"]["data"]}
     assert {"duplicate_custom_id", "url_mismatch"} <= codes
-    assert b["output_file_id"] is None and b["error_file_id"] is None
+    assert "output_file_id" not in b and "error_file_id" not in b
+    assert taken(fake) == ["line 1: not JSON: Expecting value: line 1 column 1 (char 0)",
+                           "request: body completion_window: '48h' is not one of ['24h']"]
 
 
 def test_openai_fault_429_then_success(fake: ProviderFake) -> None:
@@ -245,12 +253,14 @@ def test_azure_specifics(fake: ProviderFake) -> None:
     av = {"api-version": "2024-10-21"}
     c = httpx.Client(base_url=fake.url("azure"), headers={"api-key": fake.key("azure")}, params=av)
     assert httpx.get(fake.url("azure") + "/batches", headers={"api-key": fake.key("azure")}).status_code == 400
+    assert taken(fake) == ["request: required query parameter 'api-version' is missing"]
     bad = httpx.get(fake.url("azure") + "/batches", headers={"api-key": "nope"}, params=av)
-    assert bad.status_code == 401 and bad.json()["error"]["code"] == "401"
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"  # the spec's ErrorCode
     rows = [chat_line("a", "hi", model="my-deploy", url="/chat/completions"),
             chat_line("b", "yo", model="my-deploy", url="/chat/completions")]
-    up = c.post("/files", files={"file": ("in.jsonl", jsonl(rows))}, data={"purpose": "batch"}).json()
-    assert up["status"] == "pending"
+    created = c.post("/files", files={"file": ("in.jsonl", jsonl(rows))}, data={"purpose": "batch"})
+    up = created.json()
+    assert created.status_code == 201 and up["status"] == "pending"
     assert c.get(f"/files/{up['id']}").json()["status"] == "pending"
     assert c.get(f"/files/{up['id']}").json()["status"] == "processed"
     b = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/chat/completions",
@@ -264,7 +274,8 @@ def test_azure_specifics(fake: ProviderFake) -> None:
     b = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/chat/completions",
                                  "completion_window": "24h"}).json()
     b = c.get(f"/batches/{b['id']}").json()
-    assert b["status"] == "failed" and b["errors"]["data"][0]["code"] == "model_mismatch"
+    # Azure 2024-10-21's BatchErrors: `data` is one object, `line` a string
+    assert b["status"] == "failed" and b["errors"]["data"]["code"] == "model_mismatch"
 
 
 def test_groq_specifics(fake: ProviderFake) -> None:
@@ -282,6 +293,9 @@ def test_groq_specifics(fake: ProviderFake) -> None:
     assert b["status"] == "completed"
     lst = c.get("/batches").json()
     assert set(lst) == {"object", "data"}
+    # the official groq SDK's types (tests/provider_fake/sdk_conformance.py) say both were wrong
+    assert taken(fake) == ["request: form purpose: 'fine-tune' is not one of ['batch']",
+                           "request: body endpoint: '/v1/embeddings' is not one of ['/v1/chat/completions']"]
 
 
 # ============================================================================ Together
@@ -291,14 +305,15 @@ def test_together(fake: ProviderFake) -> None:
     c = httpx.Client(base_url=fake.url("together"), headers={"Authorization": f"Bearer {fake.key('together')}"})
     rows = [{"custom_id": "a", "body": {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}},
             {"custom_id": "b", "body": {"model": "m", "messages": [{"role": "user", "content": "FAIL"}]}}]
-    assert c.post("/files", files={"file": ("i.jsonl", jsonl(rows))}, data={"purpose": "batch"}).status_code == 400
-    # legacy redirect upload flow
-    r = c.post("/files", data={"purpose": "batch-api", "file_name": "i.jsonl", "file_type": "jsonl"})
-    assert r.status_code == 302
-    fid = r.headers["X-Together-File-Id"]
-    assert httpx.put(r.headers["Location"], content=jsonl(rows)).status_code == 200
-    assert c.post(f"/files/{fid}/preprocess").json()["processed"] is True
-    r = c.post("/batches", json={"input_file_id": fid, "endpoint": "/v1/chat/completions"})
+    assert c.post("/files/upload", files={"file": ("i.jsonl", jsonl(rows))},
+                  data={"purpose": "batch", "file_name": "i.jsonl"}).status_code == 400
+    assert taken(fake) == ["request: body purpose: 'batch' is not one of ['fine-tune', 'eval', 'eval-sample', "
+                           "'eval-output', 'eval-summary', 'batch-generated', 'batch-api']"]
+    up = c.post("/files/upload", files={"file": ("i.jsonl", jsonl(rows))},
+                data={"purpose": "batch-api", "file_name": "input.jsonl"}).json()
+    assert up["filename"] == "input.jsonl" and up["Processed"] is True and up["FileType"] == "jsonl"
+    r = c.post("/batches", json={"input_file_id": up["id"], "endpoint": "/v1/chat/completions"})
+    assert r.status_code == 201
     job = r.json()["job"]
     assert job["status"] == "VALIDATING" and re.match(r"\d{4}-\d\d-\d\dT", job["created_at"])
     assert "request_counts" not in job and job["progress"] == 0
@@ -308,7 +323,9 @@ def test_together(fake: ProviderFake) -> None:
     err = parse_jsonl(c.get(f"/files/{job['error_file_id']}/content").text)
     assert [x["custom_id"] for x in out] == ["a"] and [x["custom_id"] for x in err] == ["b"]
     assert isinstance(c.get("/batches").json(), list)
-    assert httpx.get(fake.url("together") + "/batches").status_code == 401
+    denied = httpx.get(fake.url("together") + "/batches")
+    assert denied.status_code == 401 and denied.json() == {"error": "Invalid API key provided."}
+    assert taken(fake) == ["request: credentials missing: needs bearerAuth (Authorization: Bearer <token>)"]
 
 
 # ============================================================================ Anthropic
@@ -375,6 +392,8 @@ def test_anthropic_validation_and_auth(fake: ProviderFake) -> None:
     assert c.post(AB, json={"requests": [req]}).status_code == 400
     assert c.post(AB, json={"requests": [an_req("d", "x"), an_req("d", "y")]}).status_code == 400
     assert fake.state()["batch_creates"]["anthropic"] == 0
+    assert taken(fake) == ["request: no anthropic-version header", "request: body requests[0].params: required "
+                           "field 'max_tokens' missing (MessageCreateParamsNonStreaming)"]
 
 
 def test_anthropic_cancel_expire_eventual_404_and_list(fake: ProviderFake) -> None:
@@ -501,6 +520,7 @@ def test_gemini_cancel_expire_fail_auth_list(fake: ProviderFake) -> None:
     bad = httpx.get(fake.url("gemini") + "/v1beta/batches", headers={"x-goog-api-key": "nope"})
     assert bad.status_code == 400 and bad.json()["error"]["status"] == "INVALID_ARGUMENT"
     assert httpx.get(fake.url("gemini") + "/v1beta/batches").status_code == 403
+    assert taken(fake) == ["request: no x-goog-api-key (or ?key=)"]
     p1 = c.get("/v1beta/batches", params={"pageSize": 2}).json()
     assert len(p1["operations"]) == 2 and p1["nextPageToken"]
     p2 = c.get("/v1beta/batches", params={"pageSize": 2, "pageToken": p1["nextPageToken"]}).json()
@@ -518,6 +538,7 @@ def test_mistral(fake: ProviderFake) -> None:
     assert up["purpose"] == "batch" and up["num_lines"] == 2
     r = c.post("/batch/jobs", json={"input_files": [up["id"]], "endpoint": "/v1/bogus", "model": "m"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "endpoint"]
+    assert [t[:40] for t in taken(fake)] == ["request: body endpoint: '/v1/bogus' is n"]
     job = c.post("/batch/jobs", json={"input_files": [up["id"]], "endpoint": "/v1/chat/completions",
                                       "model": "mistral-small-latest"}).json()
     assert job["status"] == "QUEUED" and job["total_requests"] == 2
@@ -544,6 +565,7 @@ def test_mistral(fake: ProviderFake) -> None:
     assert lst["object"] == "list" and lst["total"] == 3 and len(lst["data"]) == 2
     assert len(c.get("/batch/jobs", params={"page": 1, "page_size": 2}).json()["data"]) == 1
     assert httpx.get(fake.url("mistral") + "/batch/jobs").status_code == 401
+    assert taken(fake) == ["request: credentials missing: needs ApiKey (Authorization: Bearer <token>)"]
 
 
 # ============================================================================ process mode
@@ -568,3 +590,102 @@ def test_subprocess_mode() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ============================================================================ fault switches for engine tests
+
+
+def finished_openai_batches(fake: ProviderFake, c: httpx.Client, n: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        b = oa_create(c, [chat_line("a", f"hello {i}"), chat_line("b", "FAIL it")])
+        fake.complete("openai", b["id"])
+        out.append(c.get(f"/batches/{b['id']}").json())
+    return out
+
+
+def test_results_download_failing_forever_per_batch_or_globally(fake: ProviderFake) -> None:
+    c = oa(fake)
+    first, second = finished_openai_batches(fake, c, 2)
+    fake.add_fault(provider="openai", kind="results", batch=first["id"], status=404, times=None)
+    for _ in range(5):  # forever: every download of that batch's output or error file
+        assert c.get(f"/files/{first['output_file_id']}/content").status_code == 404
+        assert c.get(f"/files/{first['error_file_id']}/content").status_code == 404
+    assert c.get(f"/files/{second['output_file_id']}/content").status_code == 200  # another batch
+    assert c.get(f"/batches/{first['id']}").status_code == 200  # status polls are not results
+    assert fake.state()["faults_pending"] == [None]
+    fake.clear_faults()
+    fake.add_fault(provider="openai", kind="results", raw_body='{"custom_id": "sl-0", "resp', times=None)
+    for b in (first, second):
+        r = c.get(f"/files/{b['output_file_id']}/content")
+        assert r.status_code == 200 and r.text == '{"custom_id": "sl-0", "resp'  # unreadable, every time
+    fake.clear_faults()
+    fake.add_fault(kind="results", status=500, times=None)  # any provider
+    an_c = an(fake)
+    ab = an_c.post(AB, json={"requests": [an_req("a", "hi")]}).json()
+    fake.complete("anthropic", ab["id"])
+    assert an_c.get(f"{AB}/{ab['id']}/results").status_code == 500
+    assert an_c.get(f"{AB}/{ab['id']}").status_code == 200
+    log = [(r["kind"], r["batch"], r["status"]) for r in fake.state()["requests"] if r["fault"]]
+    assert ("results", ab["id"], 500) in log
+
+
+def test_status_that_stays_unknown_and_nonsense_counts(fake: ProviderFake) -> None:
+    """What a batch *reports* can be pinned, whatever it really does; the fake's answers then break
+    the spec on purpose, so they are not checked against it."""
+    c = oa(fake)
+    b = oa_create(c, [chat_line("a", "one"), chat_line("b", "two"), chat_line("c", "three")])
+    fake.settings("openai", b["id"], reported_status="mystery_state", reported_counts={"completed": 95, "failed": 5})
+    for _ in range(6):
+        got = c.get(f"/batches/{b['id']}").json()
+        assert got["status"] == "mystery_state"
+        assert got["request_counts"]["completed"] == 95 and got["request_counts"]["failed"] == 5
+    assert fake.state()["batches"]["openai"][b["id"]]["kind"] == "completed"  # it really finished
+    fake.configure(reported_status="weird")  # every new batch, any provider
+    try:
+        assert oa_create(c, [chat_line("a", "x")])["status"] == "weird"
+        ab = an(fake).post(AB, json={"requests": [an_req("a", "hi")]}).json()
+        assert ab["processing_status"] == "weird"
+    finally:
+        fake.configure(reported_status=None)
+    assert oa_create(c, [chat_line("a", "x")])["status"] == "validating"
+    fake.settings("anthropic", ab["id"], reported_counts={"succeeded": 95})
+    assert an(fake).get(f"{AB}/{ab['id']}").json()["request_counts"]["succeeded"] == 95
+
+
+def test_provider_that_stops_answering(fake: ProviderFake) -> None:
+    c = oa(fake)
+    fake.add_fault(provider="openai", method="GET", path_regex="/batches$", hang=True, times=None)
+    for _ in range(2):
+        with pytest.raises(httpx.ReadTimeout):
+            c.get("/batches", timeout=0.3)
+    fake.clear_faults()  # hung requests are released (their connections dropped)
+    assert c.get("/batches").status_code == 200
+    fake.add_fault(provider="openai", reset=True, times=1)
+    with pytest.raises(httpx.RemoteProtocolError):
+        c.get("/batches")
+    assert c.get("/batches").status_code == 200
+    port = fake.port
+    fake.refuse_connections()
+    try:
+        for _ in range(2):
+            with pytest.raises(httpx.ConnectError):
+                c.get("/batches")
+    finally:
+        fake.accept_connections()
+    assert fake.port == port and c.get("/batches").status_code == 200
+
+
+def test_cancel_calls_recorded_per_batch(fake: ProviderFake) -> None:
+    c = oa(fake)
+    b = oa_create(c, [chat_line("a", "SLOW one")])
+    other = oa_create(c, [chat_line("a", "x")])
+    c.post(f"/batches/{b['id']}/cancel")
+    fake.add_fault(provider="openai", kind="cancel", status=500, times=1)
+    assert c.post(f"/batches/{b['id']}/cancel").status_code == 500  # a faulted call reached the provider too
+    assert fake.cancel_calls("openai", b["id"]) == 2 and fake.cancel_calls("openai", other["id"]) == 0
+    assert fake.state()["cancels"]["openai"] == {b["id"]: 2}
+    an_c = an(fake)
+    ab = an_c.post(AB, json={"requests": [an_req("a", "SLOW")]}).json()
+    an_c.post(f"{AB}/{ab['id']}/cancel")
+    assert fake.cancel_calls("anthropic", ab["id"]) == 1

@@ -402,14 +402,14 @@ class Engine:
 
     async def _submit(self, batch: BatchRow, adapter: NativeBatchAdapter) -> None:
         provider_id = None
+        job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint, model=batch.provider_model or "",
+                       completion_window=batch.completion_window, line_count=batch.total)
         if batch.submit_started_at is not None:
-            provider_id = await adapter.find_submitted(batch.id)
+            provider_id = await adapter.find_submitted(batch.id, job=job, since=batch.submit_started_at)
             if provider_id:
                 log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
         if provider_id is None:
             await self.store.mark_submit_started(batch.id)
-            job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint, model=batch.provider_model or "",
-                           completion_window=batch.completion_window, line_count=batch.total)
             provider_id = await adapter.submit(job, self._lines(batch))
             log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
         await self.store.record_provider_batch_id(batch.id, provider_id)

@@ -15,6 +15,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     fail_message,
     json_response,
@@ -31,7 +32,8 @@ from .core import (
 
 LIFE = Lifecycle(["in_progress", "ended"], "canceling", "ended", "ended", "ended", started_index=0)
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-VERSION = "2023-06-01"
+# API versions served: the long-standing one and the one the official SDK (anthropic 2.14.0) sends.
+VERSIONS = ("2023-06-01", "2026-10-21")
 BASE = "/anthropic/v1/messages/batches"
 
 
@@ -48,6 +50,14 @@ class Anthropic(Provider):
             route("GET", BASE + r"/([^/]+)/results", self.results),
         ]
 
+    def target(self, req: Request) -> Target:
+        if req.method == "POST" and req.path == BASE:
+            return Target(None, "create")
+        m = re.match("^" + re.escape(BASE) + r"/([^/]+)(/cancel|/results)?$", req.path)
+        if m:
+            return Target(m.group(1), {"/cancel": "cancel", "/results": "results"}.get(m.group(2) or "", "status"))
+        return Target()
+
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         kind = kind or "invalid_request_error"
         return json_response(status, {"type": "error", "error": {"type": kind, "message": message},
@@ -59,8 +69,8 @@ class Anthropic(Provider):
             return self.error(401, "invalid x-api-key", "authentication_error")
         if req.header("anthropic-version") is None:
             return self.error(400, "anthropic-version: header is required", "invalid_request_error")
-        if req.header("anthropic-version") != VERSION:
-            return self.error(400, f"anthropic-version: unsupported version (fake serves {VERSION})",
+        if req.header("anthropic-version") not in VERSIONS:
+            return self.error(400, f"anthropic-version: unsupported version (fake serves {', '.join(VERSIONS)})",
                               "invalid_request_error")
         return None
 
@@ -202,7 +212,7 @@ class Anthropic(Provider):
         end_time = None
         if ended:
             end_time = max(v for k, v in b.times.items())
-        return {
+        obj: JSON = {
             "id": b.id, "type": "message_batch", "processing_status": b.state,
             "request_counts": counts,
             "created_at": rfc3339(b.created_at), "expires_at": rfc3339(b.created_at + 86400),
@@ -210,3 +220,4 @@ class Anthropic(Provider):
             "archived_at": None,
             "results_url": f"{req.base_url}{BASE}/{b.id}/results" if ended else None,
         }
+        return self.store.overridden(b, obj, "processing_status", obj["request_counts"])

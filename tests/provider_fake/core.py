@@ -63,6 +63,8 @@ class Request:
 
 @dataclass
 class Response:
+    """`status` 0 means: answer nothing and close the connection (a provider that drops it)."""
+
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
@@ -343,6 +345,9 @@ class Batch:
     times: dict[str, int] = field(default_factory=dict)
     data: JSON = field(default_factory=dict)
     finalized: bool = False
+    # Fault injection: what the provider *reports*, whatever the batch really does (see README)
+    reported_status: str | None = None
+    reported_counts: JSON | None = None
 
     def __post_init__(self) -> None:
         self.state = self.life.path[0]
@@ -377,6 +382,9 @@ class Store:
         self.default_polls = polls_per_state
         self.default_eventual_404 = anthropic_eventual_404
         self.seq = 0  # never reset, so ids are not reused after /_fake/reset
+        self.violations: list[Any] = []  # spec violations; only `take_violations` empties it
+        self.default_overrides: JSON = {}  # reported_status / reported_counts of new batches
+        self.off_spec = False  # set while rendering a response that carries a deliberate override
         self.reset()
 
     def reset(self) -> None:
@@ -387,7 +395,10 @@ class Store:
             self.creates: dict[str, int] = {p: 0 for p in PROVIDERS}
             self.file_uploads: dict[str, int] = {p: 0 for p in PROVIDERS}
             self.log: list[JSON] = []
+            self.bodies: list[tuple[str, str, str, bytes]] = []  # (provider, method, path, body) of each request
             self.faults: list[Fault] = []
+            self.cancels: dict[str, dict[str, int]] = {p: {} for p in PROVIDERS}
+            self.default_overrides.clear()
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -409,6 +420,8 @@ class Store:
     # batches
     def add_batch(self, batch: Batch) -> Batch:
         batch.eventual_404 = batch.eventual_404 or (batch.provider == "anthropic" and self.default_eventual_404)
+        batch.reported_status = batch.reported_status or self.default_overrides.get("reported_status")
+        batch.reported_counts = batch.reported_counts or self.default_overrides.get("reported_counts")
         batch.times[batch.state] = batch.created_at
         self.batches[batch.provider][batch.id] = batch
         self.creates[batch.provider] += 1
@@ -425,7 +438,20 @@ class Store:
                         for p, d in self.batches.items()},
             "requests": list(self.log),
             "faults_pending": [f.times for f in self.faults],
+            "cancels": {p: dict(d) for p, d in self.cancels.items()},
+            "violations": [v.as_json() for v in self.violations],
         }
+
+    def overridden(self, b: Batch, obj: JSON, status_key: str, counts: JSON | None) -> JSON:
+        """Apply a batch's fault-injection overrides to its rendered object: the status field
+        `status_key` of `obj` and the count fields in `counts` (a dict inside `obj`, or `obj`)."""
+        if b.reported_status is not None:
+            obj[status_key] = b.reported_status
+            self.off_spec = True
+        if b.reported_counts:
+            (counts if counts is not None else obj).update(b.reported_counts)
+            self.off_spec = True
+        return obj
 
 
 # --------------------------------------------------------------------------- lifecycle transitions
@@ -497,44 +523,74 @@ def request_cancel(b: Batch) -> None:
 # --------------------------------------------------------------------------- faults
 
 
+@dataclass(frozen=True)
+class Target:
+    """What a provider request is about: a batch (or none) and the kind of call."""
+
+    batch_id: str | None = None
+    kind: str = "other"  # create | status | cancel | results | other
+
+
 @dataclass
 class Fault:
+    """An injected misbehaviour for the next `times` matching requests (None: forever)."""
+
     provider: str | None
     method: str | None
     path_regex: str | None
     status: int | None
     retry_after: float | None = None
-    times: int = 1
+    times: int | None = 1
     delay_seconds: float = 0.0
     body: Any = None
+    raw_body: str | None = None  # sent verbatim (status defaults to 200): an unreadable answer
+    hang: bool = False  # hold the request until faults are cleared or the fake stops, then drop it
+    reset: bool = False  # close the connection without answering
+    batch: str | None = None  # only requests about this provider batch (its status, cancel, results)
+    kind: str | None = None  # only this kind of call: create | status | cancel | results
 
     @classmethod
     def from_json(cls, d: JSON) -> Fault:
+        unknown = set(d) - {"provider", "method", "path_regex", "status", "retry_after", "times", "delay_seconds",
+                            "body", "raw_body", "hang", "reset", "batch", "kind"}
+        if unknown:
+            raise ValueError(f"unknown fault fields {sorted(unknown)}")
+        times = d.get("times", 1)
         return cls(
             provider=d.get("provider"),
             method=(d.get("method") or None),
             path_regex=d.get("path_regex"),
             status=d.get("status"),
             retry_after=d.get("retry_after"),
-            times=int(d.get("times", 1)),
+            times=None if times is None or int(times) < 0 else int(times),
             delay_seconds=float(d.get("delay_seconds", 0) or 0),
             body=d.get("body"),
+            raw_body=d.get("raw_body"),
+            hang=bool(d.get("hang", False)),
+            reset=bool(d.get("reset", False)),
+            batch=(str(d["batch"]).removeprefix("batches/") if d.get("batch") else None),
+            kind=d.get("kind"),
         )
 
-    def matches(self, provider: str, method: str, path: str) -> bool:
-        if self.times <= 0:
+    def matches(self, provider: str, method: str, path: str, target: Target) -> bool:
+        if self.times is not None and self.times <= 0:
             return False
         if self.provider and self.provider != provider:
             return False
         if self.method and self.method.upper() != method.upper():
             return False
+        if self.batch and self.batch != target.batch_id:
+            return False
+        if self.kind and self.kind != target.kind:
+            return False
         return not (self.path_regex and not re.search(self.path_regex, path))
 
 
-def take_fault(store: Store, provider: str, method: str, path: str) -> Fault | None:
+def take_fault(store: Store, provider: str, method: str, path: str, target: Target) -> Fault | None:
     with store.lock:
         for f in store.faults:
-            if f.matches(provider, method, path):
-                f.times -= 1
+            if f.matches(provider, method, path, target):
+                if f.times is not None:
+                    f.times -= 1
                 return f
     return None

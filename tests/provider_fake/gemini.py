@@ -18,6 +18,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     fail_message,
     json_response,
@@ -66,6 +67,17 @@ class Gemini(Provider):
             route("GET", r"/gemini/download/v1beta/files/([^/:]+):download", self.download),
             route("GET", V + r"/files/([^/:]+):download", self.download),
         ]
+
+    def target(self, req: Request) -> Target:
+        if req.method == "POST" and req.path.endswith(":batchGenerateContent"):
+            return Target(None, "create")
+        m = re.match("^" + re.escape(V) + r"/batches/([^/:]+)(:cancel)?$", req.path)
+        if m:
+            return Target(m.group(1), "cancel" if m.group(2) else "status")
+        m = re.match(r"^/gemini(?:/download)?/v1beta/files/batch-([^/:]+):download$", req.path)
+        if m:
+            return Target(m.group(1), "results")
+        return Target()
 
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         st = kind if kind in GOOGLE_STATUS.values() else GOOGLE_STATUS.get(status, "UNKNOWN")
@@ -116,6 +128,7 @@ class Gemini(Provider):
         if (req.header("x-goog-upload-offset") or "0") != "0":
             raise HttpError(400, "the fake only supports single-chunk uploads at offset 0")
         sess = self.store.uploads.pop(upload_id)
+        self.check_lines(req, "UPLOADED", req.body)
         if sess["length"] is not None and int(sess["length"]) != len(req.body):
             raise HttpError(400, f"declared length {sess['length']} != received {len(req.body)} bytes")
         rec = FileRec("files/" + short_hash("file", upload_id, n=12), sess["display_name"], "UPLOADED",
@@ -279,4 +292,5 @@ class Gemini(Provider):
                 op["response"] = {"@type": TYPE_OUTPUT, **b.data["output"]}
             if b.kind == "failed":
                 op["error"] = {"code": RPC_INVALID_ARGUMENT, "message": b.fail_reason or "batch failed"}
+        self.store.overridden(b, meta, "state", meta["batchStats"])
         return op

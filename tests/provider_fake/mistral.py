@@ -17,6 +17,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     json_response,
     now,
@@ -59,6 +60,9 @@ class Mistral(Provider):
             route("POST", V + r"/batch/jobs/([^/]+)/cancel", self.cancel),
         ]
 
+    def target(self, req: Request) -> Target:
+        return self.files_and_batches_target(req, V, "/batch/jobs", ("output_file", "error_file"))
+
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
         if status == 422:
             return json_response(422, {"detail": [{"loc": extra.get("loc", ["body"]), "msg": message,
@@ -72,12 +76,15 @@ class Mistral(Provider):
         return None
 
     # --- files
-    def file_obj(self, f: FileRec) -> JSON:
-        return {"id": f.id, "object": "file", "bytes": len(f.data), "created_at": f.created_at,
-                "filename": f.filename, "purpose": f.purpose,
-                "sample_type": f.extra.get("sample_type", "batch_request"),
-                "num_lines": len(parse_jsonl(f.data)), "source": f.extra.get("source", "upload"),
-                "mimetype": "application/jsonl"}
+    def file_obj(self, f: FileRec, deleted: bool | None = None) -> JSON:
+        obj = {"id": f.id, "object": "file", "bytes": len(f.data), "created_at": f.created_at,
+               "filename": f.filename, "purpose": f.purpose,
+               "sample_type": f.extra.get("sample_type", "batch_request"),
+               "num_lines": len(parse_jsonl(f.data)), "source": f.extra.get("source", "upload"),
+               "mimetype": "application/jsonl", "signature": None}
+        if deleted is not None:  # GetFileResponse requires it
+            obj["deleted"] = deleted
+        return obj
 
     def _file(self, file_id: str) -> FileRec:
         f = self.store.get_file(self.name, file_id)
@@ -93,6 +100,7 @@ class Mistral(Provider):
         if purpose not in ("fine-tune", "batch", "ocr"):
             raise HttpError(422, "Input should be 'fine-tune', 'batch' or 'ocr'", "enum", loc=["body", "purpose"])
         filename, data = form["file"]
+        self.check_lines(req, purpose, data)
         rec = FileRec(_uuid("file", str(self.store.next_seq())), filename or "upload.jsonl", purpose, data, now())
         self.store.add_file(self.name, rec)
         return json_response(200, self.file_obj(rec))
@@ -102,7 +110,7 @@ class Mistral(Provider):
         return json_response(200, {"data": data, "object": "list", "total": len(data)})
 
     def get_file(self, req: Request, m: re.Match[str]) -> Response:
-        return json_response(200, self.file_obj(self._file(m.group(1))))
+        return json_response(200, self.file_obj(self._file(m.group(1)), deleted=False))
 
     def delete_file(self, req: Request, m: re.Match[str]) -> Response:
         f = self._file(m.group(1))
@@ -221,4 +229,4 @@ class Mistral(Provider):
         }
         if (inline or b.data["inline"]) and "outputs" in b.data:
             obj["outputs"] = b.data["outputs"]
-        return obj
+        return self.store.overridden(b, obj, "status", None)

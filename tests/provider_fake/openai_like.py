@@ -17,6 +17,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     fail_message,
     fake_embedding,
@@ -177,6 +178,14 @@ GROQ = Flavor("groq", "/groq/openai/v1", ("/v1/chat/completions",),
 
 AZURE_401 = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a "
              "valid key for an active subscription and use a correct regional API endpoint for your resource.")
+# Azure's documented ErrorCode enum (spec definitions/ErrorCode), by HTTP status
+AZURE_CODES = {400: "invalidPayload", 401: "unauthorized", 403: "forbidden", 404: "notFound", 409: "conflict",
+               429: "tooManyRequests", 503: "serviceUnavailable"}
+
+
+def without_nulls(obj: JSON) -> JSON:
+    """The spec (OpenAI 2.3.0, Azure 2024-10-21) types these fields without `null`: absent, not null."""
+    return {k: v for k, v in obj.items() if v is not None}
 
 
 class OpenAILike(Provider):
@@ -184,6 +193,9 @@ class OpenAILike(Provider):
         self.flavor = flavor
         self.name = flavor.name
         super().__init__(store)
+
+    def target(self, req: Request) -> Target:
+        return self.files_and_batches_target(req, self.flavor.prefix)
 
     def build_routes(self) -> list[Route]:
         p = re.escape(self.flavor.prefix)
@@ -201,17 +213,17 @@ class OpenAILike(Provider):
 
     # --- envelopes
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
-        if self.name == "azure" and status == 401:
-            return json_response(401, {"error": {"code": "401", "message": AZURE_401}})
+        if self.name == "azure":  # the spec's ErrorResponse: {error: {code (enum), message}}
+            code = AZURE_CODES.get(status, "internalFailure" if status >= 500 else "invalidPayload")
+            return json_response(status, {"error": {"code": code, "message": AZURE_401 if status == 401 else message}})
         body = openai_error_body(message, kind or "invalid_request_error", extra.get("code"), extra.get("param"))
         return json_response(status, body)
 
     def check_auth(self, req: Request) -> Response | None:
         if self.flavor.api_version is not None and req.arg("api-version") != self.flavor.api_version:
-            return json_response(400 if req.arg("api-version") is None else 404, {"error": {
-                "code": "MissingApiVersionParameter" if req.arg("api-version") is None else "404",
-                "message": f"The api-version query parameter (?api-version={self.flavor.api_version}) "
-                           "is required for all requests (the fake only serves this version)."}})
+            return self.error(400 if req.arg("api-version") is None else 404,
+                              f"The api-version query parameter (?api-version={self.flavor.api_version}) "
+                              "is required for all requests (the fake only serves this version).")
         if self.flavor.auth_header == "api-key":
             got = req.header("api-key")
         else:
@@ -223,9 +235,10 @@ class OpenAILike(Provider):
 
     # --- files
     def file_obj(self, f: FileRec) -> JSON:
-        return {"id": f.id, "object": "file", "bytes": len(f.data), "created_at": f.created_at,
-                "filename": f.filename, "purpose": f.purpose, "status": f.extra.get("status", "processed"),
-                "status_details": None, "expires_at": f.created_at + 30 * 86400}
+        obj = {"id": f.id, "object": "file", "bytes": len(f.data), "created_at": f.created_at,
+               "filename": f.filename, "purpose": f.purpose, "status": f.extra.get("status", "processed"),
+               "status_details": f.extra.get("status_details"), "expires_at": f.created_at + 30 * 86400}
+        return without_nulls(obj) if self.name != "groq" else obj
 
     def _file(self, file_id: str) -> FileRec:
         f = self.store.get_file(self.name, file_id)
@@ -243,18 +256,21 @@ class OpenAILike(Provider):
         if purpose not in allowed:
             raise HttpError(400, f"'{purpose}' is not one of {list(allowed)} - 'purpose'", param="purpose")
         filename, data = form["file"]
+        self.check_lines(req, purpose, data)
         rec = FileRec(self.store.new_id("file-", self.name), filename or "upload.jsonl", purpose, data, now(),
                       {"status": self.flavor.upload_status})
         self.store.add_file(self.name, rec)
-        return json_response(200, self.file_obj(rec))
+        return json_response(201 if self.name == "azure" else 200, self.file_obj(rec))
 
     def list_files(self, req: Request, m: re.Match[str]) -> Response:
         files = sorted(self.store.files[self.name].values(), key=lambda f: f.id)
         purpose = req.arg("purpose")
         data = [self.file_obj(f) for f in files if not purpose or f.purpose == purpose]
-        return json_response(200, {"object": "list", "data": data,
-                                   "first_id": data[0]["id"] if data else None,
-                                   "last_id": data[-1]["id"] if data else None, "has_more": False})
+        if self.name == "azure":  # FileList: {object, data}
+            return json_response(200, {"object": "list", "data": data})
+        return json_response(200, {"object": "list", "data": data,  # OpenAI: ids required (strings)
+                                   "first_id": data[0]["id"] if data else "",
+                                   "last_id": data[-1]["id"] if data else "", "has_more": False})
 
     def get_file(self, req: Request, m: re.Match[str]) -> Response:
         f = self._file(m.group(1))
@@ -370,10 +386,10 @@ class OpenAILike(Provider):
             batches = batches[ids.index(after) + 1:]
         page = batches[:limit]
         data = [self.batch_obj(b) for b in page]
-        return json_response(200, {"object": "list", "data": data,
-                                   "first_id": data[0]["id"] if data else None,
-                                   "last_id": data[-1]["id"] if data else None,
-                                   "has_more": len(batches) > limit})
+        return json_response(200, without_nulls({"object": "list", "data": data,
+                                                 "first_id": data[0]["id"] if data else None,
+                                                 "last_id": data[-1]["id"] if data else None,
+                                                 "has_more": len(batches) > limit}))
 
     def cancel(self, req: Request, m: re.Match[str]) -> Response:
         b = self._batch(m.group(1))
@@ -385,6 +401,8 @@ class OpenAILike(Provider):
         if b.kind == "failed":
             return
         out, err = result_lines(b, self.name, lambda it: it.body.get("model", ""), self.flavor.detailed_usage)
+        if self.spec is not None:
+            self.store.violations += self.spec.check_output_lines(b.id, out + err)
         for key, rows, suffix in (("output_file_id", out, "output"), ("error_file_id", err, "error")):
             if rows or self.flavor.empty_error_file:
                 rec = FileRec(self.store.new_id("file-", self.name), f"{b.id}_{suffix}.jsonl", "batch_output",
@@ -397,12 +415,18 @@ class OpenAILike(Provider):
         t = b.times
         counts = b.counts()
         total = len(b.items) if b.started else 0
+        errors: JSON | None = None
         if b.kind == "failed":
-            errors: JSON | None = {"object": "list", "data": b.validation_errors or [
-                {"code": "invalid_request", "message": b.fail_reason or "batch failed", "param": None,
-                 "line": None}]}
-        else:
-            errors = None
+            data = b.validation_errors or [{"code": "invalid_request", "message": b.fail_reason or "batch failed",
+                                            "param": None, "line": None}]
+            errors = {"object": "list", "data": data}
+            if self.name == "azure":  # the spec's BatchErrors: `data` is ONE BatchErrorData, `line` a string
+                first = without_nulls(data[0])
+                if "line" in first:
+                    first["line"] = str(first["line"])
+                if len(data) > 1:
+                    first["message"] = "; ".join(str(e.get("message")) for e in data)
+                errors = {"object": "list", "data": first}
         obj: JSON = {
             "id": b.id, "object": "batch", "endpoint": b.data["endpoint"], "errors": errors,
             "input_file_id": b.data["input_file_id"], "completion_window": b.data["completion_window"],
@@ -418,7 +442,9 @@ class OpenAILike(Provider):
         if self.flavor.model_and_usage:
             obj["model"] = b.data.get("model")
             obj["usage"] = self.batch_usage(b)
-        return obj
+        if self.name != "groq":  # Groq (no spec) keeps the nulls the live APIs send
+            obj = without_nulls(obj)
+        return self.store.overridden(b, obj, "status", obj.get("request_counts"))
 
     def batch_usage(self, b: Batch) -> JSON:
         inp = cached = out = reasoning = 0

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 import time
+import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .anthropic import Anthropic
 from .base import Provider
+from .conformance import Violation
 from .core import (
     JSON,
     PROVIDERS,
@@ -19,6 +23,7 @@ from .core import (
     Request,
     Response,
     Store,
+    Target,
     finish,
     json_response,
     take_fault,
@@ -33,6 +38,12 @@ BASE_PATHS = {
     "anthropic": "/anthropic", "gemini": "/gemini", "mistral": "/mistral/v1",
 }
 CONTROL_BATCH = re.compile(r"^/_fake/batches/([a-z]+)/(.+)/(expire|fail|complete|cancel|settings)$")
+# Every fake started in this process, so one fixture can fail any test that made one see a violation.
+LIVE: weakref.WeakSet[ProviderFake] = weakref.WeakSet()
+
+
+def live_fakes() -> list[ProviderFake]:
+    return list(LIVE)
 
 
 class ProviderFake:
@@ -49,17 +60,26 @@ class ProviderFake:
         self._host, self._port = host, port
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._release = threading.Event()  # set: hung requests give up (faults cleared, fake stopped)
+        self._refusing = False
+        self._conns: set[socket.socket] = set()  # open client connections (dropped when refusing)
+        self._conns_lock = threading.Lock()
 
     # --- lifecycle
     def start(self) -> ProviderFake:
-        handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer((self._host, self._port), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="provider-fake", daemon=True)
-        self._thread.start()
+        self._listen(self._port)
+        LIVE.add(self)
         return self
 
-    def stop(self) -> None:
+    def _listen(self, port: int) -> None:
+        handler = type("Handler", (_Handler,), {"fake": self})
+        self._server = ThreadingHTTPServer((self._host, port), handler)
+        self._server.daemon_threads = True
+        self._port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="provider-fake", daemon=True)
+        self._thread.start()
+
+    def _close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -67,6 +87,27 @@ class ProviderFake:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def stop(self) -> None:
+        self._release.set()
+        self._refusing = False
+        self._close()
+
+    def refuse_connections(self) -> None:
+        """Close the listening socket and drop every open connection: connecting to the port is
+        refused (a provider that is down) until `accept_connections`."""
+        self._refusing = True
+        self._close()
+        with self._conns_lock:
+            for conn in list(self._conns):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def accept_connections(self) -> None:
+        """Listen again, on the same port."""
+        if self._refusing:
+            self._refusing = False
+            self._listen(self._port)
 
     def __enter__(self) -> ProviderFake:
         return self.start()
@@ -76,8 +117,8 @@ class ProviderFake:
 
     @property
     def port(self) -> int:
-        assert self._server is not None, "fake not started"
-        return int(self._server.server_address[1])
+        assert self._server is not None or self._refusing, "fake not started"
+        return self._port
 
     @property
     def base_url(self) -> str:
@@ -93,28 +134,69 @@ class ProviderFake:
     # --- control plane (also reachable over HTTP under /_fake/)
     def reset(self) -> None:
         self.store.reset()
+        self._release.set()
 
     def configure(self, polls_per_state: int | None = None, anthropic_eventual_404: bool | None = None,
-                  keys: dict[str, str] | None = None) -> None:
+                  keys: dict[str, str] | None = None, **overrides: Any) -> None:
+        """Defaults for new batches. `reported_status` / `reported_counts` (None clears) make every new
+        batch report that status / those counts whatever it really does (see `settings`)."""
+        unknown = set(overrides) - {"reported_status", "reported_counts"}
+        if unknown:
+            raise TypeError(f"unknown configure options {sorted(unknown)}")
         with self.store.lock:
             if polls_per_state is not None:
                 self.store.default_polls = int(polls_per_state)
             if anthropic_eventual_404 is not None:
                 self.store.default_eventual_404 = bool(anthropic_eventual_404)
             self.store.keys.update(keys or {})
+            for key, value in overrides.items():
+                if value is None:
+                    self.store.default_overrides.pop(key, None)
+                else:
+                    self.store.default_overrides[key] = value
 
     def add_fault(self, **spec: Any) -> None:
-        """provider, method, path_regex, status, retry_after, times, delay_seconds, body (see README)."""
+        """provider, method, path_regex, status, retry_after, times (None: forever), delay_seconds, body,
+        raw_body, hang, reset, batch, kind (see README)."""
+        fault = Fault.from_json(spec)
         with self.store.lock:
-            self.store.faults.append(Fault.from_json(spec))
+            if fault.hang and self._release.is_set():
+                self._release = threading.Event()
+            self.store.faults.append(fault)
 
     def clear_faults(self) -> None:
         with self.store.lock:
             self.store.faults.clear()
+            self._release.set()  # hung requests give up and drop their connections
 
     def state(self) -> JSON:
         with self.store.lock:
             return self.store.snapshot()
+
+    def request_bodies(self, provider: str, method: str, path_regex: str) -> list[bytes]:
+        """The bodies of the requests this provider received (since the last reset) whose method
+        matches and whose path `re.search`es `path_regex`, oldest first."""
+        with self.store.lock:
+            return [body for p, m, path, body in self.store.bodies
+                    if p == provider and m == method and re.search(path_regex, path)]
+
+    def cancel_calls(self, provider: str, batch_id: str) -> int:
+        """How many cancel requests for this provider batch reached the fake (faulted ones included)."""
+        with self.store.lock:
+            return self.store.cancels[provider].get(batch_id.removeprefix("batches/"), 0)
+
+    def violations(self) -> list[Violation]:
+        """Spec violations seen so far (requests that break the provider's spec, or answers of the fake's
+        that do; see conformance.py)."""
+        with self.store.lock:
+            return list(self.store.violations)
+
+    def take_violations(self) -> list[Violation]:
+        """The violations seen so far, forgotten: a test that breaks a spec on purpose takes them and
+        asserts on them; the conformance fixture fails any test that leaves one behind."""
+        with self.store.lock:
+            taken, self.store.violations = self.store.violations, []
+            return taken
 
     def batch_action(self, provider: str, batch_id: str, action: str, args: JSON | None = None) -> JSON:
         """expire | fail | complete | cancel | settings on one batch; returns {provider, id, state, kind}."""
@@ -135,12 +217,20 @@ class ProviderFake:
             elif action == "cancel":  # provider-side cancel, as if the job were cancelled elsewhere
                 finish(b, "cancelled")
             elif action == "settings":
+                unknown = set(args) - {"polls_per_state", "cancel_race", "eventual_404", "reported_status",
+                                       "reported_counts"}
+                if unknown:
+                    raise HttpError(400, f"unknown settings {sorted(unknown)}")
                 if "polls_per_state" in args:
                     b.polls_per_state = max(1, int(args["polls_per_state"]))
                 if "cancel_race" in args:
                     b.cancel_race = bool(args["cancel_race"])
                 if "eventual_404" in args:
                     b.eventual_404 = bool(args["eventual_404"])
+                if "reported_status" in args:
+                    b.reported_status = args["reported_status"]
+                if "reported_counts" in args:
+                    b.reported_counts = args["reported_counts"]
             prov.ensure_final(b)
             return {"provider": provider, "id": b.id, "state": b.state, "kind": b.kind}
 
@@ -170,6 +260,8 @@ class ProviderFake:
                 self.configure(**body)
             elif req.path == "/_fake/state" and req.method == "GET":
                 return json_response(200, self.state())
+            elif req.path == "/_fake/violations" and req.method == "DELETE":
+                return json_response(200, [v.as_json() for v in self.take_violations()])
             elif (m := CONTROL_BATCH.match(req.path)) and req.method == "POST":
                 return json_response(200, self.batch_action(m.group(1), m.group(2), m.group(3), body))
             else:
@@ -188,27 +280,57 @@ class ProviderFake:
         if prov is None:
             return json_response(404, {"error": f"unknown provider prefix in {req.path}; "
                                                 f"use one of {list(PROVIDERS)}"})
-        fault = take_fault(self.store, name, req.method, req.path)
+        with self.store.lock:
+            self.store.bodies.append((name, req.method, req.path, req.body))
+            target = prov.target(req)
+            if target.kind == "cancel" and target.batch_id:
+                counts = self.store.cancels[name]
+                counts[target.batch_id] = counts.get(target.batch_id, 0) + 1
+            if prov.spec is not None:
+                self.store.violations += prov.spec.check_request(req.method, req.path, req.query, req.headers,
+                                                                 req.body)
+        fault = take_fault(self.store, name, req.method, req.path, target)
         if fault is not None:
-            if fault.delay_seconds:
-                time.sleep(fault.delay_seconds)  # simulates a slow / timing-out provider
-            if fault.status:
-                resp = (json_response(fault.status, fault.body) if fault.body is not None
-                        else prov.fault_response(fault.status, f"injected fault: HTTP {fault.status}"))
-                if fault.retry_after is not None:
-                    resp.headers["Retry-After"] = str(int(fault.retry_after)) \
-                        if float(fault.retry_after).is_integer() else str(fault.retry_after)
-                self._log(name, req, resp.status, True)
+            resp = self._faulted(prov, req, fault)
+            if resp is not None:
+                self._log(name, req, resp.status, True, target)
                 return resp
         with self.store.lock:
+            self.store.off_spec = False
             resp = prov.dispatch(req)
-            self._log(name, req, resp.status, False)
+            if prov.spec is not None and not self.store.off_spec:
+                self.store.violations += prov.spec.check_response(req.method, req.path, resp.status, resp.headers,
+                                                                  resp.body)
+            self._log(name, req, resp.status, False, target)
         return resp
 
-    def _log(self, provider: str, req: Request, status: int, fault: bool) -> None:
+    def _faulted(self, prov: Provider, req: Request, fault: Fault) -> Response | None:
+        """The answer a fault gives, or None when the request then proceeds normally (a pure delay)."""
+        if fault.hang:
+            release = self._release
+            release.wait()  # until clear_faults() or stop(); then the connection is dropped unanswered
+            return Response(0)
+        if fault.reset:
+            return Response(0)
+        if fault.delay_seconds:
+            time.sleep(fault.delay_seconds)  # simulates a slow / timing-out provider
+        if fault.raw_body is not None:
+            return Response(fault.status or 200, fault.raw_body.encode("utf-8", errors="surrogateescape"),
+                            {"Content-Type": "application/octet-stream"})
+        if not fault.status:
+            return None
+        resp = (json_response(fault.status, fault.body) if fault.body is not None
+                else prov.fault_response(req, fault.status, f"injected fault: HTTP {fault.status}"))
+        if fault.retry_after is not None:
+            resp.headers["Retry-After"] = str(int(fault.retry_after)) \
+                if float(fault.retry_after).is_integer() else str(fault.retry_after)
+        return resp
+
+    def _log(self, provider: str, req: Request, status: int, fault: bool, target: Target) -> None:
         with self.store.lock:
             self.store.log.append({"provider": provider, "method": req.method, "path": req.path,
-                                   "status": status, "fault": fault})
+                                   "status": status, "fault": fault, "batch": target.batch_id,
+                                   "kind": target.kind})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -217,6 +339,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # silence stderr access log
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake._conns_lock:
+            self.fake._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake._conns_lock:
+            self.fake._conns.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _read_body(self) -> bytes:
         if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
@@ -239,6 +372,9 @@ class _Handler(BaseHTTPRequestHandler):
             resp = self.fake.handle(req)
         except Exception as e:  # a bug in the fake: answer 500 rather than hang the client
             resp = json_response(500, {"error": {"message": f"provider fake crashed: {e!r}", "type": "fake_bug"}})
+        if resp.status == 0:  # a provider that drops the connection
+            self.close_connection = True
+            return
         try:
             self.send_response(resp.status)
             for k, v in resp.headers.items():

@@ -1,4 +1,5 @@
-"""Together batches: `/together/v1/files` (purpose batch-api) + `/together/v1/batches` (wrapped, UPPERCASE)."""
+"""Together batches: `/together/v1/files` (upload only as the spec documents it: multipart
+`POST /files/upload`, purpose batch-api) + `/together/v1/batches` (wrapped, UPPERCASE)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .core import (
     Request,
     Response,
     Route,
+    Target,
     advance,
     json_response,
     now,
@@ -29,7 +31,7 @@ from .core import (
     short_hash,
     to_jsonl,
 )
-from .openai_like import endpoint_kind, make_item, openai_error_body, result_lines
+from .openai_like import endpoint_kind, make_item, openai_error_body, result_lines, without_nulls
 
 LIFE = Lifecycle(["VALIDATING", "IN_PROGRESS", "COMPLETED"], None, "CANCELLED", "EXPIRED", "FAILED",
                  started_index=1)
@@ -46,10 +48,7 @@ class Together(Provider):
 
     def build_routes(self) -> list[Route]:
         return [
-            route("POST", V + "/files", self.upload),
             route("POST", V + "/files/upload", self.upload),
-            route("PUT", r"/together/_signed_upload/([^/]+)", self.signed_put),
-            route("POST", V + r"/files/([^/]+)/preprocess", self.preprocess),
             route("GET", V + "/files", self.list_files),
             route("GET", V + r"/files/([^/]+)", self.get_file),
             route("DELETE", V + r"/files/([^/]+)", self.delete_file),
@@ -60,21 +59,30 @@ class Together(Provider):
             route("POST", V + r"/batches/([^/]+)/cancel", self.cancel),
         ]
 
+    def target(self, req: Request) -> Target:
+        return self.files_and_batches_target(req, V)
+
     def error(self, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
+        """The spec's `ErrorData` (files): `{"error": {message, type, param, code}}`."""
         return json_response(status, openai_error_body(message, kind or "invalid_request_error", extra.get("code")))
 
+    def error_for(self, req: Request, status: int, message: str, kind: str | None = None, **extra: Any) -> Response:
+        if req.path.startswith(V + "/batches"):  # the spec's `BatchErrorResponse`: {"error": "<message>"}
+            return json_response(status, {"error": message})
+        return self.error(status, message, kind, **extra)
+
     def check_auth(self, req: Request) -> Response | None:
-        if req.path.startswith("/together/_signed_upload/"):
-            return None  # the signed URL authorises itself
         if req.bearer() != self.key:
-            return self.error(401, "Invalid API key provided.", "invalid_request_error", code="invalid_api_key")
+            return self.error_for(req, 401, "Invalid API key provided.", "invalid_request_error",
+                                  code="invalid_api_key")
         return None
 
     # --- files
     def file_obj(self, f: FileRec) -> JSON:
+        """The spec's `FileResponse` (note the capitalised `FileType` and `Processed`)."""
         return {"id": f.id, "object": "file", "created_at": f.created_at, "type": "jsonl", "purpose": f.purpose,
                 "filename": f.filename, "bytes": len(f.data), "line_count": len(parse_jsonl(f.data)),
-                "processed": f.extra.get("processed", True), "FileType": "jsonl"}
+                "Processed": True, "FileType": f.extra.get("file_type", "jsonl")}
 
     def _file(self, file_id: str) -> FileRec:
         f = self.store.get_file(self.name, file_id)
@@ -83,31 +91,22 @@ class Together(Provider):
         return f
 
     def upload(self, req: Request, m: re.Match[str]) -> Response:
+        """`POST /files/upload`, the only upload the spec documents: multipart `purpose`, `file_name`,
+        `file` (and optional `file_type`)."""
         form = parse_form(req)
-        purpose = form.get("purpose", (None, b""))[1].decode()
+        for key in ("purpose", "file_name", "file"):
+            if key not in form:
+                raise HttpError(400, f"{key} is required")
+        purpose = form["purpose"][1].decode()
         if purpose not in ("batch-api", "fine-tune", "eval"):
             raise HttpError(400, f"Invalid purpose {purpose!r}; batch input files use 'batch-api'")
-        fid = "file-" + _uuid("file", str(self.store.next_seq()))
-        if "file" in form:  # direct multipart upload
-            filename, data = form["file"]
-            rec = FileRec(fid, filename or "upload.jsonl", purpose, data, now())
-            self.store.add_file(self.name, rec)
-            return json_response(200, self.file_obj(rec))
-        # legacy redirect flow: 302 to a signed URL, PUT the bytes, then POST /files/{id}/preprocess
-        filename = form.get("file_name", (None, b"upload.jsonl"))[1].decode()
-        rec = FileRec(fid, filename, purpose, b"", now(), {"processed": False})
+        data = form["file"][1]
+        self.check_lines(req, purpose, data)
+        file_type = form.get("file_type", (None, b"jsonl"))[1].decode()
+        rec = FileRec("file-" + _uuid("file", str(self.store.next_seq())), form["file_name"][1].decode(), purpose,
+                      data, now(), {"file_type": file_type})
         self.store.add_file(self.name, rec)
-        return Response(302, b"", {"Location": f"{req.base_url}/together/_signed_upload/{fid}",
-                                   "X-Together-File-Id": fid})
-
-    def signed_put(self, req: Request, m: re.Match[str]) -> Response:
-        self._file(m.group(1)).data = req.body
-        return Response(200, b"")
-
-    def preprocess(self, req: Request, m: re.Match[str]) -> Response:
-        f = self._file(m.group(1))
-        f.extra["processed"] = True
-        return json_response(200, self.file_obj(f))
+        return json_response(200, self.file_obj(rec))
 
     def list_files(self, req: Request, m: re.Match[str]) -> Response:
         return json_response(200, {"object": "list",
@@ -122,7 +121,7 @@ class Together(Provider):
         return json_response(200, {"id": f.id, "object": "file", "deleted": True})
 
     def file_content(self, req: Request, m: re.Match[str]) -> Response:
-        return raw_response(200, self._file(m.group(1)).data)
+        return raw_response(200, self._file(m.group(1)).data, "text/plain")
 
     # --- batches
     def create(self, req: Request, m: re.Match[str]) -> Response:
@@ -154,7 +153,7 @@ class Together(Provider):
                   data={"endpoint": endpoint, "input_file_id": f.id, "size": len(f.data),
                         "model_id": body.get("model_id")})
         self.store.add_batch(b)
-        return json_response(200, {"job": self.job_obj(b), "warning": None})
+        return json_response(201, {"job": self.job_obj(b)})  # `warning` only when there is one
 
     def _batch(self, batch_id: str) -> Batch:
         b = self.store.get_batch(self.name, batch_id)
@@ -183,7 +182,7 @@ class Together(Provider):
         out, err = result_lines(b, self.name, lambda it: it.body.get("model", ""), detailed=False)
         for key, rows, suffix in (("output_file_id", out, "output"), ("error_file_id", err, "error")):
             if rows:
-                rec = FileRec("file-" + _uuid(b.id, suffix), f"{b.id}_{suffix}.jsonl", "batch-api",
+                rec = FileRec("file-" + _uuid(b.id, suffix), f"{b.id}_{suffix}.jsonl", "batch-generated",
                               to_jsonl(rows), now())
                 self.store.add_file(self.name, rec, upload=False)
                 b.data[key] = rec.id
@@ -194,7 +193,7 @@ class Together(Provider):
         error = None
         if b.kind == "failed":
             error = "; ".join(e["message"] for e in b.validation_errors) or b.fail_reason or "batch failed"
-        return {
+        obj = {
             "id": b.id, "user_id": "fake-user", "input_file_id": b.data["input_file_id"],
             "file_size_bytes": b.data["size"], "status": b.state,
             "job_deadline": rfc3339(b.created_at + 86400), "created_at": rfc3339(b.created_at),
@@ -203,3 +202,5 @@ class Together(Provider):
             "output_file_id": b.data.get("output_file_id"), "error_file_id": b.data.get("error_file_id"),
             "error": error,
         }
+        # The spec types these fields without null: absent until they have a value.
+        return self.store.overridden(b, without_nulls(obj), "status", None)
