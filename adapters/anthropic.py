@@ -304,7 +304,8 @@ def batch_status(batch: dict[str, Any]) -> ProviderStatus:
 
 class AnthropicAdapter(NativeBatchAdapter):
     kind = "anthropic"
-    capabilities = Capabilities(endpoints=frozenset({CHAT_ENDPOINT}), max_lines=100_000, max_bytes=256 * 2**20)
+    capabilities = Capabilities(endpoints=frozenset({CHAT_ENDPOINT}), max_lines=100_000, max_bytes=256 * 2**20,
+                                finds_lost_submissions=True)  # by request count, time and a tag in custom_id
 
     def __init__(self, name: str, *, base_url: str = "https://api.anthropic.com", api_key: str = "",
                  options: Mapping[str, Any] | None = None) -> None:
