@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.domain.model import MAX_INLINE_BYTES
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
 
 
@@ -49,7 +51,14 @@ class Settings:
     executor_concurrency: int = 16
     lease_seconds: float = 30.0
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    max_message_bytes: int = 64 * 1024 * 1024
+    # gRPC messages: a CreateBatch with inline requests is at most MAX_INLINE_BYTES (what Envoy
+    # admits as JSON, the same for native gRPC); responses (result pages) may be larger.
+    max_receive_bytes: int = MAX_INLINE_BYTES
+    max_send_bytes: int = 64 * 1024 * 1024
+    auth_cache_seconds: float = 5.0  # another replica's key removal holds here within this
+    upstream_timeout_seconds: float = 120.0  # Envoy: unary deadline, and idle limit of streams
+    stale_upload_seconds: float = 900.0  # an upload with no chunk for this long is removed
+    deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -72,4 +81,8 @@ class Settings:
             executor_concurrency=_int("SLUICE_EXECUTOR_CONCURRENCY", 16),
             lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            auth_cache_seconds=_float("SLUICE_AUTH_CACHE_SECONDS", 5.0),
+            upstream_timeout_seconds=_float("SLUICE_UPSTREAM_TIMEOUT_SECONDS", 120.0),
+            stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
+            deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
         )
