@@ -202,7 +202,8 @@ local CREATE_FIELDS = {
 }
 local KIND = { ['"'] = "string", ["{"] = "object", ["["] = "array", ["t"] = "boolean", ["f"] = "boolean",
                ["n"] = "null" }
-local EXPECTED = { string = "a string", object = "an object", array = "an array" }
+local A = { string = "a string", object = "an object", array = "an array", number = "a number",
+            boolean = "a boolean", null = "null" }
 
 local function skip_ws(s, i)
   return s:find("[^ \t\r\n]", i)
@@ -294,11 +295,10 @@ local function check_create_body(s)
     local kind = kind_at(s, i)
     if kind == nil then return nil end
     if not field[kind] then
-      local want = EXPECTED[next(field)] or "another type"
+      local want = A[next(field)]
       if key == "metadata" then want = "an object" end
-      return { 400, "Invalid type for '" .. key .. "': expected " .. want .. ", but got " ..
-               (kind == "array" and "an array" or (kind == "object" and "an object" or "a " .. kind)) ..
-               " instead.", key, "invalid_type" }
+      return { 400, "Invalid type for '" .. key .. "': expected " .. want .. ", but got " .. A[kind] .. " instead.",
+               key, "invalid_type" }
     end
     if key == "requests" then
       -- Each element must be an object (a request line).
@@ -314,7 +314,7 @@ local function check_create_body(s)
           if element == nil then return nil end
           local param = "requests[" .. index .. "]"
           return { 400, "Invalid type for '" .. param .. "': expected an object (a request line), but got " ..
-                   (element == "array" and "an array" or "a " .. element) .. " instead.", param, "invalid_type" }
+                   A[element] .. " instead.", param, "invalid_type" }
         end
         j = skip_value(s, j)
         if j == nil then return nil end
