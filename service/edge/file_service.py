@@ -61,7 +61,11 @@ def _filename(raw: str | None) -> str:
 
 
 async def _text_field(part: Part, limit: int) -> str:
-    raw = await part.read(limit=limit)
+    try:
+        raw = await part.read(limit=limit)
+    except MultipartError:
+        raise InvalidRequest(f"The form field {clip(part.name)} is longer than {limit} bytes.", param=part.name[:64],
+                             code="field_too_long") from None
     try:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -180,9 +184,11 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             if form.purpose or form.purpose_seen:
                 self._check_purpose(form.purpose)
             t = now()
-            form.row = await self.store.begin_file(FileRow(
-                id=new_id("file-"), project=project, filename=_filename(part.filename), purpose=form.purpose,
-                bytes=0, line_count=0, status=UPLOADING, created_at=t, expires_at=t + BATCH_FILE_TTL, updated_at=t))
+            # Known before it is stored: a cancel landing while `begin_file` commits still discards it.
+            form.row = FileRow(id=new_id("file-"), project=project, filename=_filename(part.filename),
+                               purpose=form.purpose, bytes=0, line_count=0, status=UPLOADING, created_at=t,
+                               expires_at=t + BATCH_FILE_TTL, updated_at=t)
+            await self.store.begin_file(form.row)
             form.upload = _Upload(self.store, form.row)
             form.count, form.problems = await check_lines(split_lines(form.upload.chunks(aiter(part))),
                                                           LineValidator(endpoint=None))
