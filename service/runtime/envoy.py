@@ -31,12 +31,13 @@ DESCRIPTOR = ROOT / "gen" / "sluice.binpb"
 # Lua filter refuses larger ones with a 413 before reading them (service/domain/model.py).
 DEFAULT_MAX_REQUEST_BODY = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = 120.0
-# A stopped or hung server is taken out within about 4 s, and every new request answers 503 at
-# once (no "panic" routing to an unhealthy only host) instead of hanging.
+# A server that answers no health check for about 20 s (stopped, hung) is taken out, and every
+# new request answers 503 at once (no "panic" routing to the only, unhealthy host) instead of
+# waiting for its deadline. Lenient on purpose: a server that is merely busy must not be taken out.
 HEALTH_CHECK = """\
     health_checks:
-    - timeout: 1s
-      interval: 1s
+    - timeout: 5s
+      interval: 2s
       no_traffic_interval: 2s
       unhealthy_threshold: 3
       healthy_threshold: 1

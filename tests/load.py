@@ -1,0 +1,136 @@
+"""Concurrent load through Envoy, shared by tests/test_concurrency.py and bench/concurrency.py:
+N clients upload a small file each and then create a batch from it, all at once, while another
+tenant reads its own batch in a loop. Every status and every read latency is recorded."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+from tests.e2e import KEY_A, KEY_B, Stack
+
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class Phase:
+    statuses: Counter[int] = field(default_factory=Counter)
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{dict(sorted(self.statuses.items()))} in {self.seconds:.1f}s"
+
+
+@dataclass
+class Report:
+    clients: int
+    uploads: Phase
+    creates: Phase
+    reads: list[float] = field(default_factory=list)  # seconds, one per read of the other tenant
+    read_statuses: Counter[int] = field(default_factory=Counter)
+
+    def read_summary(self) -> str:
+        if not self.reads:
+            return "no reads"
+        ordered = sorted(self.reads)
+        p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+        return (f"{len(ordered)} reads, median {statistics.median(ordered) * 1000:.0f} ms, "
+                f"p95 {p95 * 1000:.0f} ms, max {ordered[-1] * 1000:.0f} ms, statuses {dict(self.read_statuses)}")
+
+
+def small_file(i: int, lines: int) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"c{i}-{j}", "method": "POST", "url": CHAT,
+                                "body": {"model": "sim/small", "messages": [{"role": "user", "content": f"q {j}"}]}})
+                    .encode() + b"\n" for j in range(lines))
+
+
+def _all_at_once(n: int, work: object) -> float:
+    barrier = threading.Barrier(n)
+    t0 = time.monotonic()
+
+    def run(i: int) -> None:
+        barrier.wait()
+        work(i)  # type: ignore[operator]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    return time.monotonic() - t0
+
+
+def concurrent_creates(stack: Stack, clients: int = 100, lines: int = 20) -> Report:
+    report = Report(clients, Phase(), Phase())
+    lock = threading.Lock()
+    file_ids: dict[int, str] = {}
+    other = httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {KEY_B}"}, timeout=120)
+    mine = other.post("/v1/batches", json={"endpoint": CHAT, "requests": [json.loads(small_file(0, 1))]})
+    assert mine.status_code == 200, mine.text
+    mine_id = mine.json()["id"]
+
+    def record(phase: Phase, r: httpx.Response | Exception) -> None:
+        with lock:
+            if isinstance(r, Exception):
+                phase.statuses[0] += 1
+                phase.errors.append(repr(r)[:200])
+            else:
+                phase.statuses[r.status_code] += 1
+                if r.status_code >= 400:
+                    phase.errors.append(r.text[:200])
+
+    def upload(i: int) -> None:
+        with httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {KEY_A}"}, timeout=300) as c:
+            try:
+                r = c.post("/v1/files", files={"file": (f"f{i}.jsonl", small_file(i, lines))},
+                           data={"purpose": "batch"})
+            except httpx.HTTPError as exc:
+                record(report.uploads, exc)
+                return
+            record(report.uploads, r)
+            if r.status_code == 200:
+                file_ids[i] = r.json()["id"]
+
+    def create(i: int) -> None:
+        if i not in file_ids:
+            return
+        with httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {KEY_A}"}, timeout=300) as c:
+            try:
+                r = c.post("/v1/batches", json={"input_file_id": file_ids[i], "endpoint": CHAT,
+                                                "completion_window": "24h"})
+            except httpx.HTTPError as exc:
+                record(report.creates, exc)
+                return
+            record(report.creates, r)
+
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            try:
+                status = other.get(f"/v1/batches/{mine_id}").status_code
+            except httpx.HTTPError:
+                status = 0
+            with lock:
+                report.reads.append(time.monotonic() - t)
+                report.read_statuses[status] += 1
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    try:
+        report.uploads.seconds = _all_at_once(clients, upload)
+        report.creates.seconds = _all_at_once(clients, create)
+    finally:
+        stop.set()
+        watcher.join(120)
+        other.close()
+    return report
