@@ -335,6 +335,24 @@ local function is_json(content_type)
   return media == "application/json" or (media ~= nil and media:match("^application/[%w.%-]+%+json$") ~= nil)
 end
 
+-- Headers a REST client may send but gRPC cannot carry as metadata (a name outside [0-9a-z_.-],
+-- a value outside printable ASCII, a `-bin` name whose value is not base64, gRPC's own `grpc-*`):
+-- dropped, so they can never make the gRPC server refuse the call. They mean nothing to Sluice.
+local function drop_non_grpc_headers(headers)
+  local doomed = {}
+  for name, value in pairs(headers) do
+    if name:sub(1, 1) ~= ":" then
+      if name:find("[^0-9a-z_.%-]") or name:sub(-4) == "-bin" or name:sub(1, 5) == "grpc-" or
+          value:find("[^\32-\126]") then
+        doomed[#doomed + 1] = name
+      end
+    end
+  end
+  for _, name in ipairs(doomed) do
+    headers:remove(name)
+  end
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   local ct = headers:get("content-type") or ""
@@ -342,6 +360,7 @@ function envoy_on_request(handle)
     handle:streamInfo():dynamicMetadata():set(FILTER, "native_grpc", true)
     return
   end
+  drop_non_grpc_headers(headers)
   local path = headers:get(":path") or ""
   local method = headers:get(":method")
   handle:streamInfo():dynamicMetadata():set(FILTER, "method", method or "?")

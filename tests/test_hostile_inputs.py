@@ -283,3 +283,20 @@ def test_a_cursor_with_a_space_round_trips_through_a_plus(http: httpx.Client) ->
     assert [r["custom_id"] for r in page.json()["data"]] == ["e"]
     one = http.get(f"/v1/batches/{batch}/results/{quote('c+d', safe='')}")
     assert one.status_code == 200 and one.json()["custom_id"] == "c+d"
+
+
+TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@EXAMPLES
+@given(st.dictionaries(st.text(TOKEN_CHARS, min_size=1, max_size=20),
+                       st.binary(max_size=40).map(lambda b: bytes(c for c in b if c > 0x20 and c != 0x7F)),
+                       max_size=6))
+@example({"COM1": b'$QbGcaO"dI', "IA!Z_H0uAd": b"INF", "x-bin": b"not base64", "grpc-timeout": b"soon"})
+@example({"x-obs-text": b"caf\xe9"})
+def test_any_extra_header_is_harmless(http: httpx.Client, headers: dict[str, bytes]) -> None:
+    """Headers gRPC cannot carry as metadata never make the call fail (they mean nothing here)."""
+    headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "content-length", "host",
+                                                                        "transfer-encoding", "connection", "expect",
+                                                                        "content-type", "te", "upgrade")}
+    assert_clean(http.get("/v1/batches", headers=headers), 200)
