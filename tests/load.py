@@ -1,6 +1,10 @@
-"""Concurrent load through Envoy, shared by tests/test_concurrency.py and bench/concurrency.py:
-N clients upload a small file each and then create a batch from it, all at once, while another
-tenant reads its own batch in a loop. Every status and every read latency is recorded."""
+"""Load and pathological inputs through Envoy, shared by tests and bench/:
+
+- `concurrent_creates` (tests/test_concurrency.py, bench/concurrency.py): N clients upload a small
+  file each and then create a batch from it, all at once, while another tenant reads its own
+  batch in a loop. Every status and every read latency is recorded.
+- the memory cases (tests/test_memory_budgets.py, bench/memory.py): streamed uploads of huge
+  lines, big inline bodies, and a way to reset a process's peak RSS between them."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -134,3 +140,49 @@ def concurrent_creates(stack: Stack, clients: int = 100, lines: int = 20) -> Rep
         watcher.join(120)
         other.close()
     return report
+
+
+# --------------------------------------------------------------------------- memory cases (bench/memory.py)
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset a process's peak RSS (VmHWM), so the next reading is the peak of what follows."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def multipart_stream(lines: Iterator[bytes], boundary: str = "benchBoundary7") -> Iterator[bytes]:
+    """An upload form whose file part is streamed from `lines` (never whole in memory)."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+           f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\r\n").encode()
+    yield from lines
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def upload(http: httpx.Client, lines: Iterator[bytes]) -> httpx.Response:
+    return http.post("/v1/files", content=multipart_stream(lines),
+                     headers={"content-type": "multipart/form-data; boundary=benchBoundary7"})
+
+
+def curly_line(count: int) -> Iterator[bytes]:
+    """One request line holding `count` empty objects (3 bytes each, a dict each if parsed)."""
+    head = b'{"custom_id":"c","method":"POST","url":"/v1/chat/completions","body":{"model":"sim/x","x":['
+    yield head
+    block = b"{}," * 100_000
+    for _ in range(count // 100_000):
+        yield block
+    yield b"{}]}}\n"
+
+
+def inline_body(total: int) -> bytes:
+    """A CreateBatch JSON body of about `total` bytes of inline requests."""
+    per = 60_000
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": CHAT,
+              "body": {"model": "sim/x", "messages": [{"role": "user", "content": "y" * per}]}}
+             for i in range(total // per)]
+    return json.dumps({"endpoint": CHAT, "completion_window": "24h", "requests": lines}).encode()
+
+

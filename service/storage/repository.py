@@ -27,6 +27,7 @@ from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, R
 
 INSERT_CHUNK = 500
 INSERT_CHUNK_BYTES = 8 * 1024 * 1024  # a chunk of request rows is flushed at 500 rows or 8 MiB of bodies
+PAGE_BYTES = 8 * 1024 * 1024  # request bodies read per page (engine), whatever the page's line count
 UPLOADING = "uploading"
 DELETED = "deleted"  # hidden at once; content kept a grace period for downloads in flight, then swept
 HIDDEN_FILE_STATUSES = (UPLOADING, DELETED)
@@ -266,26 +267,32 @@ class Store:
         async with self.sessions.begin() as s:
             await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(**fields))
 
-    async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1) -> list[RequestRow]:
-        """Lines with no stored result yet, in order."""
+    async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
+                               max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
+        """Lines with no stored result yet, in order: at most `limit`, and no more bodies than
+        `max_bytes` (at least one line), so 500 lines of 500 KB are never loaded at once."""
         async with self.sessions() as s:
-            query = (select(RequestRow)
-                     .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
-                                                ResultRow.idx == RequestRow.idx))
-                     .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None))
-                     .order_by(RequestRow.idx).limit(limit))
-            return list((await s.scalars(query)).all())
+            sizes = (await s.execute(
+                select(RequestRow.idx, func.length(RequestRow.body_json))
+                .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id, ResultRow.idx == RequestRow.idx))
+                .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None))
+                .order_by(RequestRow.idx).limit(limit))).all()
+            return await _rows_within(s, batch_id, sizes, max_bytes)
 
-    async def iter_requests(self, batch_id: str, page: int = 1000) -> AsyncIterator[RequestRow]:
+    async def iter_requests(self, batch_id: str, page: int = 1000,
+                            max_bytes: int = PAGE_BYTES) -> AsyncIterator[RequestRow]:
+        """Every line in order, a page at a time (at most `page` lines and `max_bytes` of bodies)."""
         last = -1
         while True:
             async with self.sessions() as s:
-                rows = list((await s.scalars(select(RequestRow).where(
-                    RequestRow.batch_id == batch_id, RequestRow.idx > last)
-                    .order_by(RequestRow.idx).limit(page))).all())
+                sizes = (await s.execute(
+                    select(RequestRow.idx, func.length(RequestRow.body_json))
+                    .where(RequestRow.batch_id == batch_id, RequestRow.idx > last)
+                    .order_by(RequestRow.idx).limit(page))).all()
+                rows = await _rows_within(s, batch_id, sizes, max_bytes)
             for row in rows:
                 yield row
-            if len(rows) < page:
+            if not rows:
                 return
             last = rows[-1].idx
 
@@ -467,6 +474,23 @@ def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
         "output_tokens": res.usage.output_tokens, "reasoning_tokens": res.usage.reasoning_tokens,
         "input_cost": res.usage.input_cost, "output_cost": res.usage.output_cost, "created_at": t,
     }
+
+
+async def _rows_within(s: Any, batch_id: str, sizes: Sequence[Any], max_bytes: int) -> list[RequestRow]:
+    """The request rows of `sizes` ((idx, body length) in order) up to `max_bytes` of bodies,
+    at least one."""
+    wanted: list[int] = []
+    total = 0
+    for idx, size in sizes:
+        if wanted and total + (size or 0) > max_bytes:
+            break
+        wanted.append(idx)
+        total += size or 0
+    if not wanted:
+        return []
+    return list((await s.scalars(select(RequestRow).where(RequestRow.batch_id == batch_id,
+                                                          RequestRow.idx.in_(wanted))
+                                 .order_by(RequestRow.idx))).all())
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
