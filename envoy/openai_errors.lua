@@ -376,8 +376,18 @@ function envoy_on_request(handle)
     return
   end
   local length = tonumber(headers:get("content-length") or "")
-  if length == 0 or (length == nil and headers:get("transfer-encoding") == nil) then
+  if length == 0 then
     return -- no body: the service names the missing parameters
+  end
+  if create and length ~= nil and length > MAX_INLINE_BYTES then
+    reply(handle, 413, TOO_LARGE, "invalid_request_error", "requests", "request_too_large")
+    return
+  end
+  -- Whether a body comes is known only by waiting for it (HTTP/2 needs no content-length);
+  -- a body over the route's buffer limit is Envoy's 413 (rewritten on the way out).
+  local body = handle:body()
+  if body == nil or body:length() == 0 then
+    return
   end
   if not is_json(ct) then
     reply(handle, 400, "The request body must be JSON, sent with 'Content-Type: application/json' (got " ..
@@ -385,14 +395,6 @@ function envoy_on_request(handle)
     return
   end
   if not create then
-    return
-  end
-  if length ~= nil and length > MAX_INLINE_BYTES then
-    reply(handle, 413, TOO_LARGE, "invalid_request_error", "requests", "request_too_large")
-    return
-  end
-  local body = handle:body()
-  if body == nil then
     return
   end
   local problem = check_create_body(body:getBytes(0, body:length()))

@@ -300,3 +300,17 @@ def test_any_extra_header_is_harmless(http: httpx.Client, headers: dict[str, byt
                                                                         "transfer-encoding", "connection", "expect",
                                                                         "content-type", "te", "upgrade")}
     assert_clean(http.get("/v1/batches", headers=headers), 200)
+
+
+def test_the_same_checks_hold_over_http2(backend_stack: Stack) -> None:
+    """HTTP/2 (prior knowledge) sends bodies without a content-length: still checked."""
+    with httpx.Client(base_url=backend_stack.url, http1=False, http2=True, timeout=60,
+                      headers={"authorization": f"Bearer {KEY_A}"}) as h2:
+        r = h2.post("/v1/batches", json={"input_file_id": "file-x", "endpoint": CHAT, "completion_windw": "24h"})
+        assert r.http_version == "HTTP/2"
+        error = assert_clean(r, 400)
+        assert error is not None and (error["code"], error["param"]) == ("unknown_parameter", "completion_windw")
+        r = h2.post("/v1/batches", content=b'{"input_file_id": "file-x"}', headers={"content-type": "text/plain"})
+        error = assert_clean(r, 400)
+        assert error is not None and error["code"] == "invalid_content_type"
+        assert_clean(h2.post(f"/v1/batches/{'b' * 10}/cancel"), 404)  # no body at all: fine
