@@ -30,7 +30,9 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         project, sep, key = item.partition("=")
         if not sep or not project.strip() or not key.strip():
-            raise SystemExit(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
+            raise SystemExit("SLUICE_API_KEYS entries look like project=key (an entry does not)")
+        if len(project.strip()) > 128:  # the projects column; the key itself is never echoed
+            raise SystemExit(f"SLUICE_API_KEYS: project names have at most 128 characters ({project[:20]!r}...)")
         keys[key.strip()] = project.strip()
     return keys
 
