@@ -84,3 +84,16 @@ def test_migrate_creates_the_schema(tmp_path: Path) -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     out = run("frobnicate")
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def test_banner_prints_a_key_only_when_sluice_generated_it(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.runtime.cli import _banner
+    from service.runtime.config import Settings
+
+    supplied = Settings(api_keys={"sk-supplied-secret-123": "default"},
+                        database_url="postgresql+asyncpg://user:hunter2@db:5432/sluice")
+    _banner(8080, 50051, supplied, generated="")
+    out = capsys.readouterr().out
+    assert "sk-supplied-secret-123" not in out and "hunter2" not in out and "not shown" in out
+    _banner(8080, 50051, Settings(), generated="sk-sluice-generated")
+    assert "sk-sluice-generated   (generated" in capsys.readouterr().out

@@ -156,6 +156,11 @@ def test_banner_names_rest_url_and_key(sqlite_stack: Stack) -> None:
     assert f"REST, OpenAI-compatible:  {sqlite_stack.base_url}" in sqlite_stack.banner
     assert f"gRPC (sluice.v1):         127.0.0.1:{sqlite_stack.grpc_port}" in sqlite_stack.banner
     assert "API key:" in sqlite_stack.banner
+    # Configured keys are secrets: never printed, neither on stdout nor in the log.
+    printed = sqlite_stack.banner + (sqlite_stack.work_dir / "sluice.stderr").read_text(errors="replace")
+    for key in (KEY_A, KEY_B, KEY_LIST):
+        assert key not in printed
+    assert "not shown" in sqlite_stack.banner
 
 
 # --------------------------------------------------------------------------- the happy path
@@ -429,25 +434,26 @@ def test_unknown_ids_are_404(sqlite_stack: Stack) -> None:
 def test_envoy_made_errors_on_the_real_stack(sqlite_stack: Stack) -> None:
     client, http = sqlite_stack.sdk(), sqlite_stack.http()
     err = expect_error(openai.NotFoundError, 404, client.get, "/nope", cast_to=object,
-                       error_type="invalid_request_error", code=None)
-    assert "Could not resolve" in err.message
+                       error_type="invalid_request_error", code="unknown_url")
+    assert "Invalid URL (GET /v1/nope)" in err.message
     err = expect_error(openai.BadRequestError, 400, client.batches.list, extra_query={"foo": "1"},
-                       error_type="invalid_request_error", code=None)
-    assert 'Could not find field "foo"' in err.message
+                       error_type="invalid_request_error", code="unknown_parameter", param="foo")
+    assert "Unknown parameter: 'foo'" in err.message and "sluice.v1" not in err.message
     r = http.post("/v1/batches", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.headers["content-type"] == "application/json"
     check("ErrorResponse", r.json())
 
 
-def test_inline_body_over_the_grpc_limit_is_413(sqlite_stack: Stack) -> None:
-    """A JSON body Envoy transcodes but the server's 64 MiB message limit refuses."""
+def test_inline_body_over_the_limit_is_413(sqlite_stack: Stack) -> None:
+    """A JSON body over 16 MiB: refused by the edge before it is read (and by gRPC's receive
+    limit for native clients), never a 429 that SDKs would retry."""
     requests = [{"custom_id": f"r{i}", "method": "POST", "url": CHAT,
                  "body": {"model": "m", "messages": [{"role": "user", "content": "y" * 70_000}]}}
-                for i in range(1000)]
+                for i in range(300)]
     err = expect_error(openai.APIStatusError, 413, sqlite_stack.sdk().batches.create, input_file_id="",
                        endpoint=CHAT, completion_window="24h", extra_body={"requests": requests},
-                       error_type="invalid_request_error", code=None)
-    assert "larger than max" in err.message
+                       error_type="invalid_request_error", code="request_too_large", param="requests")
+    assert "16 MiB" in err.message
 
 
 def test_upstream_down_is_503(tmp_path: Path) -> None:
@@ -455,7 +461,8 @@ def test_upstream_down_is_503(tmp_path: Path) -> None:
     edge = _start_edge(tmp_path, free_port())
     try:
         client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key=KEY_A, max_retries=0)
-        expect_error(openai.InternalServerError, 503, client.batches.list, error_type="server_error", code=None)
+        expect_error(openai.InternalServerError, 503, client.batches.list, error_type="server_error",
+                     code="upstream_unavailable")
         r = httpx.get(f"{edge.url}/v1/files", headers={"authorization": f"Bearer {KEY_A}"})
         assert r.status_code == 503
         validate("ErrorResponse", r.json())

@@ -11,6 +11,22 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+# An error travels three times in gRPC trailers (grpc-message, grpc-status-details-bin and
+# x-openai-error), and clients refuse trailers over 8 KiB: messages and params are capped.
+MAX_MESSAGE_CHARS = 1000
+MAX_PARAM_CHARS = 200
+
+
+def clip(value: object, limit: int = 64) -> str:
+    """`value` quoted for an error message, cut at `limit` characters and with control characters
+    escaped: a message never echoes unbounded or unprintable input."""
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text[:limit] + "…" if len(text) > limit else text)
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class SluiceError(Exception):
     """Base of every error a caller may see. `message` is safe to show to the caller."""
@@ -21,9 +37,10 @@ class SluiceError(Exception):
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        message = _cap(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = _cap(param, MAX_PARAM_CHARS) if param is not None else None
         self.code = code
 
     def envelope(self) -> dict[str, Any]:

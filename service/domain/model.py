@@ -87,6 +87,7 @@ class FileStatus(StrEnum):
 
     UPLOADING = "uploading"
     PROCESSED = "processed"
+    DELETED = "deleted"  # hidden at once; its content is kept a grace period for readers in flight
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,16 @@ MAX_REQUESTS = 50_000
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
+
+# Budgets on what one request may make the server hold (README: "Limits"). Each is checked at
+# intake, before anything is stored, the same way for gRPC and REST, SQLite and PostgreSQL.
+MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL line of an uploaded file
+MAX_LINE_VALUES = 500_000  # JSON values (objects, arrays, strings, numbers, ...) in one request line
+MAX_JSON_DEPTH = 32  # nesting of one request line: the line object is level 1, its body level 2
+MAX_INLINE_BYTES = 16 * 1024 * 1024  # a CreateBatch request with inline `requests` (JSON or protobuf)
+MAX_CUSTOM_ID_LEN = 512  # columns: batch_requests.custom_id
+MAX_MODEL_LEN = 256  # batch_requests.model, batches.model
+MAX_OBJECT_ID_LEN = 64  # batch_..., file-... ids
 
 
 def now() -> int:

@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 from service.domain.errors import InvalidRequest, PayloadTooLarge
 from service.domain.model import MAX_REQUESTS, now
-from service.edge import convert
+from service.edge import convert, lookups
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.watch import watch_batch
@@ -44,21 +44,36 @@ def page_size(limit: int | None, default: int, maximum: int, param: str = "limit
     return limit
 
 
-def inline_requests(lines: Any, validator: LineValidator) -> list[NewRequest]:
+def _inline_line(line: Any) -> dict[str, Any]:
+    return {"custom_id": line.custom_id, "method": line.method, "url": line.url,
+            "body": convert.struct_to_dict(line.body) if line.HasField("body") else None}
+
+
+def inline_requests(lines: Any, validator: LineValidator) -> AsyncIterator[NewRequest]:
+    """Check every inline line, then hand them to the store one at a time.
+
+    Two passes over the protobuf message, converting one line to JSON at a time in each, so a
+    16 MiB request never becomes a list of 50,000 dicts (several times its size) in memory."""
     if len(lines) > MAX_REQUESTS:
         raise PayloadTooLarge(f"A batch holds at most {MAX_REQUESTS} requests; got {len(lines)}.",
                               param="requests", code="too_many_requests")
-    out = []
     for i, line in enumerate(lines):
-        raw = {"custom_id": line.custom_id, "method": line.method, "url": line.url,
-               "body": convert.struct_to_dict(line.body) if line.HasField("body") else None}
         try:
-            out.append(validator.check(raw, line.ByteSize()))
+            validator.check(_inline_line(line), line.ByteSize())
         except LineProblem as p:
             where = f"requests[{i}]"
-            raise InvalidRequest(f"{where}: {p.message}.", param=f"{where}.{p.field}" if p.field else where,
-                                 code=p.code) from None
-    return out
+            error = PayloadTooLarge if p.code == "line_too_complex" else InvalidRequest
+            raise error(f"{where}: {p.message}.", param=f"{where}.{p.field}" if p.field else where,
+                        code=p.code) from None
+    return _converted(lines, validator)
+
+
+async def _converted(lines: Any, validator: LineValidator) -> AsyncIterator[NewRequest]:
+    for line in lines:
+        raw = _inline_line(line)
+        model = raw["body"]["model"]
+        yield NewRequest(custom_id=raw["custom_id"], model=model, body=raw["body"],
+                         provider_model=validator.route_of(model).model)
 
 
 @translate_errors
@@ -95,6 +110,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
                            created_at=now(), input_file_id=request.input_file_id, metadata=metadata)
         requests: Iterable[NewRequest] | AsyncIterable[NewRequest]
         if request.input_file_id:
+            lookups.file_id(request.input_file_id, param="input_file_id")
             requests = await self.inputs.prepare(project, request.input_file_id, validator, row) or ()
         else:
             requests = inline_requests(request.requests, validator)
@@ -104,14 +120,15 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         return convert.batch_message(batch)
 
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context: Context) -> batch_pb2.Batch:
-        batch = await self.store.get_batch(await self._project(context), request.id)
+        project = await self._project(context)
+        batch = await self.store.get_batch(project, lookups.batch_id(request.id))
         return convert.batch_message(batch)
 
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest,
                           context: Context) -> batch_pb2.ListBatchesResponse:
         project = await self._project(context)
         limit = page_size(request.limit if request.HasField("limit") else None, DEFAULT_LIMIT, MAX_LIMIT)
-        rows, has_more = await self.store.list_batches(project, limit, request.after)
+        rows, has_more = await self.store.list_batches(project, limit, lookups.cursor(request.after, "batch"))
         out = batch_pb2.ListBatchesResponse(object="list", has_more=has_more,
                                             data=[convert.batch_message(r) for r in rows])
         if rows:
@@ -120,7 +137,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     async def CancelBatch(self, request: batch_pb2.CancelBatchRequest,
                           context: Context) -> batch_pb2.Batch:
-        batch = await self.store.request_cancel(await self._project(context), request.id)
+        project = await self._project(context)
+        batch = await self.store.request_cancel(project, lookups.batch_id(request.id))
         self.on_change()
         return convert.batch_message(batch)
 
@@ -129,8 +147,10 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         project = await self._project(context)
         limit = page_size(request.limit if request.HasField("limit") else None, DEFAULT_RESULTS_LIMIT,
                           MAX_RESULTS_LIMIT)
-        batch = await self.store.get_batch(project, request.id)
-        rows, has_more = await self.store.list_results(project, request.id, limit, request.after)
+        batch = await self.store.get_batch(project, lookups.batch_id(request.id))
+        after = lookups.custom_id(request.after, batch.id, param="after", code="cursor_not_found") \
+            if request.after else ""
+        rows, has_more = await self.store.list_results(project, request.id, limit, after)
         out = batch_pb2.ListBatchResultsResponse(
             object="list", batch_id=batch.id, has_more=has_more,
             data=[convert.result_message(batch, req, res) for req, res in rows])
@@ -142,8 +162,10 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     async def GetBatchResult(self, request: batch_pb2.GetBatchResultRequest,
                              context: Context) -> batch_pb2.BatchResult:
-        batch, req, res = await self.store.get_result(await self._project(context), request.batch_id,
-                                                      request.custom_id)
+        project = await self._project(context)
+        batch_id = lookups.batch_id(request.batch_id)
+        await self.store.get_batch(project, batch_id)  # an unknown batch is a 404 on the batch, first
+        batch, req, res = await self.store.get_result(project, batch_id, lookups.custom_id(request.custom_id, batch_id))
         return convert.result_message(batch, req, res)
 
     async def WatchBatch(self, request: batch_pb2.WatchBatchRequest,

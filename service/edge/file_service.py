@@ -2,25 +2,28 @@
 
 Uploads arrive as a client stream of `google.api.HttpBody` pieces (≤1 MiB each, Envoy splits
 them) holding a raw multipart/form-data body. The file part is parsed, checked line by line and
-stored chunk by chunk as it streams; nothing holds the whole file. A rejected upload is
-discarded, so nothing half-written stays visible.
+stored chunk by chunk as it streams; nothing holds the whole file. A file is published only once
+the whole form was read and found valid; a rejected or interrupted upload leaves nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from google.api import httpbody_pb2
 
-from service.domain.errors import InvalidRequest, PayloadTooLarge
+from service.domain.errors import Internal, InvalidRequest, NotFound, PayloadTooLarge, clip
 from service.domain.model import FileStatus, now
+from service.edge import lookups
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
-from service.edge.multipart import MultipartError, parse_multipart
-from service.intake.jsonl import check_lines, split_lines
-from service.intake.validation import LineValidator
-from service.storage.repository import Store, new_id
+from service.edge.multipart import MultipartError, Part, parse_multipart
+from service.intake.jsonl import NumberedProblem, check_lines, split_lines
+from service.intake.validation import LineValidator, is_text
+from service.storage.repository import Store, UploadGone, new_id
 from service.storage.tables import FileRow
 from sluice.v1 import file_pb2, file_pb2_grpc
 
@@ -29,6 +32,7 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 MAX_FILE_BYTES = 200 * 1024 * 1024
 BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI: batch files expire after 30 days by default
 ACCEPTED_PURPOSES = ("batch",)
+MIN_EXPIRY, MAX_EXPIRY = 3600, 30 * 24 * 3600  # OpenAI's expires_after[seconds] range
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 10_000, 10_000
 CONTENT_TYPE = "application/jsonl"
 
@@ -48,8 +52,33 @@ async def _bodies(first: file_pb2.UploadFileRequest,
         yield message.body.data
 
 
+def _filename(raw: str | None) -> str:
+    """The stored name: text without control characters, at most 512 characters (the column)."""
+    name = "".join(ch for ch in (raw or "") if ch >= " " and ch != "\x7f")
+    name = name.encode("utf-8", "replace").decode("utf-8")
+    return name[:512] or "upload.jsonl"
+
+
+async def _text_field(part: Part, limit: int) -> str:
+    try:
+        raw = await part.read(limit=limit)
+    except MultipartError:
+        raise InvalidRequest(f"The form field {clip(part.name)} is longer than {limit} bytes.", param=part.name[:64],
+                             code="field_too_long") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"The form field {clip(part.name)} is not valid UTF-8 text.", param=part.name,
+                             code="invalid_encoding") from None
+    if not is_text(text):
+        raise InvalidRequest(f"The form field {clip(part.name)} contains a NUL character.", param=part.name,
+                             code="invalid_encoding")
+    return text
+
+
 class _Upload:
-    """One upload in progress: stores the file part while counting bytes and checking lines."""
+    """One upload in progress: stores the file part as `uploading` while counting bytes and
+    checking lines. Nothing is visible until `finish_upload`, after the whole form was read."""
 
     def __init__(self, store: Store, row: FileRow) -> None:
         self.store = store
@@ -64,9 +93,27 @@ class _Upload:
             if self.size > MAX_FILE_BYTES:
                 raise PayloadTooLarge(f"File is larger than the {MAX_FILE_BYTES // 2**20} MB limit.",
                                       param="file", code="file_too_large")
-            await self.store.add_file_chunk(self.row.id, self.seq, chunk)
+            try:
+                await self.store.add_upload_chunk(self.row.id, self.seq, chunk)
+            except UploadGone:
+                raise InvalidRequest("The upload stalled for too long and was discarded; send the file again.",
+                                     param="file", code="upload_expired") from None
             self.seq += 1
             yield chunk
+
+
+@dataclass
+class _Form:
+    """What the form said so far; fields may come in any order (OpenAI accepts either)."""
+
+    purpose: str = ""
+    purpose_seen: bool = False
+    expires_anchor: str | None = None
+    expires_seconds: str | None = None
+    row: FileRow | None = None
+    upload: _Upload | None = None
+    count: int = 0
+    problems: list[NumberedProblem] = field(default_factory=list)
 
 
 @translate_errors
@@ -77,52 +124,104 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
 
     async def UploadFile(self, request_iterator: AsyncIterator[file_pb2.UploadFileRequest],
                          context: Context) -> file_pb2.File:
+        """Parse the whole form, storing the file part as it streams (as `uploading`, invisible),
+        then decide: a file is published only when every part, the closing boundary included,
+        was read and valid. Anything else (bad form, bad lines, a client gone, a shutdown)
+        removes what was stored; the sweeper removes what a crash left behind."""
         project = await self.auth.project(context.invocation_metadata())
         first = await anext(aiter(request_iterator), None)
         if first is None:
             raise InvalidRequest("The upload is empty.", param="file", code="missing_file")
-        purpose = first.purpose
-        row: FileRow | None = None
+        form = _Form(purpose=first.purpose)
+        published = False
         try:
-            parts = parse_multipart(_bodies(first, request_iterator), first.body.content_type)
-            async for part in parts:
-                if part.name == "purpose":
-                    purpose = (await part.read(limit=64)).decode(errors="replace").strip()
-                elif part.name == "file" and row is None:
-                    self._check_purpose(purpose)
-                    row = await self.store.begin_file(FileRow(
-                        id=new_id("file-"), project=project, filename=(part.filename or "upload.jsonl")[:512],
-                        purpose=purpose, bytes=0, line_count=0, status=FileStatus.UPLOADING, created_at=now(),
-                        expires_at=now() + BATCH_FILE_TTL))
-                    upload = _Upload(self.store, row)
-                    count, problems = await check_lines(split_lines(upload.chunks(aiter(part))),
-                                                        LineValidator(endpoint=None))
-                    if count == 0:
-                        raise InvalidRequest("The file has no request lines.", param="file", code="empty_file")
-                    if problems:
-                        listed = "; ".join(str(p) for p in problems)
-                        raise InvalidRequest(f"The file has invalid lines: {listed}.", param="file",
-                                             code=problems[0].problem.code)
-                    stored = await self.store.finish_file(row.id, upload.size, count)
-            if row is None:
+            try:
+                async for part in parse_multipart(_bodies(first, request_iterator), first.body.content_type):
+                    await self._part(project, form, part)
+            except MultipartError as exc:
+                raise InvalidRequest(f"The upload is not valid multipart/form-data: {exc}.", param="file",
+                                     code="invalid_multipart") from None
+            if form.row is None or form.upload is None:
                 raise InvalidRequest("Missing required parameter: 'file'.", param="file",
                                      code="missing_required_parameter")
+            self._check_purpose(form.purpose)
+            expires_at = self._expires_at(form, form.row.created_at)
+            if form.count == 0:
+                raise InvalidRequest("The file has no request lines.", param="file", code="empty_file")
+            if form.problems:
+                shown = "; ".join(str(p) for p in form.problems[:5])
+                more = len(form.problems) - 5
+                raise InvalidRequest(
+                    f"The file has invalid lines: {shown}{f'; and {more} more' if more > 0 else ''}.",
+                    param="file", code=form.problems[0].problem.code)
+            try:
+                stored = await self.store.finish_upload(form.row.id, size=form.upload.size, line_count=form.count,
+                                                        purpose=form.purpose, expires_at=expires_at)
+            except UploadGone:
+                raise InvalidRequest("The upload stalled for too long and was discarded; send the file again.",
+                                     param="file", code="upload_expired") from None
+            published = True
             return file_message(stored)
-        except MultipartError as exc:
-            raise InvalidRequest(f"The upload is not valid multipart/form-data: {exc}.", param="file",
-                                 code="invalid_multipart") from None
-        except BaseException:
-            if row is not None:
-                await self.store.discard_file(row.id)
-            raise
+        finally:
+            if form.row is not None and not published:
+                # Shielded: a cancelled upload (client gone, shutdown) still removes its chunks.
+                await asyncio.shield(self.store.discard_file(form.row.id))
+
+    async def _part(self, project: str, form: _Form, part: Part) -> None:
+        if part.name == "purpose":
+            if form.purpose_seen:
+                raise InvalidRequest("The form has more than one 'purpose' field.", param="purpose",
+                                     code="duplicate_parameter")
+            form.purpose_seen = True
+            form.purpose = await _text_field(part, 64)
+            if form.row is None:
+                self._check_purpose(form.purpose)  # refuse before any file byte is stored
+        elif part.name == "file":
+            if form.row is not None:
+                raise InvalidRequest("The form has more than one 'file' part; upload one file at a time.",
+                                     param="file", code="multiple_files")
+            if form.purpose or form.purpose_seen:
+                self._check_purpose(form.purpose)
+            t = now()
+            # Known before it is stored: a cancel landing while `begin_file` commits still discards it.
+            form.row = FileRow(id=new_id("file-"), project=project, filename=_filename(part.filename),
+                               purpose=form.purpose, bytes=0, line_count=0, status=FileStatus.UPLOADING, created_at=t,
+                               expires_at=t + BATCH_FILE_TTL, updated_at=t)
+            await self.store.begin_file(form.row)
+            form.upload = _Upload(self.store, form.row)
+            form.count, form.problems = await check_lines(split_lines(form.upload.chunks(aiter(part))),
+                                                          LineValidator(endpoint=None))
+        elif part.name == "expires_after[anchor]":
+            form.expires_anchor = await _text_field(part, 32)
+        elif part.name == "expires_after[seconds]":
+            form.expires_seconds = await _text_field(part, 32)
+        else:
+            raise InvalidRequest(f"Unknown parameter: {clip(part.name)}. The form takes 'file', 'purpose' and "
+                                 "'expires_after'.", param=part.name[:64], code="unknown_parameter")
+
+    @staticmethod
+    def _expires_at(form: _Form, created_at: int) -> int:
+        if form.expires_anchor is None and form.expires_seconds is None:
+            return created_at + BATCH_FILE_TTL
+        if form.expires_anchor != "created_at":
+            raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor",
+                                 code="invalid_expires_after")
+        try:
+            seconds = int(form.expires_seconds or "")
+        except ValueError:
+            seconds = -1
+        if not MIN_EXPIRY <= seconds <= MAX_EXPIRY:
+            raise InvalidRequest(f"expires_after[seconds] must be an integer from {MIN_EXPIRY} to {MAX_EXPIRY}.",
+                                 param="expires_after.seconds", code="invalid_expires_after")
+        return created_at + seconds
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:
         if not purpose:
-            raise InvalidRequest("Missing required parameter: 'purpose' (send it before 'file').",
+            raise InvalidRequest("Missing required parameter: 'purpose'.",
                                  param="purpose", code="missing_required_parameter")
         if purpose not in ACCEPTED_PURPOSES:
-            raise InvalidRequest(f"Sluice stores files for batches only: purpose must be 'batch', got {purpose!r}.",
+            raise InvalidRequest(f"Sluice stores files for batches only: purpose must be 'batch', got {clip(purpose)}.",
                                  param="purpose", code="invalid_purpose")
 
     async def ListFiles(self, request: file_pb2.ListFilesRequest, context: Context) -> file_pb2.ListFilesResponse:
@@ -132,30 +231,43 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}.", param="limit",
                                  code="invalid_limit")
         if request.order not in ("", "asc", "desc"):
-            raise InvalidRequest(f"order must be 'asc' or 'desc', got {request.order!r}.", param="order",
+            raise InvalidRequest(f"order must be 'asc' or 'desc', got {clip(request.order)}.", param="order",
                                  code="invalid_order")
-        rows, has_more = await self.store.list_files(project, request.purpose, limit, request.after,
-                                                     ascending=request.order == "asc")
+        if len(request.purpose) > 64 or not is_text(request.purpose):
+            raise InvalidRequest(f"Unknown purpose {clip(request.purpose)}.", param="purpose", code="invalid_purpose")
+        after = lookups.cursor(request.after, "file")
+        try:
+            rows, has_more = await self.store.list_files(project, request.purpose, limit, after,
+                                                         ascending=request.order == "asc")
+        except NotFound:
+            raise NotFound(f"No file found with id {clip(after)} to list after.", param="after",
+                           code="cursor_not_found") from None
         return file_pb2.ListFilesResponse(object="list", data=[file_message(r) for r in rows], has_more=has_more,
                                           first_id=rows[0].id if rows else "", last_id=rows[-1].id if rows else "")
 
     async def GetFile(self, request: file_pb2.GetFileRequest, context: Context) -> file_pb2.File:
         project = await self.auth.project(context.invocation_metadata())
-        return file_message(await self.store.get_file(project, request.id))
+        return file_message(await self.store.get_file(project, lookups.file_id(request.id)))
 
     async def DeleteFile(self, request: file_pb2.DeleteFileRequest,
                          context: Context) -> file_pb2.DeleteFileResponse:
         project = await self.auth.project(context.invocation_metadata())
-        await self.store.delete_file(project, request.id)
+        await self.store.mark_file_deleted(project, lookups.file_id(request.id))
         return file_pb2.DeleteFileResponse(id=request.id, object="file", deleted=True)
 
     async def GetFileContent(self, request: file_pb2.GetFileContentRequest,
                              context: Context) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        """Stream the content a chunk at a time. A file deleted meanwhile keeps its content for a
+        grace period (`mark_file_deleted`), so a download in flight completes; if its content is
+        gone anyway (swept), the stream ends with an error instead of looking complete."""
         project = await self.auth.project(context.invocation_metadata())
-        await self.store.get_file(project, request.id)  # 404 before the first message
-        first = True
-        async for chunk in self.store.iter_file_chunks(request.id):
+        row = await self.store.get_file(project, lookups.file_id(request.id))  # 404 before the first message
+        first, sent = True, 0
+        async for chunk in self.store.iter_file_chunks(row.id):
             yield httpbody_pb2.HttpBody(content_type=CONTENT_TYPE if first else "", data=chunk)
-            first = False
+            first, sent = False, sent + len(chunk)
         if first:  # an empty file still answers with its content type
             yield httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=b"")
+        if sent != row.bytes:
+            raise Internal(f"The content of file {row.id} is no longer available (it was deleted); "
+                           "the download is incomplete.", param="id", code="file_content_lost")

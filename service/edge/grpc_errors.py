@@ -17,9 +17,11 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from service.domain.errors import Internal, SluiceError
+from service.domain.errors import Internal, InvalidRequest, SluiceError
+from service.domain.model import MAX_JSON_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,85 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return "unknown"
 
 
+class Undecodable:
+    """Stands for a request message that failed to parse (see `safe_handlers`)."""
+
+    def __init__(self, error: DecodeError) -> None:
+        reason = str(error)
+        if "UTF-8" in reason:
+            self.message = "The request holds a string that is not valid UTF-8 text."
+        elif "Depth" in reason or "depth" in reason:
+            self.message = f"The request nests too deeply (a request line may nest {MAX_JSON_DEPTH} levels)."
+        else:
+            self.message = "The request is not a valid protobuf message for this method."
+
+    def error(self) -> InvalidRequest:
+        return InvalidRequest(self.message, code="invalid_request_encoding")
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def safe(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+
+    return safe
+
+
+class _Capture:
+    """Stands in for a server while a generated `add_*Servicer_to_server` registers its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_servicer(add: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """Register `servicer` (with the generated `add`) so that a request that fails to parse
+    (bad UTF-8 in a string, nesting past protobuf's depth limit, garbage) reaches the servicer as
+    `Undecodable` and becomes a clean INVALID_ARGUMENT, instead of grpc's UNKNOWN "Unexpected
+    <class 'DecodeError'>: Error parsing message with type 'sluice.v1....'" (a 500 over REST)."""
+    capture = _Capture()
+    add(servicer, capture)
+    handlers = {name: handler._replace(request_deserializer=_safe(handler.request_deserializer))
+                for name, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in requests:
+        if isinstance(message, Undecodable):
+            raise message.error()
+        yield message
+
+
+def _request(request: Any) -> Any:
+    if isinstance(request, Undecodable):
+        raise request.error()
+    if hasattr(request, "__aiter__"):  # a client stream
+        return _checked(request)
+    return request
+
+
 def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
-                async for item in fn(self, request, context):
+                async for item in fn(self, _request(request), context):
                     yield item
             except grpc.aio.AbortError:
                 raise
@@ -87,7 +161,7 @@ def _wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: Any) -> Any:
         try:
-            return await fn(self, request, context)
+            return await fn(self, _request(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.domain.errors import InvalidRequest, NotFound
+from service.domain.errors import InvalidRequest, NotFound, clip
 from service.domain.model import BatchError, BatchStatus, now
 from service.intake.jsonl import check_lines, parse_line, split_lines
 from service.intake.validation import LineValidator
@@ -38,19 +38,49 @@ class BatchInputs:
         except NotFound:
             raise NotFound(f"No such File object: {file_id}", param="input_file_id", code="file_not_found") from None
         if file.purpose != "batch":
-            raise InvalidRequest(f"File {file_id} has purpose {file.purpose!r}; a batch input needs 'batch'.",
+            raise InvalidRequest(f"File {file_id} has purpose {clip(file.purpose)}; a batch input needs 'batch'.",
                                  param="input_file_id", code="invalid_file_purpose")
-        count, problems = await check_lines(split_lines(self.store.iter_file_chunks(file_id)), validator)
+        content = _Measured(self.store.iter_file_chunks(file_id))
+        count, problems = await check_lines(split_lines(content), validator)
+        if content.size != file.bytes:
+            raise _gone(file_id)
         if count == 0 or problems:
             row.status, row.failed_at, row.total = BatchStatus.FAILED, now(), 0
             row.errors = [BatchError(p.problem.code, p.problem.message, p.problem.field, p.line)
                           for p in problems] or [BatchError("empty_file", "The input file has no request lines.")]
             return None
-        return self._requests(file_id, validator)
+        return self._requests(file_id, validator, count)
 
-    async def _requests(self, file_id: str, validator: LineValidator) -> AsyncIterator[NewRequest]:
+    async def _requests(self, file_id: str, validator: LineValidator, expected: int) -> AsyncIterator[NewRequest]:
+        """The second pass, inside the create's transaction: a file whose content went away since
+        the first pass (deleted and swept) raises, and the transaction leaves nothing behind."""
+        count = 0
         async for _, raw in split_lines(self.store.iter_file_chunks(file_id)):
             line: Any = parse_line(raw)
             model = line["body"]["model"]
+            count += 1
             yield NewRequest(custom_id=line["custom_id"], model=model, body=line["body"],
                              provider_model=validator.route_of(model).model)
+        if count != expected:
+            raise _gone(file_id)
+
+
+def _gone(file_id: str) -> NotFound:
+    return NotFound(f"No such File object: {file_id} (it was deleted while the batch was being created)",
+                    param="input_file_id", code="file_not_found")
+
+
+class _Measured:
+    """An async byte stream that counts what passed through."""
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self.source = source
+        self.size = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        async for chunk in self.source:
+            self.size += len(chunk)
+            yield chunk

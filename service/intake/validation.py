@@ -13,21 +13,78 @@ and failed at submit.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.domain.errors import InvalidRequest
+from service.domain.errors import InvalidRequest, clip
 from service.domain.model import (
     COMPLETION_WINDOWS,
+    MAX_CUSTOM_ID_LEN,
+    MAX_JSON_DEPTH,
+    MAX_LINE_VALUES,
     MAX_METADATA_KEY_LEN,
     MAX_METADATA_KEYS,
     MAX_METADATA_VALUE_LEN,
+    MAX_MODEL_LEN,
+    MAX_OBJECT_ID_LEN,
     SUPPORTED_ENDPOINTS,
 )
 from service.providers.routing import Route, Router, UnknownModel
 from service.storage.repository import NewRequest
 
-MAX_CUSTOM_ID_LEN = 512
+__all__ = ["MAX_CUSTOM_ID_LEN", "LineProblem", "LineValidator", "check_completion_window", "check_endpoint",
+           "check_metadata", "is_object_id", "is_text", "json_shape_problem"]
+
+_OBJECT_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_OBJECT_ID_LEN}}}")
+
+
+def is_text(value: str) -> bool:
+    """True when `value` can be stored and sent anywhere as text: valid Unicode (no lone
+    surrogate, which JSON's `\\ud800` escape can produce) and no NUL (PostgreSQL refuses NUL in
+    text; SQLite would store it). The one rule for every stored string, on every backend."""
+    return "\x00" not in value and (value.isascii() or _encodable(value))
+
+
+def is_object_id(value: str) -> bool:
+    """The shape of every id Sluice hands out (`batch_...`, `file-...`): anything else is
+    unknown without a database look-up (and never reaches one: no NUL, no 5,000-character key)."""
+    return _OBJECT_ID.fullmatch(value) is not None
+
+
+def json_shape_problem(value: Any, max_depth: int = MAX_JSON_DEPTH, max_values: int = MAX_LINE_VALUES) -> str | None:
+    """What makes a parsed JSON value unacceptable, or None: nesting deeper than `max_depth`
+    (the value itself is level 1), more than `max_values` values, or a string (key or value) that
+    is not text. Iterative, so no input can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    count = 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > max_values:
+            return f"has more than {max_values:,} JSON values"
+        if isinstance(item, dict):
+            if depth > max_depth:
+                return f"nests deeper than {max_depth} levels"
+            for key, child in item.items():
+                if not (key.isascii() or _encodable(key)):
+                    return "has a key that is not valid Unicode text (a lone surrogate)"
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            if depth > max_depth:
+                return f"nests deeper than {max_depth} levels"
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and not (item.isascii() or _encodable(item)):
+            return "has a string that is not valid Unicode text (a lone surrogate)"
+    return None
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -42,7 +99,7 @@ class LineProblem(Exception):
 def check_endpoint(endpoint: str) -> str:
     if endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequest(
-            f"Unsupported endpoint {endpoint!r}; use one of {', '.join(SUPPORTED_ENDPOINTS)}.",
+            f"Unsupported endpoint {clip(endpoint)}; use one of {', '.join(SUPPORTED_ENDPOINTS)}.",
             param="endpoint", code="invalid_endpoint")
     return endpoint
 
@@ -50,7 +107,7 @@ def check_endpoint(endpoint: str) -> str:
 def check_completion_window(window: str) -> str:
     window = window or "24h"
     if window not in COMPLETION_WINDOWS:
-        raise InvalidRequest(f"Unsupported completion_window {window!r}; only '24h' is supported.",
+        raise InvalidRequest(f"Unsupported completion_window {clip(window)}; only '24h' is supported.",
                              param="completion_window", code="invalid_completion_window")
     return window
 
@@ -62,12 +119,12 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
         raise InvalidRequest(f"metadata has {len(metadata)} keys; at most {MAX_METADATA_KEYS} are allowed.",
                              param="metadata", code="too_many_metadata_keys")
     for key, value in metadata.items():
-        if len(key) > MAX_METADATA_KEY_LEN:
-            raise InvalidRequest(f"metadata key {key[:20]!r}... is longer than {MAX_METADATA_KEY_LEN} characters.",
-                                 param=f"metadata.{key}", code="invalid_metadata")
-        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_LEN:
+        if len(key) > MAX_METADATA_KEY_LEN or not is_text(key):
+            raise InvalidRequest(f"metadata key {clip(key, 20)} must be text of at most {MAX_METADATA_KEY_LEN} "
+                                 "characters.", param="metadata", code="invalid_metadata")
+        if not isinstance(value, str) or len(value) > MAX_METADATA_VALUE_LEN or not is_text(value):
             raise InvalidRequest(
-                f"metadata value of {key!r} must be a string of at most {MAX_METADATA_VALUE_LEN} characters.",
+                f"metadata value of {clip(key)} must be a string of at most {MAX_METADATA_VALUE_LEN} characters.",
                 param=f"metadata.{key}", code="invalid_metadata")
     return {k: str(v) for k, v in metadata.items()}
 
@@ -98,15 +155,18 @@ class LineValidator:
         if len(custom_id) > MAX_CUSTOM_ID_LEN:
             raise LineProblem("invalid_custom_id", f"custom_id is longer than {MAX_CUSTOM_ID_LEN} characters",
                               "custom_id")
+        if not is_text(custom_id):
+            raise LineProblem("invalid_custom_id", "custom_id must be valid Unicode text without NUL characters",
+                              "custom_id")
         if custom_id in self.seen:
-            raise LineProblem("duplicate_custom_id", f"custom_id {custom_id!r} is used more than once",
+            raise LineProblem("duplicate_custom_id", f"custom_id {clip(custom_id)} is used more than once",
                               "custom_id")
         method = raw.get("method")
         if method != "POST":
-            raise LineProblem("invalid_method", f"method must be 'POST', got {method!r}", "method")
+            raise LineProblem("invalid_method", f"method must be 'POST', got {clip(method, 16)}", "method")
         url = raw.get("url")
         if url not in SUPPORTED_ENDPOINTS:
-            raise LineProblem("invalid_url", f"url {url!r} is not a supported endpoint "
+            raise LineProblem("invalid_url", f"url {clip(url)} is not a supported endpoint "
                               f"({', '.join(SUPPORTED_ENDPOINTS)})", "url")
         if self.endpoint is None:
             self.endpoint = url
@@ -119,6 +179,13 @@ class LineValidator:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise LineProblem("missing_model", "body.model is required", "body.model")
+        if len(model) > MAX_MODEL_LEN or not is_text(model):
+            raise LineProblem("invalid_model", f"body.model must be text of at most {MAX_MODEL_LEN} characters "
+                              "without NUL characters", "body.model")
+        shape = json_shape_problem(raw)
+        if shape is not None:
+            raise LineProblem("line_too_complex" if "values" in shape else "invalid_json_line",
+                              f"the request line {shape}", "body")
         route = self._route(self.router, model, url, size) if self.router is not None else None
         self.seen.add(custom_id)
         self.models.add(model)
@@ -135,11 +202,11 @@ class LineValidator:
             try:
                 route = self.routes[model] = router.resolve(model)
             except UnknownModel:
-                raise LineProblem("model_not_found", f"model {model!r} is not served by any configured provider",
+                raise LineProblem("model_not_found", f"model {clip(model)} is not served by any configured provider",
                                   "body.model") from None
         self.providers.setdefault(route.provider, model)
         if len(self.providers) > 1:
-            found = ", ".join(f"{p} (e.g. {m!r})" for p, m in self.providers.items())
+            found = ", ".join(f"{p} (e.g. {clip(m)})" for p, m in self.providers.items())
             raise LineProblem("mixed_providers", "all lines of a batch must go to one provider; "
                               f"this batch needs {found}: split it into one batch per provider", "body.model")
         self._check_capabilities(router, route, url, size)

@@ -26,7 +26,12 @@ ENV_HELP = """environment:
   SLUICE_DATABASE_URL                   sqlite+aiosqlite:///var/sluice.db (default) or
                                         postgresql+asyncpg://user:pass@host/db
   SLUICE_API_KEY                        API key of the 'default' project
-  SLUICE_API_KEYS                       more keys: project=key,other=key2
+  SLUICE_API_KEYS                       more keys: project=key,other=key2 (configuration is the
+                                        source of truth: a key removed here stops working at restart)
+  SLUICE_AUTH_CACHE_SECONDS             how long a replica trusts a key it checked (5)
+  SLUICE_UPSTREAM_TIMEOUT_SECONDS       Envoy's deadline for a call, and idle limit of a stream (120)
+  SLUICE_STALE_UPLOAD_SECONDS           an upload with no data this long is removed (900)
+  SLUICE_DELETED_FILE_GRACE_SECONDS     a deleted file's content is kept this long for readers (3600)
   SLUICE_SIM_LATENCY_MS / SLUICE_SIM_FAILURE_RATE   the built-in sim provider
   SLUICE_WEBHOOKS_FILE                  webhook endpoints (YAML; see README.md, "Webhooks")
   SLUICE_RUN_ENGINE                     false: serve the API only; other replicas drive batches
@@ -86,9 +91,8 @@ def _command(args: argparse.Namespace) -> int:
         if args.command == "serve":
             asyncio.run(server.serve(settings, ready_line=args.ready_line))
         else:
-            key = generated or next(iter(settings.api_keys))
             asyncio.run(server.run_with_envoy(settings, Path(args.work_dir) / "envoy",
-                                              lambda http, grpc: _banner(http, grpc, settings, key, bool(generated))))
+                                              lambda http, grpc: _banner(http, grpc, settings, generated)))
     except KeyboardInterrupt:
         pass
     except EnvoyError as exc:
@@ -97,20 +101,33 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _banner(http_port: int, grpc_port: int, settings: Settings, key: str, generated: bool) -> None:
+def _banner(http_port: int, grpc_port: int, settings: Settings, generated: str) -> None:
+    """Prints a key only if Sluice generated it: a key the operator supplied is a secret that
+    must not end up in a terminal's scrollback or a log file."""
     host = settings.grpc_host
+    if generated:
+        key_line = f"{generated}   (generated; set SLUICE_API_KEY to choose one)"
+        key_value = generated
+    else:
+        key_line = "the one(s) you configured (SLUICE_API_KEY / SLUICE_API_KEYS; not shown)"
+        key_value = "<your key>"
     print(f"""
 Sluice is running (Ctrl-C stops it).
   REST, OpenAI-compatible:  http://{host}:{http_port}/v1
   gRPC (sluice.v1):         {host}:{grpc_port}
-  API key:                  {key}{"   (generated; set SLUICE_API_KEY to choose one)" if generated else ""}
-  Database:                 {settings.database_url.split("@")[-1]}
+  API key:                  {key_line}
+  Database:                 {_safe_url(settings.database_url)}
 
 Try it:
-  export OPENAI_BASE_URL=http://{host}:{http_port}/v1 OPENAI_API_KEY={key}
+  export OPENAI_BASE_URL=http://{host}:{http_port}/v1 OPENAI_API_KEY={key_value}
   curl -s $OPENAI_BASE_URL/batches -H "Authorization: Bearer $OPENAI_API_KEY"
-  SLUICE_ADDRESS={host}:{grpc_port} SLUICE_API_KEY={key} sluice batches list
+  SLUICE_ADDRESS={host}:{grpc_port} SLUICE_API_KEY={key_value} sluice batches list
 """, flush=True)
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its credentials."""
+    return url.split("@")[-1]
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.domain.model import MAX_INLINE_BYTES
 from service.providers.registry import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
@@ -33,7 +34,7 @@ def _bool(name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise SystemExit(f"{name} must be true or false, got {raw!r}")
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def parse_api_keys(raw: str) -> dict[str, str]:
@@ -42,7 +43,9 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     for item in filter(None, (part.strip() for part in raw.split(","))):
         project, sep, key = item.partition("=")
         if not sep or not project.strip() or not key.strip():
-            raise ConfigError(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
+            raise ConfigError("SLUICE_API_KEYS entries look like project=key (an entry does not)")
+        if len(project.strip()) > 128:  # the projects column; the key itself is never echoed
+            raise ConfigError(f"SLUICE_API_KEYS: project names have at most 128 characters ({project[:20]!r}...)")
         keys[key.strip()] = project.strip()
     return keys
 
@@ -71,6 +74,14 @@ class Settings:
     run_engine: bool = True
     # How often a WatchBatch stream looks at its batch: bounds progress events to a few a second.
     watch_poll_seconds: float = 0.25
+    # gRPC messages: a CreateBatch with inline requests is at most MAX_INLINE_BYTES (what Envoy
+    # admits as JSON, the same for native gRPC); responses (result pages) may be larger.
+    max_receive_bytes: int = MAX_INLINE_BYTES
+    max_send_bytes: int = 64 * 1024 * 1024
+    auth_cache_seconds: float = 5.0  # another replica's key removal holds here within this
+    upstream_timeout_seconds: float = 120.0  # Envoy: unary deadline, and idle limit of streams
+    stale_upload_seconds: float = 900.0  # an upload with no chunk for this long is removed
+    deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -96,6 +107,10 @@ class Settings:
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
             webhooks_file=Path(webhooks) if (webhooks := os.environ.get("SLUICE_WEBHOOKS_FILE", "").strip()) else None,
             run_engine=_bool("SLUICE_RUN_ENGINE", True),
+            auth_cache_seconds=_float("SLUICE_AUTH_CACHE_SECONDS", 5.0),
+            upstream_timeout_seconds=_float("SLUICE_UPSTREAM_TIMEOUT_SECONDS", 120.0),
+            stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
+            deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
         )
 
 

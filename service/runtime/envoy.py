@@ -44,9 +44,22 @@ def _installed(package: str, name: str, source_dir: str) -> Path:
 TEMPLATE = _installed("service.runtime.envoy_config", "envoy.yaml.in", "envoy")
 LUA = _installed("service.runtime.envoy_config", "openai_errors.lua", "envoy")
 DESCRIPTOR = _installed("service.runtime.descriptor", "sluice.binpb", "gen")
-# Non-streaming request bodies (CreateBatch with inline requests). The gRPC server's
-# `grpc.max_receive_message_length` must be at least this, or big inline batches get 413.
-DEFAULT_MAX_REQUEST_BODY = 64 * 1024 * 1024
+# Non-streaming request bodies (CreateBatch with inline requests), held whole by Envoy: the
+# Lua filter refuses larger ones with a 413 before reading them (service/domain/model.py).
+DEFAULT_MAX_REQUEST_BODY = 16 * 1024 * 1024
+DEFAULT_TIMEOUT = 120.0
+# A server that answers no health check for about 20 s (stopped, hung) is taken out, and every
+# new request answers 503 at once (no "panic" routing to the only, unhealthy host) instead of
+# waiting for its deadline. Lenient on purpose: a server that is merely busy must not be taken out.
+HEALTH_CHECK = """\
+    health_checks:
+    - timeout: 5s
+      interval: 2s
+      no_traffic_interval: 2s
+      unhealthy_threshold: 3
+      healthy_threshold: 1
+      grpc_health_check: {}
+    common_lb_config: { healthy_panic_threshold: { value: 0 } }"""
 
 
 class EnvoyError(RuntimeError):
@@ -76,10 +89,14 @@ def render_config(
     descriptor: Path | str = DESCRIPTOR,
     lua: Path | str = LUA,
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY,
+    upstream_timeout: float = DEFAULT_TIMEOUT,
+    health_check: bool = True,
 ) -> Path:
     """Write `envoy.yaml` into `out_dir` (created if needed) from the template; return its path.
 
-    Paths are made absolute, so Envoy can run from any working directory.
+    Paths are made absolute, so Envoy can run from any working directory. `upstream_timeout`
+    bounds a unary call and the idle time of a stream; `health_check` needs the upstream to serve
+    grpc.health.v1 (the Sluice server does).
     """
     descriptor_path = Path(descriptor).resolve()
     lua_path = Path(lua).resolve()
@@ -91,6 +108,8 @@ def render_config(
             raise ValueError(f"{name} must be a TCP port, got {port}")
     if not 0 < max_request_body_bytes < 2**32:
         raise ValueError("max_request_body_bytes must fit in uint32")
+    if not 0 < upstream_timeout <= 86400:
+        raise ValueError("upstream_timeout must be between 0 and 86400 seconds")
     text = string.Template(TEMPLATE.read_text()).substitute(
         HTTP_HOST=http_host,
         HTTP_PORT=http_port,
@@ -101,6 +120,8 @@ def render_config(
         DESCRIPTOR=descriptor_path.as_posix(),
         LUA=lua_path.as_posix(),
         MAX_REQUEST_BODY=max_request_body_bytes,
+        TIMEOUT=f"{upstream_timeout:g}",
+        HEALTH_CHECK=HEALTH_CHECK if health_check else "",
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

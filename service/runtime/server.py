@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from service.edge.auth import Authenticator
 from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
+from service.edge.grpc_errors import add_servicer
 from service.edge.webhook_service import WebhookServicer
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
@@ -27,12 +28,14 @@ from service.providers.registry import ConfigError, build_router
 from service.providers.routing import Router
 from service.runtime.config import Settings
 from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
+from service.runtime.sweeper import FileSweeper
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from service.storage.webhooks import WebhookStore
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 
 log = logging.getLogger(__name__)
+METADATA_LIMIT = 128 * 1024
 SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
                  file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
                  webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name)
@@ -46,6 +49,7 @@ class App:
     router: Router
     health: health.aio.HealthServicer
     port: int
+    sweeper: FileSweeper | None = None
     webhooks: WebhookDispatcher | None = None
     # Set first thing on stop: watch streams end rather than hold the shutdown for `grace`.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
@@ -56,6 +60,8 @@ class App:
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         await self.engine.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
@@ -82,7 +88,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         print(f"Webhook endpoint '{endpoint_id}': signing secret {secret}\n"
               "  (generated now and shown only this once; give it to the receiver, or put `secret:` in the "
               "webhooks file)", flush=True)
-    auth = Authenticator(store)
+    auth = Authenticator(store, cache_seconds=settings.auth_cache_seconds)
     await auth.register(settings.api_keys)
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
                                     sim_failure_rate=settings.sim_failure_rate,
@@ -93,8 +99,13 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
 
     server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_receive_bytes),
+        ("grpc.max_send_message_length", settings.max_send_bytes),
+        # Above what Envoy admits (32 KiB of request headers, which it may forward with the path
+        # twice), so oversized headers are Envoy's clean 431 and never gRPC's RESOURCE_EXHAUSTED
+        # (a 429 that SDKs retry, and whose message lists the request's headers).
+        ("grpc.max_metadata_size", METADATA_LIMIT),
+        ("grpc.absolute_max_metadata_size", METADATA_LIMIT),
         # A fixed 4 MiB receive window per stream instead of BDP auto-tuning, which lets a busy
         # server buffer tens of MB of a streaming upload in gRPC's core (169 MB peak RSS against
         # 114 MB for a 200 MB upload under CPU load); 4 MiB still fills a fast WAN link.
@@ -102,11 +113,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
     ])
     closing = asyncio.Event()
-    batch_pb2_grpc.add_BatchServiceServicer_to_server(
-        BatchServicer(store, auth, router, engine.wake, BatchInputs(store),
-                      watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
-    file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(store, auth), server)
-    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(webhook_store, auth), server)
+    add_servicer(batch_pb2_grpc.add_BatchServiceServicer_to_server,
+                 BatchServicer(store, auth, router, engine.wake, BatchInputs(store),
+                               watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
+    add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth), server)
+    add_servicer(webhook_pb2_grpc.add_WebhookServiceServicer_to_server, WebhookServicer(webhook_store, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -114,9 +125,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     if port == 0:
         raise ConfigError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port} (port in use?)")
     await server.start()
-    dispatcher = None
-    if settings.run_engine:
+    dispatcher = sweeper = None
+    if settings.run_engine:  # background work: batches, webhook deliveries, file clean-up
         engine.start()
+        sweeper = FileSweeper(store, settings.stale_upload_seconds, settings.deleted_file_grace_seconds)
+        sweeper.start()
         if webhooks.endpoints:
             dispatcher = WebhookDispatcher(webhook_store, webhooks, settings.replica_id)
             dispatcher.start()
@@ -124,7 +137,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
              settings.database_url.split("@")[-1])
-    return App(server, store, engine, router, health_servicer, port, dispatcher, closing)
+    return App(server, store, engine, router, health_servicer, port, sweeper, dispatcher, closing)
 
 
 async def _until_signal() -> None:
@@ -184,7 +197,7 @@ async def run_with_envoy(settings: Settings, work_dir: Path, banner: Callable[[i
     _check_port_free(settings.grpc_host, settings.http_port)
     app = await start(settings)
     config = render_config(settings.grpc_host, settings.http_port, app.port, _free_port(settings.grpc_host),
-                           work_dir, grpc_host=settings.grpc_host)
+                           work_dir, grpc_host=settings.grpc_host, upstream_timeout=settings.upstream_timeout_seconds)
     envoy = EnvoyProcess(config, settings.grpc_host, settings.http_port)
     try:
         await asyncio.to_thread(envoy.start)

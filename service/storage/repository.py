@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
 
 from service.domain.errors import Conflict, NotFound
@@ -39,10 +39,20 @@ from service.domain.model import (
     can_transition,
     now,
 )
+from service.storage.db import Sessions
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
 from service.storage.webhooks import record_batch_ended
 
 INSERT_CHUNK = 500
+INSERT_CHUNK_BYTES = 8 * 1024 * 1024  # a chunk of request rows is flushed at 500 rows or 8 MiB of bodies
+PAGE_BYTES = 8 * 1024 * 1024  # request bodies read per page (engine), whatever the page's line count
+UPLOADING = FileStatus.UPLOADING
+DELETED = FileStatus.DELETED  # hidden at once; content kept a grace period for downloads in flight, then swept
+HIDDEN_FILE_STATUSES = (UPLOADING, DELETED)
+
+
+class UploadGone(Exception):
+    """The upload's row is no longer `uploading` (swept as stale, or discarded)."""
 
 
 def new_id(prefix: str) -> str:
@@ -77,7 +87,7 @@ def usage_values(usage: Usage) -> dict[str, Any]:
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.sessions = Sessions(engine)
         self._dialect = engine.dialect.name
 
     async def close(self) -> None:
@@ -97,6 +107,33 @@ class Store:
             await s.execute(stmt.on_conflict_do_update(index_elements=["key_hash"],
                                                        set_={"project": stmt.excluded.project}))
 
+    async def sync_config_api_keys(self, hashed: dict[str, str]) -> int:
+        """Make the configured keys (hash -> project) exactly the keys whose source is `config`:
+        upsert them, delete configured keys no longer configured. Keys from other sources
+        (`api`) are left alone. One transaction; returns how many keys were removed."""
+        async with self.sessions.begin() as s:
+            if hashed:
+                rows = [{"key_hash": h, "project": p, "created_at": now(), "source": "config"}
+                        for h, p in hashed.items()]
+                stmt = self._insert(ApiKeyRow).values(rows)
+                await s.execute(stmt.on_conflict_do_update(
+                    index_elements=["key_hash"], set_={"project": stmt.excluded.project, "source": "config"}))
+            gone = delete(ApiKeyRow).where(ApiKeyRow.source == "config")
+            if hashed:
+                gone = gone.where(ApiKeyRow.key_hash.not_in(list(hashed)))
+            res = await s.execute(gone)
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def add_api_key(self, key_hash: str, project: str, source: str = "api") -> None:
+        """A key created after start-up (not from configuration): the start-up sync never removes it."""
+        async with self.sessions.begin() as s:
+            s.add(ApiKeyRow(key_hash=key_hash, project=project, created_at=now(), source=source))
+
+    async def revoke_api_key(self, key_hash: str) -> bool:
+        async with self.sessions.begin() as s:
+            res = await s.execute(delete(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash))
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
     async def project_for_key_hash(self, key_hash: str) -> str | None:
         async with self.sessions() as s:
             return await s.scalar(select(ApiKeyRow.project).where(ApiKeyRow.key_hash == key_hash))
@@ -111,15 +148,16 @@ class Store:
             s.add(batch)
             await s.flush()
             chunk: list[dict[str, Any]] = []
-            count = 0
+            count = chunk_bytes = 0
             async for req in _aiter(requests):
+                body_json = json.dumps(req.body, separators=(",", ":"))
                 chunk.append({"batch_id": batch.id, "idx": count, "custom_id": req.custom_id,
-                              "model": req.model, "provider_model": req.provider_model,
-                              "body_json": json.dumps(req.body, separators=(",", ":"))})
+                              "model": req.model, "provider_model": req.provider_model, "body_json": body_json})
                 count += 1
-                if len(chunk) >= INSERT_CHUNK:
+                chunk_bytes += len(body_json)
+                if len(chunk) >= INSERT_CHUNK or chunk_bytes >= INSERT_CHUNK_BYTES:
                     await s.execute(self._insert(RequestRow), chunk)
-                    chunk = []
+                    chunk, chunk_bytes = [], 0
             if chunk:
                 await s.execute(self._insert(RequestRow), chunk)
             batch.total = count
@@ -307,26 +345,32 @@ class Store:
         await self._update(batch_id, poll_failures=0, provider_status=raw_status,
                            provider_completed=completed, provider_failed=failed)
 
-    async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1) -> list[RequestRow]:
-        """Lines with no stored result yet, in order."""
+    async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
+                               max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
+        """Lines with no stored result yet, in order: at most `limit`, and no more bodies than
+        `max_bytes` (at least one line), so 500 lines of 500 KB are never loaded at once."""
         async with self.sessions() as s:
-            query = (select(RequestRow)
-                     .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
-                                                ResultRow.idx == RequestRow.idx))
-                     .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None))
-                     .order_by(RequestRow.idx).limit(limit))
-            return list((await s.scalars(query)).all())
+            sizes = (await s.execute(
+                select(RequestRow.idx, func.length(RequestRow.body_json))
+                .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id, ResultRow.idx == RequestRow.idx))
+                .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None))
+                .order_by(RequestRow.idx).limit(limit))).all()
+            return await _rows_within(s, batch_id, sizes, max_bytes)
 
-    async def iter_requests(self, batch_id: str, page: int = 1000) -> AsyncIterator[RequestRow]:
+    async def iter_requests(self, batch_id: str, page: int = 1000,
+                            max_bytes: int = PAGE_BYTES) -> AsyncIterator[RequestRow]:
+        """Every line in order, a page at a time (at most `page` lines and `max_bytes` of bodies)."""
         last = -1
         while True:
             async with self.sessions() as s:
-                rows = list((await s.scalars(select(RequestRow).where(
-                    RequestRow.batch_id == batch_id, RequestRow.idx > last)
-                    .order_by(RequestRow.idx).limit(page))).all())
+                sizes = (await s.execute(
+                    select(RequestRow.idx, func.length(RequestRow.body_json))
+                    .where(RequestRow.batch_id == batch_id, RequestRow.idx > last)
+                    .order_by(RequestRow.idx).limit(page))).all()
+                rows = await _rows_within(s, batch_id, sizes, max_bytes)
             for row in rows:
                 yield row
-            if len(rows) < page:
+            if not rows:
                 return
             last = rows[-1].idx
 
@@ -393,14 +437,14 @@ class Store:
         """A tenant's file: another project's, and one still uploading, are not found."""
         async with self.sessions() as s:
             row = await s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project,
-                                                       FileRow.status != FileStatus.UPLOADING))
+                                                       FileRow.status.not_in(HIDDEN_FILE_STATUSES)))
         if row is None:
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
         return row
 
     async def list_files(self, project: str, purpose: str, limit: int, after: str,
                          ascending: bool) -> tuple[list[FileRow], bool]:
-        query = select(FileRow).where(FileRow.project == project, FileRow.status != FileStatus.UPLOADING)
+        query = select(FileRow).where(FileRow.project == project, FileRow.status.not_in(HIDDEN_FILE_STATUSES))
         if purpose:
             query = query.where(FileRow.purpose == purpose)
         if after:
@@ -414,6 +458,62 @@ class Store:
         async with self.sessions() as s:
             rows = list((await s.scalars(query.order_by(*order).limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
+
+    async def add_upload_chunk(self, file_id: str, seq: int, data: bytes) -> None:
+        """Store one chunk of an upload and mark the upload alive, in one transaction.
+        `UploadGone` if the upload was swept meanwhile (it stalled longer than the sweep bound)."""
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(FileRow).where(FileRow.id == file_id, FileRow.status == UPLOADING)
+                                  .values(updated_at=now(), bytes=FileRow.bytes + len(data)))
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise UploadGone(file_id)
+            await s.execute(self._insert(FileChunkRow).values(file_id=file_id, seq=seq, data=data))
+
+    async def finish_upload(self, file_id: str, *, size: int, line_count: int, purpose: str,
+                            expires_at: int | None) -> FileRow:
+        """`uploading` -> `processed`: the file becomes visible, all at once."""
+        async with self.sessions.begin() as s:
+            row = await s.scalar(update(FileRow).where(FileRow.id == file_id, FileRow.status == UPLOADING).values(
+                bytes=size, line_count=line_count, purpose=purpose, expires_at=expires_at,
+                status=FileStatus.PROCESSED, updated_at=now()).returning(FileRow))
+        if not isinstance(row, FileRow):
+            raise UploadGone(file_id)
+        return row
+
+    async def mark_file_deleted(self, project: str, file_id: str) -> None:
+        """Hide a file at once (`deleted`); its content stays until `sweep_files`, so a download
+        or a batch create already reading it sees the whole file."""
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(FileRow).where(
+                FileRow.id == file_id, FileRow.project == project, FileRow.status.not_in(HIDDEN_FILE_STATUSES),
+            ).values(status=DELETED, updated_at=now()))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
+
+    async def sweep_files(self, stale_upload_before: int, deleted_before: int) -> int:
+        """Remove (rows and chunks) uploads with no sign of life since `stale_upload_before`
+        (a crash or a lost client left them) and files deleted before `deleted_before`.
+        Idempotent conditional deletes: replicas may sweep at the same time. Returns files removed."""
+        doomed = or_(
+            and_(FileRow.status == UPLOADING, FileRow.updated_at.is_not(None),
+                 FileRow.updated_at < stale_upload_before),
+            and_(FileRow.status == DELETED, FileRow.updated_at < deleted_before),
+        )
+        removed = 0
+        while True:
+            async with self.sessions() as s:
+                ids = list((await s.scalars(select(FileRow.id).where(doomed).limit(100))).all())
+            if not ids:
+                return removed
+            for file_id in ids:
+                async with self.sessions.begin() as s:
+                    # Re-checked in the delete: an upload that came back to life is kept.
+                    res = await s.execute(delete(FileRow).where(FileRow.id == file_id, doomed))
+                    if res.rowcount:  # type: ignore[attr-defined]
+                        await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
+                        removed += 1
+            if len(ids) < 100:
+                return removed
 
     async def delete_file(self, project: str, file_id: str) -> None:
         await self.get_file(project, file_id)
@@ -448,6 +548,23 @@ def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
         "error_type": res.error.type if res.error else None,
         **usage_values(res.usage), "created_at": t,
     }
+
+
+async def _rows_within(s: Any, batch_id: str, sizes: Sequence[Any], max_bytes: int) -> list[RequestRow]:
+    """The request rows of `sizes` ((idx, body length) in order) up to `max_bytes` of bodies,
+    at least one."""
+    wanted: list[int] = []
+    total = 0
+    for idx, size in sizes:
+        if wanted and total + (size or 0) > max_bytes:
+            break
+        wanted.append(idx)
+        total += size or 0
+    if not wanted:
+        return []
+    return list((await s.scalars(select(RequestRow).where(RequestRow.batch_id == batch_id,
+                                                          RequestRow.idx.in_(wanted))
+                                 .order_by(RequestRow.idx))).all())
 
 
 async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

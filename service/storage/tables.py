@@ -76,6 +76,9 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     project: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # `config` (SLUICE_API_KEY[S], synchronised at every start: removed there, removed here) or
+    # `api` (created later; revoked one by one, never touched by the start-up sync).
+    source: Mapped[str] = mapped_column(String(16), default="config", server_default="config")
 
 
 class BatchRow(_UsageColumns, Base):
@@ -185,8 +188,12 @@ class FileRow(Base):
     status: Mapped[FileStatus] = mapped_column(StatusType(FileStatus))
     created_at: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[int | None] = mapped_column(BigInteger)
+    # Last sign of life of an upload (each stored chunk), or when a file was deleted. NULL for
+    # files the engine writes. The sweeper removes stale uploads and deleted files by it.
+    updated_at: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_files_project_created", "project", "created_at", "id"),)
+    __table_args__ = (Index("ix_files_project_created", "project", "created_at", "id"),
+                      Index("ix_files_status_updated", "status", "updated_at"))
 
 
 class FileChunkRow(Base):

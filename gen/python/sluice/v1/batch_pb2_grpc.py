@@ -122,6 +122,9 @@ class BatchServiceServicer:
 
     def GetBatchResult(self, request, context):
         """Returns one request's result by its `custom_id` (`status` says whether it has finished).
+        `/v1/batches/{batch_id}/results/{custom_id}` reaches every custom_id; the shorter
+        `/v1/batches/{batch_id}/{custom_id}` is shadowed by the sub-resources `results` and (for
+        POST) `cancel`, so a line whose custom_id is `results` is only reachable by the long form.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
