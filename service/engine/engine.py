@@ -148,6 +148,10 @@ class Engine:
         next_poll: float | None = None
         renewer = asyncio.create_task(self._renew(batch_id))
         try:
+            # The claim may have returned a lease this replica already held for a step that has
+            # just ended and handed it back: step only while the lease is really ours.
+            if not await self.store.renew(batch_id, self.settings.replica_id, self.settings.lease_seconds):
+                return
             batch = await self.store.engine_batch(batch_id)
             entry = self.router.entry(batch.provider)
             if isinstance(entry.provider, LineExecutor):
@@ -206,8 +210,8 @@ class Engine:
     async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus,
                       errors: Sequence[BatchError] = ()) -> None:
         fresh = await self.store.engine_batch(batch.id)
-        if fresh.status is not src:
-            return  # moved meanwhile (another replica finished it): never rewrite an ended batch's files
+        if src.terminal or fresh.status is not src:
+            return  # ended or moved meanwhile: an ended batch's files are never touched again
         files = await self.finalizer(fresh)
         if await self.store.transition(batch.id, src, dst, files=files, errors=errors):
             log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,

@@ -82,6 +82,9 @@ class OutputFiles:
                        status=FileStatus.UPLOADING, created_at=t, expires_at=t + OUTPUT_TTL)
 
     async def __call__(self, batch: BatchRow) -> OutputFileIds:
+        current = await self.store.engine_batch(batch.id)
+        if current.status.terminal:  # ended: its files are final, never discarded
+            return OutputFileIds(output_file_id=current.output_file_id, error_file_id=current.error_file_id)
         output = _FileWriter(self.store, self._row(batch, "output"))
         errors = _FileWriter(self.store, self._row(batch, "error"))
         async for row in self._results(batch.id):

@@ -275,6 +275,8 @@ class Store:
                 .order_by(BatchRow.created_at).limit(limit))).all())
         claimed = []
         for batch_id in candidates:
+            # The status is checked again in the UPDATE itself: a batch that ended since the
+            # SELECT (another replica finished it) must never be leased, or it would be finalized twice.
             async with self.sessions.begin() as s:
                 res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, unfinished, free).values(
                     lease_owner=owner, lease_until=t + lease_seconds))
