@@ -100,7 +100,6 @@ async def _file_rows(store: Store, file_ids: list[str]) -> dict[str, tuple[Any, 
     return out
 
 
-@pytest.mark.timeout(300)
 async def test_a_second_replica_never_refinalizes_an_ended_native_batch(
         db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Replica A drives the batches; replica B's lease UPDATE of a batch it chose is held until
