@@ -1,10 +1,10 @@
 """Regenerate the vendored spec subsets in this folder from the providers' official documents.
 
-    python tests/provider_fake/specs/build.py [SOURCE_DIR]          # write the JSON subsets
-    python tests/provider_fake/specs/build.py [SOURCE_DIR] --check  # fail if they are stale
+    python tests/provider_fake/specs/build.py SOURCE_DIR          # write the JSON subsets
+    python tests/provider_fake/specs/build.py SOURCE_DIR --check  # fail if they are stale
 
-SOURCE_DIR holds the documents exactly as published (default `/work/shared/reference/provider-specs`,
-see README.md here for where each comes from). Each subset keeps, verbatim, the paths and methods
+SOURCE_DIR holds the documents exactly as published (see README.md here for where each comes from;
+the tests never run this script, they read the subsets it wrote). Each subset keeps, verbatim, the paths and methods
 the fake serves plus every component they reference, transitively, and the extra schemas named in
 `SUBSETS` (line schemas, error envelopes). Only code samples (`x-codeSamples`, the request half of
 `x-oaiMeta.examples`) are dropped: they are most of the bytes and no schema. JSON loads ~50x faster
@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_SOURCE = Path("/work/shared/reference/provider-specs")
 
 # name -> (source document, upstream location, {path: [methods]} or None for all, extra components)
 SUBSETS: dict[str, tuple[str, str, dict[str, list[str]] | None, list[str]]] = {
@@ -143,7 +142,7 @@ def build(source: Path) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE)
+    ap.add_argument("source", type=Path, help="the folder of the providers' published documents")
     ap.add_argument("--check", action="store_true", help="exit 1 if a vendored subset differs")
     args = ap.parse_args(argv)
     stale = []
