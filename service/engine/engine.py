@@ -139,6 +139,10 @@ class Engine:
         next_poll: float | None = None
         renewer = asyncio.create_task(self._renew(batch_id))
         try:
+            # The claim may have returned a lease this replica already held for a step that has
+            # just ended and handed it back: step only while the lease is really ours.
+            if not await self.store.renew(batch_id, self.settings.replica_id, self.settings.lease_seconds):
+                return
             batch = await self.store.get_batch(None, batch_id)
             entry = self.router.entry(batch.provider)
             if isinstance(entry.provider, LineExecutor):
@@ -190,6 +194,8 @@ class Engine:
 
     async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus) -> None:
         fresh = await self.store.get_batch(None, batch.id)
+        if src.terminal or fresh.status != src.value:
+            return  # ended or moved meanwhile: an ended batch's files are never touched again
         files = await self.finalizer(fresh)
         if await self.store.transition(batch.id, src, dst, **files):
             log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,

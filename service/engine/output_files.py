@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from service.domain.model import now
+from service.domain.model import BatchStatus, now
 from service.storage.repository import Store
 from service.storage.tables import BatchRow, FileRow, ResultRow
 
@@ -82,6 +82,9 @@ class OutputFiles:
                        status="uploading", created_at=t, expires_at=t + OUTPUT_TTL)
 
     async def __call__(self, batch: BatchRow) -> dict[str, str | None]:
+        current = await self.store.get_batch(None, batch.id)
+        if BatchStatus(current.status).terminal:  # ended: its files are final, never discarded
+            return {"output_file_id": current.output_file_id, "error_file_id": current.error_file_id}
         output = _FileWriter(self.store, self._row(batch, "output"))
         errors = _FileWriter(self.store, self._row(batch, "error"))
         async for row in self._results(batch.id):
