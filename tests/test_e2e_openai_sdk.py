@@ -39,6 +39,7 @@ from tests.e2e import (
     raw_json,
     slow_stack_fixture,  # noqa: F401  (the fixture `slow_stack`)
     sqlite_stack_fixture,  # noqa: F401  (the fixture `sqlite_stack`)
+    stack_logs_checked,  # noqa: F401  (autouse: the server's log is checked after each test)
     start_stack,
     vm_bytes,
 )

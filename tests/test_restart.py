@@ -40,9 +40,9 @@ def processes() -> Iterator[list[ServerProcess]]:
     started: list[ServerProcess] = []
     yield started
     for p in started:
-        if p.proc is not None and p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
+        p.close()
+    for p in started:
+        p.check_log()
 
 
 def start(processes: list[ServerProcess], environ: dict[str, str], log: Path) -> ServerProcess:
