@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections import Counter
 from typing import Any
 
 from adapters.base import LineExecutor, LineResult, RequestLine, TokenUsage
@@ -60,8 +61,11 @@ class SimProvider(LineExecutor):
         self.latency_s = max(latency_ms, 0.0) / 1000
         self.failure_rate = failure_rate
         self.concurrency = concurrency
+        # custom_id -> how many times this instance executed it (read by tests: "exactly once").
+        self.executions: Counter[str] = Counter()
 
     async def execute(self, line: RequestLine) -> LineResult:
+        self.executions[line.custom_id] += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         text = _text_of(line.body)

@@ -159,9 +159,9 @@ def _logged_traceback(caplog: pytest.LogCaptureFixture, rpc: str) -> logging.Log
 
 @pytest.mark.logs_errors(r"unexpected error in BatchServicer\.GetBatch .*RuntimeError: connection to")
 async def test_unexpected_exception_in_a_servicer_is_internal_and_logged(
-        sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="service.edge.grpc_errors")
-    async with gateway(make_settings(sqlite_url)) as (app, c):
+    async with gateway(make_settings(db_url)) as (app, c):
         batch = await c.create([chat_line("a")])
 
         async def broken(*_: Any, **__: Any) -> Any:

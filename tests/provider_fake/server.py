@@ -183,6 +183,7 @@ class ProviderFake:
     def handle(self, req: Request) -> Response:
         if req.path.startswith("/_fake/"):
             return self.control(req)
+        arrived = time.monotonic()
         name = req.path.split("/")[1] if req.path.count("/") >= 1 else ""
         prov = self.providers.get(name)
         if prov is None:
@@ -198,17 +199,19 @@ class ProviderFake:
                 if fault.retry_after is not None:
                     resp.headers["Retry-After"] = str(int(fault.retry_after)) \
                         if float(fault.retry_after).is_integer() else str(fault.retry_after)
-                self._log(name, req, resp.status, True)
+                self._log(name, req, resp.status, True, arrived)
                 return resp
         with self.store.lock:
             resp = prov.dispatch(req)
-            self._log(name, req, resp.status, False)
+            self._log(name, req, resp.status, False, arrived)
         return resp
 
-    def _log(self, provider: str, req: Request, status: int, fault: bool) -> None:
+    def _log(self, provider: str, req: Request, status: int, fault: bool, arrived: float) -> None:
+        """`at` is when the request arrived (time.monotonic()), so tests can measure the gaps a
+        client left between requests (Retry-After, backoff)."""
         with self.store.lock:
             self.store.log.append({"provider": provider, "method": req.method, "path": req.path,
-                                   "status": status, "fault": fault})
+                                   "status": status, "fault": fault, "at": arrived})
 
 
 class _Handler(BaseHTTPRequestHandler):
