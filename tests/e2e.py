@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,12 +138,17 @@ class Stack:
         return self.server_log.stat().st_size if self.server_log.exists() else 0
 
     def check_log(self, since: int = 0, allowed: tuple[str, ...] = ()) -> None:
-        """Fail on a traceback or an ERROR line the server wrote after byte `since`."""
+        """Fail on a traceback or an ERROR line the server wrote after byte `since` that matches
+        none of `allowed`, and when an `allowed` pattern matched no such line (it was declared
+        because the test causes it)."""
         with open(self.server_log, "rb") as f:
             f.seek(since)
             text = f.read().decode(errors="replace")
         problems = log_problems(text, allowed)
         assert not problems, "sluice run logged failures:\n" + "\n".join(problems) + "\n" + text[-3000:]
+        reported = log_problems(text)
+        missing = [p for p in allowed if not any(re.search(p, line) for line in reported)]
+        assert not missing, f"declared error logs never came: {missing}\n{text[-3000:]}"
 
     def sdk(self, key: str = KEY_A) -> openai.OpenAI:
         """The official SDK through Envoy, no retries; every response is checked for gRPC headers."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.api import httpbody_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from service.providers.routing import Router
 from service.runtime.config import Settings
@@ -144,6 +144,37 @@ class Client:
             if not page.has_more:
                 return out
             after = page.next_cursor
+
+
+async def assert_files_match_results(c: Client, batch: batch_pb2.Batch, key: str = KEY_A) -> None:
+    """An ended batch's output and error files say what its results say (README: OpenAI's
+    `{id, custom_id, response: {status_code, request_id, body}, error}` lines): successful lines
+    in the output file, every other line in the error file, each once, in request order."""
+    results = await c.results(batch.id, key)
+    assert len(results) == batch.request_counts.total, "an ended batch has a result for every line"
+    ok = [r for r in results if r.status == "completed"]
+    bad = [r for r in results if r.status != "completed"]
+    for file_id, expected in ((batch.output_file_id, ok), (batch.error_file_id, bad)):
+        if not expected:
+            assert not file_id, f"{file_id} exists for no lines"
+            continue
+        lines = await c.file_lines(file_id, key)
+        assert [x["custom_id"] for x in lines] == [r.custom_id for r in expected], file_id
+        for x, r in zip(lines, expected, strict=True):
+            assert set(x) == {"id", "custom_id", "response", "error"} and x["id"].startswith("batch_req_")
+            if r.status_code:
+                assert x["response"]["status_code"] == r.status_code
+                if r.HasField("response"):
+                    assert x["response"]["body"] == json_format.MessageToDict(r.response)
+            else:
+                assert x["response"] is None
+            if r.status == "completed":
+                assert x["error"] is None
+            elif r.HasField("error") and not r.status_code:
+                assert x["error"]["code"] == r.error.code and x["error"]["message"] == r.error.message
+        meta = await c.files.GetFile(file_pb2.GetFileRequest(id=file_id), metadata=md(key))
+        assert (meta.purpose, meta.status) == ("batch_output", "processed") and meta.bytes == len(
+            await c.content(file_id, key))
 
 
 @asynccontextmanager

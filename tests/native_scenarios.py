@@ -25,7 +25,7 @@ from service.runtime.config import Settings
 from service.storage.db import create_engine
 from service.storage.repository import Store
 from sluice.v1 import batch_pb2
-from tests.harness import Client, chat_line, gateway, make_settings, md, until
+from tests.harness import Client, assert_files_match_results, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
 from tests.provider_fake.core import advance
 
@@ -160,6 +160,7 @@ async def full_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
         assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (4, 3, 1)
         assert batch.provider_batch_id and batch.completed_at and batch.in_progress_at and batch.finalizing_at
         results = await results_by_id(c, created.id)
+        await assert_files_match_results(c, batch)
 
     assert set(results) == set(TEXTS)
     for cid in ("a", "c", "d"):
@@ -197,9 +198,8 @@ async def cancel_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     async with gateway(settings(db), make_router(fake, flavor)) as (_, c):
         created = await c.create(lines(flavor, texts))
         pid = await provider_id(c, created.id)
-        # Cancel only once Sluice has moved the batch to in_progress: Store.request_cancel answers a
-        # spurious 409 when it races the engine's validating -> in_progress transition.
-        await c.wait_for(created.id, {"in_progress"}, timeout=WAIT)
+        # No wait for Sluice's own in_progress: a cancel is accepted in validating and in_progress
+        # alike (one conditional UPDATE), whichever the engine has reached by now.
         assert step(fake, flavor.provider, pid).lower() == "in_progress"
         cancelled = await c.stub.CancelBatch(batch_pb2.CancelBatchRequest(id=created.id), metadata=md())
         assert cancelled.status == "cancelling"
@@ -216,6 +216,7 @@ async def cancel_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
         batch = await c.wait_for(created.id, timeout=WAIT)
         assert batch.status == "cancelled" and batch.cancelled_at, batch
         results = await results_by_id(c, created.id)
+        await assert_files_match_results(c, batch)
     assert results["done1"]["status"] == "completed" and results["done2"]["status"] == "completed"
     assert results["done1"]["response"]["choices"][0]["message"]["content"] == "echo: first answer"
     assert results["bad"]["status"] == "failed" and results["bad"]["status_code"] == 400
@@ -224,6 +225,53 @@ async def cancel_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     assert fake.state()["batches"][flavor.provider][pid]["kind"] == "cancelled"
     assert any(r["path"].endswith(f"/batches/{pid}/cancel") and r["method"] == "POST"
                for r in fake.state()["requests"])
+
+
+async def cancel_loses_the_race(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    """The provider completes the batch before it sees the cancel (`cancelling -> completed`, the
+    documented race): Sluice ends `completed` with every result, keeping `cancelling_at`."""
+    fake.configure(polls_per_state=HOLD)
+    texts = {"a": "first answer", "b": "second answer", "c": "FAIL this one"}
+    async with gateway(settings(db), make_router(fake, flavor)) as (_, c):
+        created = await c.create(lines(flavor, texts))
+        pid = await provider_id(c, created.id)
+        assert step(fake, flavor.provider, pid).lower() == "in_progress"
+        fake.settings(flavor.provider, pid, cancel_race=True)
+        cancelled = await c.stub.CancelBatch(batch_pb2.CancelBatchRequest(id=created.id), metadata=md())
+        assert cancelled.status == "cancelling"
+
+        async def provider_saw_cancel() -> bool:
+            return any(r["path"].endswith(f"/batches/{pid}/cancel") for r in fake.state()["requests"])
+
+        await until("the cancel to reach the provider", provider_saw_cancel)
+        release(fake, flavor.provider, pid)
+        batch = await c.wait_for(created.id, timeout=WAIT)
+        assert batch.status == "completed", batch
+        assert batch.HasField("cancelling_at") and batch.HasField("completed_at")
+        assert not batch.HasField("cancelled_at")
+        assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+        results = await results_by_id(c, created.id)
+        await assert_files_match_results(c, batch)
+    assert [results[cid]["status"] for cid in texts] == ["completed", "completed", "failed"]
+    assert fake.state()["batches"][flavor.provider][pid]["kind"] == "completed"
+    assert any(r["path"].endswith(f"/batches/{pid}/cancel") for r in fake.state()["requests"])
+
+
+async def cancel_before_submission(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    """A cancel while the batch is still `validating` at Sluice, before anything reached the
+    provider: it ends `cancelled` and nothing is ever submitted."""
+    async with gateway(settings(db), make_router(fake, flavor)) as (app, c):
+        await app.engine.stop()
+        created = await c.create(lines(flavor, {"a": "hello", "b": "world"}))
+        cancelled = await c.stub.CancelBatch(batch_pb2.CancelBatchRequest(id=created.id), metadata=md())
+        assert cancelled.status == "cancelling"
+    async with gateway(settings(db), make_router(fake, flavor)) as (_, c):
+        batch = await c.wait_for(created.id, timeout=WAIT)
+        assert batch.status == "cancelled" and not batch.provider_batch_id, batch
+        assert {r.status for r in await c.results(created.id)} == {"cancelled"}
+        await assert_files_match_results(c, batch)
+    state = fake.state()
+    assert state["batch_creates"][flavor.provider] == 0 and state["file_uploads"][flavor.provider] == 0
 
 
 async def expire_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
@@ -238,6 +286,7 @@ async def expire_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
         batch = await c.wait_for(created.id, timeout=WAIT)
         assert batch.status == "expired" and batch.expired_at, batch
         results = await results_by_id(c, created.id)
+        await assert_files_match_results(c, batch)
     assert results["done"]["status"] == "completed" and results["done"]["usage"]["input_tokens"] == 2
     assert results["slow"]["status"] == "expired" and results["slow"]["error"]["code"] == "batch_expired"
     assert batch.usage.input_tokens == 2  # completed work in an expired batch is billed

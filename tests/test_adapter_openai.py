@@ -55,6 +55,16 @@ async def test_cancel(fake: ProviderFake, db: str, flavor: Flavor) -> None:
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
+async def test_cancel_that_loses_the_race_ends_completed(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    await sc.cancel_loses_the_race(fake, db, flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_cancel_before_submission(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    await sc.cancel_before_submission(fake, db, flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
 async def test_expiry(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     await sc.expire_batch(fake, db, flavor)
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import select
 from sqlalchemy.util import await_only
 
 from adapters.openai import OpenAIAdapter
@@ -26,34 +24,13 @@ from service.domain.model import BatchStatus
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from service.storage.tables import BatchRow, FileChunkRow, FileRow
+from tests.db_hooks import before_lease_update
 from tests.harness import chat_line, gateway, make_settings, until
 from tests.native_scenarios import Flavor, make_router
 from tests.provider_fake import ProviderFake
 from tests.test_store import new_batch
 
 OPENAI = Flavor("openai", OpenAIAdapter, "gpt-4o-mini", detailed_usage=True)
-
-
-def _lease_update_batch(statement: str, parameters: Any) -> str | None:
-    """The batch id a statement leases, if it is the claim's lease UPDATE (sets `lease_owner`
-    under a condition on `lease_until`, which `release` and `renew` do not have)."""
-    flat = " ".join(statement.split()).lower()
-    if not (flat.startswith("update batches set lease_owner") and "lease_until <" in flat):
-        return None
-    values = parameters.values() if isinstance(parameters, dict) else parameters
-    return next((v for v in values if isinstance(v, str) and v.startswith("batch_")), None)
-
-
-def before_lease_update(engine: AsyncEngine, action: Callable[[Any, str], None]) -> Callable[[], None]:
-    """Run `action(connection, batch_id)` just before each lease UPDATE on `engine` is sent
-    (inside the claim's own transaction). Returns a function that removes the hook."""
-    def hook(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        batch_id = _lease_update_batch(statement, parameters)
-        if batch_id is not None:
-            action(conn, batch_id)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", hook)
-    return lambda: event.remove(engine.sync_engine, "before_cursor_execute", hook)
 
 
 async def test_claim_never_leases_a_batch_that_ended_after_it_was_chosen(db_url: str) -> None:

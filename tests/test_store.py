@@ -35,6 +35,7 @@ from service.domain.model import (
 from service.storage.db import alembic_config, create_engine, migrate
 from service.storage.repository import NewRequest, Store, new_id
 from service.storage.tables import BatchRow, RequestRow, ResultRow
+from tests.db_hooks import before_lease_update
 from tests.harness import ROOT
 
 TABLES = {"api_keys", "batches", "batch_requests", "batch_results", "files", "file_chunks"}
@@ -274,6 +275,26 @@ async def test_claim_lease_expires(store: Store) -> None:
         assert time.monotonic() < deadline, "lease never expired"
         await asyncio.sleep(0.05)
     assert got == [other]
+
+
+async def test_claim_never_leases_a_batch_that_stopped_being_due_after_it_was_chosen(store: Store) -> None:
+    """A step that just ended asked to be left alone for a while (backoff, Retry-After) between
+    the claim's choice and its lease: the lease is not taken."""
+    batch_id = await new_batch(store, 1)
+    fired: list[str] = []
+
+    def push_back(conn: Any, leased: str) -> None:
+        if leased == batch_id and not fired:
+            fired.append(leased)
+            conn.exec_driver_sql(f"UPDATE batches SET next_poll_at = {time.time() + 3600} WHERE id = '{batch_id}'")
+
+    remove = before_lease_update(store.engine, push_back)
+    try:
+        claimed = await store.claim("r", 30, 10)
+    finally:
+        remove()
+    assert fired == [batch_id] and claimed == []
+    assert (await store.get_batch(None, batch_id)).lease_owner is None
 
 
 async def test_claim_skips_terminal_and_not_yet_due_batches(store: Store) -> None:

@@ -195,11 +195,12 @@ class Store:
                 .order_by(BatchRow.created_at).limit(limit))).all())
         claimed = []
         for batch_id in candidates:
-            # The status is checked again in the UPDATE itself: a batch that ended since the
-            # SELECT (another replica finished it) must never be leased, or it would be finalized twice.
+            # Status and due time are checked again in the UPDATE itself: a batch that ended since
+            # the SELECT (another replica finished it) must never be leased, or it would be finalized
+            # twice; one whose step just ended asking to wait (backoff, Retry-After) is not due.
             async with self.sessions.begin() as s:
                 res = await s.execute(update(BatchRow).where(
-                    BatchRow.id == batch_id, BatchRow.status.not_in(terminal), free).values(
+                    BatchRow.id == batch_id, BatchRow.status.not_in(terminal), free, due).values(
                     lease_owner=owner, lease_until=t + lease_seconds))
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 claimed.append(batch_id)
