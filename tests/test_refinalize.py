@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.util import await_only
 
 from adapters.openai import OpenAIAdapter
@@ -140,3 +140,21 @@ async def _true(value: bool) -> bool:
 async def _leased_by(store: Store, owner: str) -> list[str]:
     async with store.sessions() as s:
         return list((await s.scalars(select(BatchRow.id).where(BatchRow.lease_owner == owner))).all())
+
+
+async def test_the_finalizer_leaves_an_ended_batchs_files_alone(db_url: str) -> None:
+    """OutputFiles called again for a batch that has ended (a late step of a replica whose lease
+    ran out) answers with the files the batch has and writes nothing."""
+    from service.engine.output_files import OutputFiles
+
+    async with gateway(make_settings(db_url)) as (app, c):
+        batch = await c.wait_for((await c.create([chat_line("a"), chat_line("b", "SIM_FAIL")])).id)
+        assert batch.status == "completed"
+        files = [batch.output_file_id, batch.error_file_id]
+        before = await _file_rows(app.store, files)
+        row = await app.store.get_batch(None, batch.id)
+        async with app.store.sessions.begin() as s:  # results the files do not have yet
+            await s.execute(update(BatchRow).where(BatchRow.id == batch.id).values(completed=99))
+        fields = await OutputFiles(app.store)(row)
+        assert fields == {"output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id}
+        assert await _file_rows(app.store, files) == before
