@@ -140,7 +140,7 @@ BREAKAGES = [
              "service/intake/validation.py",
              "        if len(key) > MAX_METADATA_KEY_LEN:",
              "        if len(key) > MAX_METADATA_KEY_LEN + 1:",
-             ("-k", "validation_errors and metadata_key")),
+             ("tests/test_batches_api.py::test_validation_errors[sqlite-metadata key of 65 characters]",)),
     Breakage("metadata key limit off by one the other way (64 refused)",
              "service/intake/validation.py",
              "        if len(key) > MAX_METADATA_KEY_LEN:",
@@ -150,7 +150,7 @@ BREAKAGES = [
              "service/intake/validation.py",
              "len(value) > MAX_METADATA_VALUE_LEN:",
              "len(value) > MAX_METADATA_VALUE_LEN + 1:",
-             ("-k", "validation_errors and metadata_value")),
+             ("tests/test_batches_api.py::test_validation_errors[sqlite-metadata value of 513 characters]",)),
     Breakage("metadata value limit off by one the other way (512 refused)",
              "service/intake/validation.py",
              "len(value) > MAX_METADATA_VALUE_LEN:",
@@ -243,7 +243,7 @@ def run(number: int, b: Breakage) -> tuple[bool, str, float]:
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     finally:
         path.write_text(original)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("FAILED") or line.startswith("ERROR")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED tests/", "ERROR tests/"))]
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
     return proc.returncode == 1, (lines[0] if lines else summary), time.monotonic() - started
 

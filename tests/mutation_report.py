@@ -73,7 +73,7 @@ def main() -> int:
         for name, why in sorted(EQUIVALENT.items()):
             print(f"- `{name}`: {why}")
     print(f"\n## Surviving mutants ({len(survivors)})\n")
-    for module, name, status in survivors:
+    for _module, name, status in survivors:
         diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True,
                               text=True).stdout
         print(f"### `{name}` ({status})\n\n```diff\n{diff.strip()}\n```\n")
