@@ -81,7 +81,7 @@ async def test_list_files_newest_first_with_cursor_and_order(gw: tuple[App, Clie
         seen: list[str] = []
         pages = []
         after = ""
-        while True:
+        for _ in range(10):  # bounded: a cursor that does not move must fail, not hang
             ids, page = await list_ids(c, limit=2, after=after, order=order)
             pages.append((len(ids), page.has_more))
             assert (page.first_id, page.last_id) == (ids[0], ids[-1])

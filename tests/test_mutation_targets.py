@@ -1,0 +1,302 @@
+"""Small, fast checks of the mutation-tested modules' own contracts (docs/mutation.md): API keys,
+JSONL streaming, line validation and the output-file format. Each pins what a caller of the
+module relies on, and was written against mutants the end-to-end tests let live."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from service.domain.errors import InvalidRequest, PayloadTooLarge, Unauthenticated
+from service.domain.model import BatchStatus, now
+from service.edge.auth import Authenticator, hash_key
+from service.engine.output_files import CHUNK_BYTES, OUTPUT_TTL, OutputFiles, _FileWriter, output_line
+from service.intake.jsonl import MAX_LINE_BYTES, check_lines, parse_line, split_lines
+from service.intake.validation import (
+    LineProblem,
+    LineValidator,
+    check_completion_window,
+    check_endpoint,
+    check_metadata,
+)
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.storage.db import create_engine, migrate
+from service.storage.repository import Store
+from service.storage.tables import FileRow, ResultRow
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    await migrate(db_url)
+    s = Store(create_engine(db_url))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+def test_hash_key_is_the_hex_sha256_of_the_key() -> None:
+    assert hash_key("sk-abc") == hashlib.sha256(b"sk-abc").hexdigest()
+    assert hash_key("sk-abc") != hash_key("sk-abd")
+
+
+@pytest.mark.parametrize(("header", "project"), [
+    ("Bearer sk-key-1", "p1"), ("bearer sk-key-1", "p1"), ("BEARER sk-key-2", "p2"), ("Bearer  sk-key-1 ", "p1"),
+])
+async def test_a_known_key_names_its_project(store: Store, header: str, project: str) -> None:
+    auth = Authenticator(store)
+    await auth.register({"sk-key-1": "p1", "sk-key-2": "p2"})
+    assert await auth.project([("x-other", "1"), ("authorization", header)]) == project
+    assert await Authenticator(store).project((("authorization", header),)) == project  # from the database
+
+
+@pytest.mark.parametrize(("metadata", "code"), [
+    (None, "missing_api_key"), ((), "missing_api_key"),
+    ((("authorization", "Basic sk-key-1"),), "missing_api_key"),
+    ((("authorization", "Bearer "),), "missing_api_key"), ((("authorization", "Bearer    "),), "missing_api_key"),
+    ((("authorization", "sk-key-1"),), "missing_api_key"),
+    ((("x-authorization", "Bearer sk-key-1"),), "missing_api_key"),
+    ((("authorization", "Bearer sk-key-3"),), "invalid_api_key"),
+    ((("authorization", "Bearer sk-key"),), "invalid_api_key"),
+])
+async def test_a_missing_or_unknown_key_is_refused(store: Store, metadata: Any, code: str) -> None:
+    auth = Authenticator(store)
+    await auth.register({"sk-key-1": "p1"})
+    with pytest.raises(Unauthenticated) as info:
+        await auth.project(metadata)
+    assert info.value.code == code and "sk-key" not in info.value.message
+
+
+async def test_registering_again_moves_a_key_to_its_new_project(store: Store) -> None:
+    await Authenticator(store).register({"sk-key-1": "p1"})
+    await Authenticator(store).register({"sk-key-1": "p9", "sk-key-2": "p2"})
+    assert await store.project_for_key_hash(hash_key("sk-key-1")) == "p9"
+    assert await store.project_for_key_hash(hash_key("sk-key-2")) == "p2"
+    await Authenticator(store).register({})  # nothing to register is fine
+
+
+# --------------------------------------------------------------------------- JSONL
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def numbered(*parts: bytes) -> list[tuple[int, bytes]]:
+    return [item async for item in split_lines(chunks(*parts))]
+
+
+async def test_split_lines_numbers_lines_across_chunks_and_skips_blank_ones() -> None:
+    assert await numbered(b'{"a":1}\n\n  \n{"b"', b':2}\n{"c":3}') == [(1, b'{"a":1}'), (4, b'{"b":2}'),
+                                                                      (5, b'{"c":3}')]
+    assert await numbered(b"x\n", b"", b"y\n") == [(1, b"x"), (2, b"y")]
+    assert await numbered(b"\n\n") == []
+    assert await numbered(b"only") == [(1, b"only")]
+    assert await numbered(b"a\n   ") == [(1, b"a")]
+
+
+async def test_a_line_longer_than_the_limit_is_413_naming_it() -> None:
+    big = b"x" * (MAX_LINE_BYTES + 1)
+    with pytest.raises(PayloadTooLarge) as info:
+        await numbered(b"ok\n", big[: MAX_LINE_BYTES // 2], big[MAX_LINE_BYTES // 2:])
+    assert (info.value.code, info.value.param) == ("line_too_long", "file") and "Line 2 " in info.value.message
+    assert await numbered(b"y" * MAX_LINE_BYTES + b"\n") == [(1, b"y" * MAX_LINE_BYTES)]  # exactly the limit
+
+
+def test_parse_line() -> None:
+    assert parse_line(b'{"a": [1]}') == {"a": [1]}
+    for bad in (b"{nope", b"\xff\xfe", b""):
+        with pytest.raises(LineProblem) as info:
+            parse_line(bad)
+        assert info.value.code == "invalid_json_line" and "not valid JSON" in info.value.message
+
+
+def line(custom_id: str = "a", **overrides: Any) -> bytes:
+    raw = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "m", "messages": []}, **overrides}
+    return json.dumps(raw).encode()
+
+
+async def test_check_lines_counts_and_reports_the_first_20_problems_by_line_number() -> None:
+    lines = [(i + 1, line(f"c{i}") if i % 2 else b"{bad") for i in range(50)]
+
+    async def source() -> AsyncIterator[tuple[int, bytes]]:
+        for item in lines:
+            yield item
+
+    count, problems = await check_lines(source(), LineValidator(endpoint=None))
+    assert count == 50 and len(problems) == 20
+    assert [p.line for p in problems] == list(range(1, 40, 2))
+    assert str(problems[0]).startswith("line 1: is not valid JSON")
+
+
+async def test_check_lines_stops_past_50000_requests() -> None:
+    async def source(n: int) -> AsyncIterator[tuple[int, bytes]]:
+        for i in range(n):
+            yield i + 1, b"{}"
+
+    count, problems = await check_lines(source(50_000), LineValidator(endpoint=None))
+    assert count == 50_000 and len(problems) == 20
+    with pytest.raises(PayloadTooLarge) as info:
+        await check_lines(source(50_001), LineValidator(endpoint=None))
+    assert info.value.code == "too_many_requests" and "line 50001" in info.value.message
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_endpoint_window_and_metadata_checks() -> None:
+    for endpoint in ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"):
+        assert check_endpoint(endpoint) == endpoint
+    with pytest.raises(InvalidRequest) as info:
+        check_endpoint("/v1/images")
+    assert (info.value.param, info.value.code) == ("endpoint", "invalid_endpoint")
+    assert "/v1/images" in info.value.message
+    assert check_completion_window("") == "24h" and check_completion_window("24h") == "24h"
+    with pytest.raises(InvalidRequest) as info:
+        check_completion_window("1h")
+    assert (info.value.param, info.value.code) == ("completion_window", "invalid_completion_window")
+    assert check_metadata(None) is None and check_metadata({}) is None
+    sixteen = {f"k{i}": "v" for i in range(16)}
+    assert check_metadata(sixteen) == sixteen
+    assert check_metadata({"k" * 64: "v" * 512}) == {"k" * 64: "v" * 512}
+    for bad, param, code in (({**sixteen, "x": "y"}, "metadata", "too_many_metadata_keys"),
+                             ({"k" * 65: "v"}, f"metadata.{'k' * 65}", "invalid_metadata"),
+                             ({"k": "v" * 513}, "metadata.k", "invalid_metadata"),
+                             ({"k": 1}, "metadata.k", "invalid_metadata")):
+        with pytest.raises(InvalidRequest) as info:
+            check_metadata(bad)
+        assert (info.value.param, info.value.code) == (param, code)
+
+
+def two_providers() -> Router:
+    from adapters.sim import SimProvider
+
+    return Router({SIM: ProviderEntry(provider=SimProvider(SIM), default_price=DEFAULT_SIM_PRICE),
+                   "local": ProviderEntry(provider=SimProvider("local"), models={"local-model"})})
+
+
+LINE_PROBLEMS: list[tuple[Any, str, str | None]] = [
+    ([1], "invalid_json_line", None),
+    ({"method": "POST"}, "missing_custom_id", "custom_id"),
+    ({"custom_id": 5}, "missing_custom_id", "custom_id"),
+    ({"custom_id": ""}, "missing_custom_id", "custom_id"),
+    ({"custom_id": "x" * 513}, "invalid_custom_id", "custom_id"),
+    ({"custom_id": "dup", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}},
+     "duplicate_custom_id", "custom_id"),
+    ({"custom_id": "a", "method": "GET"}, "invalid_method", "method"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/images"}, "invalid_url", "url"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/embeddings"}, "url_mismatch", "url"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": []}, "invalid_body", "body"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "missing_model", "body.model"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": 3}}, "missing_model",
+     "body.model"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "nope"}},
+     "model_not_found", "body.model"),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "sim/x"}},
+     "mixed_providers", "body.model"),
+]
+
+
+@pytest.mark.parametrize(("raw", "code", "field"), LINE_PROBLEMS)
+def test_each_line_problem_has_its_code_and_field(raw: Any, code: str, field: str | None) -> None:
+    validator = LineValidator(endpoint="/v1/chat/completions", router=two_providers())
+    validator.check({"custom_id": "dup", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"model": "local-model"}})
+    with pytest.raises(LineProblem) as info:
+        validator.check(raw)
+    assert (info.value.code, info.value.field) == (code, field)
+    assert info.value.message
+    if code == "mixed_providers":
+        assert "local (e.g. 'local-model')" in info.value.message and "sim (e.g. 'sim/x')" in info.value.message
+    if code == "model_not_found":
+        assert "'nope'" in info.value.message
+
+
+def test_a_valid_line_and_what_the_validator_remembers() -> None:
+    v = LineValidator(endpoint=None)
+    req = v.check({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}})
+    assert (req.custom_id, req.model, req.body) == ("a", "m", {"model": "m", "input": "x"})
+    assert v.endpoint == "/v1/embeddings"  # the first line sets it
+    assert v.model == "m" and v.provider == ""  # no router: nothing routed
+    v.check({"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"model": "n"}})
+    assert v.model is None and v.seen == {"a", "b"}
+    routed = LineValidator(endpoint="/v1/chat/completions", router=two_providers())
+    routed.check({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "local-model"}})
+    assert routed.provider == "local" and routed.model == "local-model"
+    assert routed.check({"custom_id": "x" * 512, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "local/local-model"}}).custom_id == "x" * 512
+    with pytest.raises(LineProblem):  # a refused line is not remembered as seen
+        routed.check({"custom_id": "z", "method": "GET"})
+    assert "z" not in routed.seen
+
+
+# --------------------------------------------------------------------------- output files
+
+
+def result_row(idx: int, status_code: int = 200, error_code: str | None = None, body: Any = None,
+               request_id: str | None = "req_1") -> ResultRow:
+    return ResultRow(batch_id="batch_x", idx=idx, custom_id=f"c{idx}", status="completed", status_code=status_code,
+                     request_id=request_id, response_json=json.dumps(body) if body is not None else None,
+                     error_code=error_code, error_message="went wrong" if error_code else None)
+
+
+def test_output_line_format() -> None:
+    ok = output_line("batch_x", result_row(3, body={"object": "chat.completion"}))
+    digest = hashlib.sha256(b"batch_x:3").hexdigest()[:24]
+    assert ok == {"id": f"batch_req_{digest}", "custom_id": "c3",
+                  "response": {"status_code": 200, "request_id": "req_1", "body": {"object": "chat.completion"}},
+                  "error": None}
+    assert output_line("batch_y", result_row(3))["id"] != ok["id"]
+    assert output_line("batch_x", result_row(4, request_id=None))["response"]["request_id"] == ""
+    assert output_line("batch_x", result_row(4))["response"]["body"] is None
+    lost = output_line("batch_x", result_row(5, status_code=0, error_code="batch_expired"))
+    assert lost["response"] is None and lost["error"] == {"code": "batch_expired", "message": "went wrong"}
+    http_error = output_line("batch_x", result_row(6, status_code=400, body={"error": {"code": "x"}}))
+    assert http_error["response"]["status_code"] == 400 and http_error["error"] is None
+
+
+async def test_files_are_written_in_1_mib_chunks_and_split_by_outcome(store: Store) -> None:
+    from service.storage.repository import new_id
+    from tests.test_store import batch_row
+
+    batch = await store.create_batch(batch_row(project="p"), [])
+    big = {"text": "y" * 4000}
+    rows = [result_row(i, status_code=code, body=big) for i, code in enumerate([200, 299, 199, 300, 404] * 200)]
+    async with store.sessions.begin() as s:
+        for r in rows:
+            r.batch_id, r.created_at = batch.id, now()
+            s.add(r)
+    fields = await OutputFiles(store)(batch)
+    out_id, err_id = f"file-output-{batch.id.removeprefix('batch_')}", f"file-error-{batch.id.removeprefix('batch_')}"
+    assert fields == {"output_file_id": out_id, "error_file_id": err_id}
+    for file_id, codes in ((out_id, {200, 299}), (err_id, {199, 300, 404})):
+        f = await store.get_file("p", file_id)
+        content = b"".join([c async for c in store.iter_file_chunks(file_id)])
+        lines = [json.loads(x) for x in content.splitlines()]
+        assert {x["response"]["status_code"] for x in lines} == codes and len(lines) == 200 * len(codes)
+        assert (f.bytes, f.line_count, f.status, f.purpose) == (len(content), len(lines), "processed", "batch_output")
+        assert f.filename == f"{batch.id}_{file_id.split('-')[1]}.jsonl"
+        assert f.expires_at == f.created_at + OUTPUT_TTL and f.created_at >= batch.created_at
+        sizes = [len(c) async for c in store.iter_file_chunks(file_id)]
+        assert all(s >= CHUNK_BYTES for s in sizes[:-1]) and all(s < CHUNK_BYTES + 5000 for s in sizes)
+        assert len(sizes) >= 2
+    # Written again (a crash before the batch was marked ended): the same files, not doubled.
+    assert await OutputFiles(store)(batch) == fields
+    again = b"".join([c async for c in store.iter_file_chunks(out_id)])
+    assert len(again.splitlines()) == 400
+    # Nothing to write: no file at all.
+    empty = await store.create_batch(batch_row(project="p", id=new_id("batch_")), [])
+    assert await OutputFiles(store)(empty) == {"output_file_id": None, "error_file_id": None}
+    writer = _FileWriter(store, FileRow(id="file-none", project="p", filename="n", purpose="batch_output", bytes=0,
+                                        line_count=0, status="uploading", created_at=now()))
+    assert await writer.close() is None
+    assert BatchStatus(batch.status) is BatchStatus.VALIDATING
