@@ -14,7 +14,7 @@ import pytest
 from service.domain.errors import InvalidRequest, PayloadTooLarge, Unauthenticated
 from service.domain.model import BatchStatus, now
 from service.edge.auth import Authenticator, hash_key
-from service.engine.output_files import CHUNK_BYTES, OUTPUT_TTL, OutputFiles, _FileWriter, output_line
+from service.engine.output_files import OUTPUT_TTL, OutputFiles, _FileWriter, output_line
 from service.intake.jsonl import MAX_LINE_BYTES, check_lines, parse_line, split_lines
 from service.intake.validation import (
     LineProblem,
@@ -72,6 +72,32 @@ async def test_a_missing_or_unknown_key_is_refused(store: Store, metadata: Any, 
     with pytest.raises(Unauthenticated) as info:
         await auth.project(metadata)
     assert info.value.code == code and "sk-key" not in info.value.message
+    assert info.value.message == {
+        "missing_api_key": "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+        "invalid_api_key": "Incorrect API key provided."}[code]
+
+
+async def test_a_known_key_is_looked_up_in_the_database_once(store: Store) -> None:
+    """Every RPC authenticates: after the first call a key's project comes from memory."""
+    lookups: list[str] = []
+    original = store.project_for_key_hash
+
+    async def counted(key_hash: str) -> str | None:
+        lookups.append(key_hash)
+        return await original(key_hash)
+
+    store.project_for_key_hash = counted  # type: ignore[method-assign]
+    auth = Authenticator(store)
+    await auth.register({"sk-key-1": "p1", "sk-key-2": "p2"})
+    for _ in range(3):
+        assert await auth.project((("authorization", "Bearer sk-key-1"),)) == "p1"
+    assert await auth.project((("authorization", "Bearer sk-key-2"),)) == "p2"
+    assert lookups == [hash_key("sk-key-1"), hash_key("sk-key-2")]
+    with pytest.raises(Unauthenticated):
+        await auth.project((("authorization", "Bearer sk-unknown"),))
+    with pytest.raises(Unauthenticated):  # an unknown key is asked again (it may have been added since)
+        await auth.project((("authorization", "Bearer sk-unknown"),))
+    assert lookups[2:] == [hash_key("sk-unknown")] * 2
 
 
 async def test_registering_again_moves_a_key_to_its_new_project(store: Store) -> None:
@@ -107,8 +133,10 @@ async def test_a_line_longer_than_the_limit_is_413_naming_it() -> None:
     big = b"x" * (MAX_LINE_BYTES + 1)
     with pytest.raises(PayloadTooLarge) as info:
         await numbered(b"ok\n", big[: MAX_LINE_BYTES // 2], big[MAX_LINE_BYTES // 2:])
-    assert (info.value.code, info.value.param) == ("line_too_long", "file") and "Line 2 " in info.value.message
-    assert await numbered(b"y" * MAX_LINE_BYTES + b"\n") == [(1, b"y" * MAX_LINE_BYTES)]  # exactly the limit
+    assert (info.value.code, info.value.param) == ("line_too_long", "file")
+    assert info.value.message == "Line 2 is longer than 32 MiB."
+    # exactly the limit, even while the line is still incomplete
+    assert await numbered(b"y" * MAX_LINE_BYTES, b"\n") == [(1, b"y" * MAX_LINE_BYTES)]
 
 
 def test_parse_line() -> None:
@@ -147,7 +175,8 @@ async def test_check_lines_stops_past_50000_requests() -> None:
     assert count == 50_000 and len(problems) == 20
     with pytest.raises(PayloadTooLarge) as info:
         await check_lines(source(50_001), LineValidator(endpoint=None))
-    assert info.value.code == "too_many_requests" and "line 50001" in info.value.message
+    assert (info.value.code, info.value.param) == ("too_many_requests", "file")
+    assert info.value.message == "The file has more than 50000 requests (line 50001)."
 
 
 # --------------------------------------------------------------------------- validation
@@ -159,22 +188,28 @@ def test_endpoint_window_and_metadata_checks() -> None:
     with pytest.raises(InvalidRequest) as info:
         check_endpoint("/v1/images")
     assert (info.value.param, info.value.code) == ("endpoint", "invalid_endpoint")
-    assert "/v1/images" in info.value.message
+    assert info.value.message == ("Unsupported endpoint '/v1/images'; use one of /v1/chat/completions, "
+                                  "/v1/embeddings, /v1/completions, /v1/responses.")
     assert check_completion_window("") == "24h" and check_completion_window("24h") == "24h"
     with pytest.raises(InvalidRequest) as info:
         check_completion_window("1h")
     assert (info.value.param, info.value.code) == ("completion_window", "invalid_completion_window")
+    assert info.value.message == "Unsupported completion_window '1h'; only '24h' is supported."
     assert check_metadata(None) is None and check_metadata({}) is None
     sixteen = {f"k{i}": "v" for i in range(16)}
     assert check_metadata(sixteen) == sixteen
     assert check_metadata({"k" * 64: "v" * 512}) == {"k" * 64: "v" * 512}
-    for bad, param, code in (({**sixteen, "x": "y"}, "metadata", "too_many_metadata_keys"),
-                             ({"k" * 65: "v"}, f"metadata.{'k' * 65}", "invalid_metadata"),
-                             ({"k": "v" * 513}, "metadata.k", "invalid_metadata"),
-                             ({"k": 1}, "metadata.k", "invalid_metadata")):
+    too_long = "metadata value of 'k' must be a string of at most 512 characters."
+    for bad, param, code, message in (
+            ({**sixteen, "x": "y"}, "metadata", "too_many_metadata_keys",
+             "metadata has 17 keys; at most 16 are allowed."),
+            ({"k" * 65: "v"}, f"metadata.{'k' * 65}", "invalid_metadata",
+             f"metadata key '{'k' * 20}'... is longer than 64 characters."),
+            ({"k": "v" * 513}, "metadata.k", "invalid_metadata", too_long),
+            ({"k": 1}, "metadata.k", "invalid_metadata", too_long)):
         with pytest.raises(InvalidRequest) as info:
             check_metadata(bad)
-        assert (info.value.param, info.value.code) == (param, code)
+        assert (info.value.param, info.value.code, info.value.message) == (param, code, message)
 
 
 def two_providers() -> Router:
@@ -216,7 +251,8 @@ def test_each_line_problem_has_its_code_and_field(raw: Any, code: str, field: st
     assert (info.value.code, info.value.field) == (code, field)
     assert info.value.message
     if code == "mixed_providers":
-        assert "local (e.g. 'local-model')" in info.value.message and "sim (e.g. 'sim/x')" in info.value.message
+        assert info.value.message == ("all lines of a batch must go to one provider; this batch needs local "
+                                      "(e.g. 'local-model'), sim (e.g. 'sim/x'): split it into one batch per provider")
     if code == "model_not_found":
         assert "'nope'" in info.value.message
 
@@ -264,12 +300,16 @@ def test_output_line_format() -> None:
     assert http_error["response"]["status_code"] == 400 and http_error["error"] is None
 
 
-async def test_files_are_written_in_1_mib_chunks_and_split_by_outcome(store: Store) -> None:
+async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of CHUNK_BYTES (1 MiB; 16 KiB here, to keep the test fast), each line whole."""
+    from service.engine import output_files
     from service.storage.repository import new_id
     from tests.test_store import batch_row
 
+    monkeypatch.setattr(output_files, "CHUNK_BYTES", 16 * 1024)
+    chunk_bytes = output_files.CHUNK_BYTES
     batch = await store.create_batch(batch_row(project="p"), [])
-    big = {"text": "y" * 4000}
+    big = {"text": "y" * 100}
     rows = [result_row(i, status_code=code, body=big) for i, code in enumerate([200, 299, 199, 300, 404] * 200)]
     async with store.sessions.begin() as s:
         for r in rows:
@@ -282,12 +322,14 @@ async def test_files_are_written_in_1_mib_chunks_and_split_by_outcome(store: Sto
         f = await store.get_file("p", file_id)
         content = b"".join([c async for c in store.iter_file_chunks(file_id)])
         lines = [json.loads(x) for x in content.splitlines()]
+        assert content.startswith(b'{"id":"batch_req_') and b'", "' not in content  # compact JSON lines
         assert {x["response"]["status_code"] for x in lines} == codes and len(lines) == 200 * len(codes)
         assert (f.bytes, f.line_count, f.status, f.purpose) == (len(content), len(lines), "processed", "batch_output")
         assert f.filename == f"{batch.id}_{file_id.split('-')[1]}.jsonl"
         assert f.expires_at == f.created_at + OUTPUT_TTL and f.created_at >= batch.created_at
         sizes = [len(c) async for c in store.iter_file_chunks(file_id)]
-        assert all(s >= CHUNK_BYTES for s in sizes[:-1]) and all(s < CHUNK_BYTES + 5000 for s in sizes)
+        assert all(s >= chunk_bytes for s in sizes[:-1]) and all(s < chunk_bytes + 300 for s in sizes)
+        assert all(c.endswith(b"\n") for c in [c async for c in store.iter_file_chunks(file_id)])
         assert len(sizes) >= 2
     # Written again (a crash before the batch was marked ended): the same files, not doubled.
     assert await OutputFiles(store)(batch) == fields
