@@ -342,3 +342,25 @@ async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, mo
                                         line_count=0, status="uploading", created_at=now()))
     assert await writer.close() is None
     assert BatchStatus(batch.status) is BatchStatus.VALIDATING
+
+
+async def test_file_writer_flushes_exactly_at_the_chunk_size(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import select
+
+    from service.engine import output_files
+    from service.storage.tables import FileChunkRow
+
+    line = {"k": "x" * 40}
+    size = len(json.dumps(line, separators=(",", ":"))) + 1
+    monkeypatch.setattr(output_files, "CHUNK_BYTES", 2 * size)
+    writer = _FileWriter(store, FileRow(id="file-w", project="p", filename="w.jsonl", purpose="batch_output", bytes=0,
+                                        line_count=0, status="uploading", created_at=now()))
+    for _ in range(5):
+        await writer.add(line)
+    assert await writer.close() == "file-w"
+    async with store.sessions() as s:
+        chunks = (await s.execute(select(FileChunkRow.seq, FileChunkRow.data).where(FileChunkRow.file_id == "file-w")
+                                  .order_by(FileChunkRow.seq))).all()
+    assert [(seq, len(data)) for seq, data in chunks] == [(0, 2 * size), (1, 2 * size), (2, size)]
+    f = await store.get_file("p", "file-w")
+    assert (f.bytes, f.line_count, f.status) == (5 * size, 5, "processed")
