@@ -61,11 +61,13 @@ class SimProvider(LineExecutor):
         self.latency_s = max(latency_ms, 0.0) / 1000
         self.failure_rate = failure_rate
         self.concurrency = concurrency
-        # custom_id -> how many times this instance executed it (read by tests: "exactly once").
-        self.executions: Counter[str] = Counter()
+        # custom_id -> how many times this instance executed it, once a test sets a Counter here to
+        # check "exactly once" (off by default: a long-running demo server keeps no per-line state).
+        self.executions: Counter[str] | None = None
 
     async def execute(self, line: RequestLine) -> LineResult:
-        self.executions[line.custom_id] += 1
+        if self.executions is not None:
+            self.executions[line.custom_id] += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         text = _text_of(line.body)

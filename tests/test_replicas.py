@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import replace
 
 from sqlalchemy import func, select
@@ -18,6 +19,7 @@ from tests.provider_fake import ProviderFake
 
 def sim_router(latency_ms: float) -> tuple[Router, SimProvider]:
     sim = SimProvider(SIM, latency_ms=latency_ms, concurrency=2)
+    sim.executions = Counter()
     return Router({SIM: ProviderEntry(provider=sim, default_price=DEFAULT_SIM_PRICE)}), sim
 
 
@@ -48,6 +50,7 @@ async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None
             stored = await session.scalar(select(func.count()).select_from(ResultRow))
         assert stored == 6 * 8
 
+    assert sim_a.executions is not None and sim_b.executions is not None
     executed = sim_a.executions + sim_b.executions
     expected = {f"b{n}-r{i}" for n in range(6) for i in range(8)}
     assert set(executed) == expected
