@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.domain.errors import InvalidRequest, PayloadTooLarge, Unauthenticated
+from service.domain.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthenticated
 from service.domain.model import BatchStatus, now
 from service.edge.auth import Authenticator, hash_key
 from service.engine.output_files import OUTPUT_TTL, OutputFiles, _FileWriter, output_line
@@ -357,6 +357,10 @@ async def test_file_writer_flushes_exactly_at_the_chunk_size(store: Store, monke
                                         line_count=0, status="uploading", created_at=now()))
     for _ in range(5):
         await writer.add(line)
+    # Half written (two chunks stored): invisible to the API until it is finished.
+    with pytest.raises(NotFound):
+        await store.get_file("p", "file-w")
+    assert (await store.list_files("p", "", 10, "", ascending=True))[0] == []
     assert await writer.close() == "file-w"
     async with store.sessions() as s:
         chunks = (await s.execute(select(FileChunkRow.seq, FileChunkRow.data).where(FileChunkRow.file_id == "file-w")
