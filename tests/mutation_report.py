@@ -70,12 +70,15 @@ def main() -> int:
             tally[v or "not run"] += 1
             if v == "survived":
                 survivors.append((module, name, status))
+        if not mutants:
+            continue
         scored = tally["killed"] + tally["survived"]
-        score = tally["killed"] / scored if scored else 1.0
+        score = tally["killed"] / scored if scored else 0.0
         if scored and score < TARGET:
             below.append(module)
+        shown = "not run" if not scored else f"{score:.0%}" + (" (partial run)" if tally["not run"] else "")
         print(f"| `{module}` | {len(mutants)} | {tally['killed']} | {tally['survived']} | {tally['equivalent']} "
-              f"| {tally['not run']} | {score:.0%} |")
+              f"| {tally['not run']} | {shown} |")
     if EQUIVALENT:
         print("\n## Equivalent mutants\n")
         for name, why in sorted(EQUIVALENT.items()):

@@ -219,42 +219,41 @@ def two_providers() -> Router:
                    "local": ProviderEntry(provider=SimProvider("local"), models={"local-model"})})
 
 
-LINE_PROBLEMS: list[tuple[Any, str, str | None]] = [
-    ([1], "invalid_json_line", None),
-    ({"method": "POST"}, "missing_custom_id", "custom_id"),
-    ({"custom_id": 5}, "missing_custom_id", "custom_id"),
-    ({"custom_id": ""}, "missing_custom_id", "custom_id"),
-    ({"custom_id": "x" * 513}, "invalid_custom_id", "custom_id"),
-    ({"custom_id": "dup", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}},
-     "duplicate_custom_id", "custom_id"),
-    ({"custom_id": "a", "method": "GET"}, "invalid_method", "method"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/images"}, "invalid_url", "url"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/embeddings"}, "url_mismatch", "url"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": []}, "invalid_body", "body"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}, "missing_model", "body.model"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": 3}}, "missing_model",
-     "body.model"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "nope"}},
-     "model_not_found", "body.model"),
-    ({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "sim/x"}},
-     "mixed_providers", "body.model"),
+CHAT = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}
+ENDPOINTS = "/v1/chat/completions, /v1/embeddings, /v1/completions, /v1/responses"
+LINE_PROBLEMS: list[tuple[Any, str, str | None, str]] = [
+    ([1], "invalid_json_line", None, "must be a JSON object"),
+    ({"method": "POST"}, "missing_custom_id", "custom_id", "custom_id is required and must be a non-empty string"),
+    ({"custom_id": 5}, "missing_custom_id", "custom_id", "custom_id is required and must be a non-empty string"),
+    ({"custom_id": ""}, "missing_custom_id", "custom_id", "custom_id is required and must be a non-empty string"),
+    ({"custom_id": "x" * 513}, "invalid_custom_id", "custom_id", "custom_id is longer than 512 characters"),
+    ({**CHAT, "custom_id": "dup", "body": {"model": "m"}}, "duplicate_custom_id", "custom_id",
+     "custom_id 'dup' is used more than once"),
+    ({"custom_id": "a", "method": "GET"}, "invalid_method", "method", "method must be 'POST', got 'GET'"),
+    ({**CHAT, "url": "/v1/images"}, "invalid_url", "url",
+     f"url '/v1/images' is not a supported endpoint ({ENDPOINTS})"),
+    ({**CHAT, "url": "/v1/embeddings"}, "url_mismatch", "url",
+     "url '/v1/embeddings' differs from the batch endpoint '/v1/chat/completions'"),
+    ({**CHAT, "body": []}, "invalid_body", "body", "body must be a JSON object"),
+    ({**CHAT, "body": {}}, "missing_model", "body.model", "body.model is required"),
+    ({**CHAT, "body": {"model": 3}}, "missing_model", "body.model", "body.model is required"),
+    ({**CHAT, "body": {"model": "nope"}}, "model_not_found", "body.model",
+     "model 'nope' is not served by any configured provider"),
+    ({**CHAT, "body": {"model": "sim/x"}}, "mixed_providers", "body.model",
+     "all lines of a batch must go to one provider; this batch needs local (e.g. 'local-model'), "
+     "sim (e.g. 'sim/x'): split it into one batch per provider"),
 ]
 
 
-@pytest.mark.parametrize(("raw", "code", "field"), LINE_PROBLEMS)
-def test_each_line_problem_has_its_code_and_field(raw: Any, code: str, field: str | None) -> None:
+@pytest.mark.parametrize(("raw", "code", "field", "message"), LINE_PROBLEMS)
+def test_each_line_problem_has_its_code_field_and_message(raw: Any, code: str, field: str | None,
+                                                          message: str) -> None:
     validator = LineValidator(endpoint="/v1/chat/completions", router=two_providers())
     validator.check({"custom_id": "dup", "method": "POST", "url": "/v1/chat/completions",
                      "body": {"model": "local-model"}})
     with pytest.raises(LineProblem) as info:
         validator.check(raw)
-    assert (info.value.code, info.value.field) == (code, field)
-    assert info.value.message
-    if code == "mixed_providers":
-        assert info.value.message == ("all lines of a batch must go to one provider; this batch needs local "
-                                      "(e.g. 'local-model'), sim (e.g. 'sim/x'): split it into one batch per provider")
-    if code == "model_not_found":
-        assert "'nope'" in info.value.message
+    assert (info.value.code, info.value.field, info.value.message) == (code, field, message)
 
 
 def test_a_valid_line_and_what_the_validator_remembers() -> None:
@@ -296,6 +295,9 @@ def test_output_line_format() -> None:
     assert output_line("batch_x", result_row(4))["response"]["body"] is None
     lost = output_line("batch_x", result_row(5, status_code=0, error_code="batch_expired"))
     assert lost["response"] is None and lost["error"] == {"code": "batch_expired", "message": "went wrong"}
+    bare = result_row(5, status_code=0, error_code="missing_result")
+    bare.error_message = None
+    assert output_line("batch_x", bare)["error"] == {"code": "missing_result", "message": ""}
     http_error = output_line("batch_x", result_row(6, status_code=400, body={"error": {"code": "x"}}))
     assert http_error["response"]["status_code"] == 400 and http_error["error"] is None
 
@@ -315,7 +317,20 @@ async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, mo
         for r in rows:
             r.batch_id, r.created_at = batch.id, now()
             s.add(r)
+    original_add = store.add_file_chunk
+    invisible: list[bool] = []
+
+    async def add_while_checking(file_id: str, seq: int, data: bytes) -> None:
+        try:
+            await store.get_file("p", file_id)
+            invisible.append(False)
+        except NotFound:
+            invisible.append(True)
+        await original_add(file_id, seq, data)
+
+    monkeypatch.setattr(store, "add_file_chunk", add_while_checking)
     fields = await OutputFiles(store)(batch)
+    assert invisible and all(invisible), "a half-written output file was visible"
     out_id, err_id = f"file-output-{batch.id.removeprefix('batch_')}", f"file-error-{batch.id.removeprefix('batch_')}"
     assert fields == {"output_file_id": out_id, "error_file_id": err_id}
     for file_id, codes in ((out_id, {200, 299}), (err_id, {199, 300, 404})):
@@ -323,6 +338,9 @@ async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, mo
         content = b"".join([c async for c in store.iter_file_chunks(file_id)])
         lines = [json.loads(x) for x in content.splitlines()]
         assert content.startswith(b'{"id":"batch_req_') and b'", "' not in content  # compact JSON lines
+        for x in lines[:3]:
+            idx = int(x["custom_id"][1:])
+            assert x["id"] == "batch_req_" + hashlib.sha256(f"{batch.id}:{idx}".encode()).hexdigest()[:24]
         assert {x["response"]["status_code"] for x in lines} == codes and len(lines) == 200 * len(codes)
         assert (f.bytes, f.line_count, f.status, f.purpose) == (len(content), len(lines), "processed", "batch_output")
         assert f.filename == f"{batch.id}_{file_id.split('-')[1]}.jsonl"
@@ -368,3 +386,13 @@ async def test_file_writer_flushes_exactly_at_the_chunk_size(store: Store, monke
     assert [(seq, len(data)) for seq, data in chunks] == [(0, 2 * size), (1, 2 * size), (2, size)]
     f = await store.get_file("p", "file-w")
     assert (f.bytes, f.line_count, f.status) == (5 * size, 5, "processed")
+
+
+async def test_the_finalizer_of_an_ended_batch_returns_its_files(store: Store) -> None:
+    from tests.test_store import batch_row
+
+    for status in ("completed", "failed", "expired", "cancelled"):
+        batch = await store.create_batch(batch_row(project="p", status=status, output_file_id="file-o",
+                                                   error_file_id=None), [])
+        assert await OutputFiles(store)(batch) == {"output_file_id": "file-o", "error_file_id": None}
+        assert (await store.list_files("p", "", 10, "", ascending=True))[0] == []
