@@ -396,3 +396,142 @@ async def test_the_finalizer_of_an_ended_batch_returns_its_files(store: Store) -
                                                    error_file_id=None), [])
         assert await OutputFiles(store)(batch) == {"output_file_id": "file-o", "error_file_id": None}
         assert (await store.list_files("p", "", 10, "", ascending=True))[0] == []
+
+
+# --------------------------------------------------------------------------- the store's reads
+
+
+async def test_list_batches_newest_first_per_project_with_cursor(store: Store) -> None:
+    from tests.test_store import new_batch
+
+    ids = [await new_batch(store, 1, project="p") for _ in range(5)]
+    await new_batch(store, 1, project="other")
+    rows, more = await store.list_batches("p", 10, "")
+    assert [r.id for r in rows] == ids[::-1] and not more
+    rows, more = await store.list_batches("p", 2, "")
+    assert [r.id for r in rows] == ids[:2:-1] and more
+    rows, more = await store.list_batches("p", 2, ids[3])
+    assert [r.id for r in rows] == [ids[2], ids[1]] and more
+    rows, more = await store.list_batches("p", 2, ids[1])
+    assert [r.id for r in rows] == [ids[0]] and not more
+    rows, more = await store.list_batches("p", 5, "")
+    assert len(rows) == 5 and not more
+    for after in ("batch_nope", (await store.list_batches("other", 1, ""))[0][0].id):
+        with pytest.raises(NotFound) as info:
+            await store.list_batches("p", 2, after)
+        assert (info.value.param, info.value.code) == ("after", "cursor_not_found") and after in info.value.message
+    assert await store.count_batches("p") == 5 and await store.count_batches("other") == 1
+    assert await store.count_batches("nobody") == 0
+
+
+async def test_results_pages_lookups_and_keys(store: Store) -> None:
+    from service.domain.model import LineOutcome, ResultError, ResultStatus, Usage
+    from tests.test_store import new_batch
+
+    batch_id = await new_batch(store, 6, project="p")
+    usage = Usage(input_tokens=3, cached_tokens=1, output_tokens=4, reasoning_tokens=2, input_cost=0.5,
+                  output_cost=0.25)
+    await store.store_results(batch_id, [
+        LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {"ok": True}, None, usage, "req-0"),
+        LineOutcome(2, "r2", ResultStatus.FAILED, 429, {"error": {}}, ResultError("rate", "slow", "rate_limit_error")),
+        LineOutcome(3, "r3", ResultStatus.EXPIRED, 0, None, ResultError("batch_expired", "late", "batch_error")),
+        LineOutcome(5, "r5", ResultStatus.COMPLETED, 200, {"ok": 5}),
+    ])
+    page, more = await store.list_results("p", batch_id, 2, "")
+    assert [(req.custom_id, res.idx) for req, res in page] == [("r0", 0), ("r2", 2)] and more
+    page, more = await store.list_results("p", batch_id, 2, "r2")
+    assert [req.custom_id for req, _ in page] == ["r3", "r5"] and not more
+    page, more = await store.list_results("p", batch_id, 4, "")
+    assert len(page) == 4 and not more
+    with pytest.raises(NotFound) as info:
+        await store.list_results("p", batch_id, 2, "r9")
+    assert (info.value.param, info.value.code) == ("after", "cursor_not_found")
+    with pytest.raises(NotFound):
+        await store.list_results("other", batch_id, 2, "")
+
+    batch, req, res = await store.get_result("p", batch_id, "r0")
+    assert batch.id == batch_id and req.idx == 0 and res is not None
+    assert (res.custom_id, res.status, res.status_code, res.request_id, json.loads(res.response_json or "")) == (
+        "r0", "completed", 200, "req-0", {"ok": True})
+    assert (res.input_tokens, res.cached_tokens, res.output_tokens, res.reasoning_tokens) == (3, 1, 4, 2)
+    assert (res.input_cost, res.output_cost, res.error_code) == (0.5, 0.25, None)
+    assert res.created_at >= batch.created_at
+    _, _, res = await store.get_result("p", batch_id, "r2")
+    assert res is not None and (res.status, res.error_code, res.error_message, res.error_type) == (
+        "failed", "rate", "slow", "rate_limit_error")
+    _, _, res = await store.get_result("p", batch_id, "r3")
+    assert res is not None and res.response_json is None and res.status == "expired"
+    _, req, res = await store.get_result("p", batch_id, "r1")
+    assert req.custom_id == "r1" and res is None  # pending
+    with pytest.raises(NotFound) as info:
+        await store.get_result("p", batch_id, "r9")
+    assert (info.value.param, info.value.code) == ("custom_id", "result_not_found") and "r9" in info.value.message
+    with pytest.raises(NotFound):
+        await store.get_result("other", batch_id, "r0")
+
+    assert await store.request_keys(batch_id, [0, 4, 9]) == {0: ("r0", "sim/m"), 4: ("r4", "sim/m")}
+    assert [r.idx async for r in store.iter_results(batch_id, page=1)] == [0, 2, 3, 5]
+    assert [r.idx async for r in store.iter_requests(batch_id, page=2)] == [0, 1, 2, 3, 4, 5]
+    assert [r.idx for r in await store.pending_requests(batch_id, 10, after_idx=1)] == [4]
+    batch = await store.get_batch("p", batch_id)
+    assert (batch.completed, batch.failed, batch.input_tokens, batch.cached_tokens, batch.output_tokens,
+            batch.reasoning_tokens) == (2, 1, 3, 1, 4, 2)
+    assert (batch.input_cost, batch.output_cost) == (0.5, 0.25)
+
+
+async def test_files_list_order_purpose_cursor_and_delete(store: Store) -> None:
+    async def add(file_id: str, purpose: str = "batch", project: str = "p", status: str = "processed") -> None:
+        await store.begin_file(FileRow(id=file_id, project=project, filename=f"{file_id}.jsonl", purpose=purpose,
+                                       bytes=0, line_count=0, status="uploading", created_at=now()))
+        await store.add_file_chunk(file_id, 0, b"a\n")
+        await store.add_file_chunk(file_id, 1, b"b\n")
+        if status != "uploading":
+            done = await store.finish_file(file_id, 4, 2, status)
+            assert (done.bytes, done.line_count, done.status) == (4, 2, status)
+
+    for name in ("f1", "f2", "f3", "f4"):
+        await add(name)
+    await add("o1", purpose="batch_output")
+    await add("x1", project="other")
+    await add("u1", status="uploading")
+    ids = lambda rows: [r.id for r in rows]  # noqa: E731
+    assert ids((await store.list_files("p", "", 10, "", ascending=False))[0]) == ["o1", "f4", "f3", "f2", "f1"]
+    assert ids((await store.list_files("p", "batch", 10, "", ascending=True))[0]) == ["f1", "f2", "f3", "f4"]
+    assert ids((await store.list_files("p", "batch_output", 10, "", ascending=True))[0]) == ["o1"]
+    rows, more = await store.list_files("p", "batch", 2, "f2", ascending=True)
+    assert ids(rows) == ["f3", "f4"] and not more
+    rows, more = await store.list_files("p", "batch", 1, "f2", ascending=True)
+    assert ids(rows) == ["f3"] and more
+    rows, more = await store.list_files("p", "batch", 2, "f3", ascending=False)
+    assert ids(rows) == ["f2", "f1"] and not more
+    with pytest.raises(NotFound):
+        await store.list_files("p", "", 2, "x1", ascending=False)
+    assert b"".join([c async for c in store.iter_file_chunks("f1")]) == b"a\nb\n"
+    with pytest.raises(NotFound) as info:
+        await store.get_file("p", "u1")  # still uploading
+    assert (info.value.param, info.value.code) == ("id", "file_not_found") and "u1" in info.value.message
+    assert (await store.get_file(None, "x1")).project == "other"
+    await store.delete_file("p", "f1")
+    with pytest.raises(NotFound):
+        await store.get_file("p", "f1")
+    assert [c async for c in store.iter_file_chunks("f1")] == []
+    with pytest.raises(NotFound):
+        await store.delete_file("p", "x1")  # another project's
+    assert (await store.get_file("other", "x1")).id == "x1"
+    await store.discard_file("u1")
+    assert [c async for c in store.iter_file_chunks("u1")] == []
+
+
+async def test_set_fields_and_transition_stamps(store: Store) -> None:
+    from tests.test_store import new_batch
+
+    batch_id = await new_batch(store, 1, project="p")
+    await store.set_fields(batch_id, provider_batch_id="pb-1", poll_failures=3)
+    row = await store.get_batch("p", batch_id)
+    assert (row.provider_batch_id, row.poll_failures) == ("pb-1", 3)
+    assert await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.FAILED, errors_json="{}")
+    row = await store.get_batch(None, batch_id)
+    assert (row.status, row.errors_json) == ("failed", "{}") and row.failed_at is not None
+    with pytest.raises(NotFound) as info:
+        await store.get_batch("other", batch_id)
+    assert (info.value.param, info.value.code) == ("id", "batch_not_found") and batch_id in info.value.message
