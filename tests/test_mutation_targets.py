@@ -535,3 +535,62 @@ async def test_set_fields_and_transition_stamps(store: Store) -> None:
     with pytest.raises(NotFound) as info:
         await store.get_batch("other", batch_id)
     assert (info.value.param, info.value.code) == ("id", "batch_not_found") and batch_id in info.value.message
+
+
+async def test_every_read_and_write_touches_only_its_own_batch(store: Store) -> None:
+    """Two batches with the same custom_ids side by side: no read or write of one sees or
+    changes the other."""
+    from service.domain.errors import Conflict
+    from service.domain.model import LineOutcome, ResultStatus
+    from service.storage.repository import NewRequest
+    from tests.test_store import batch_row
+
+    def lines(model: str) -> list[NewRequest]:
+        return [NewRequest(f"r{i}", model, {"model": model}) for i in range(3)]
+
+    a = (await store.create_batch(batch_row(project="p"), lines("sim/a"))).id
+    b = (await store.create_batch(batch_row(project="p"), lines("sim/b"))).id
+    await store.store_results(a, [LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {"a": 0})])
+    await store.store_results(b, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {"b": i}) for i in (1, 2)])
+    page, _ = await store.list_results("p", a, 10, "")
+    assert [(req.batch_id, res.batch_id, req.custom_id) for req, res in page] == [(a, a, "r0")]
+    page, _ = await store.list_results("p", b, 10, "r1")
+    assert [req.custom_id for req, _ in page] == ["r2"]
+    assert [r.idx for r in await store.pending_requests(a, 10)] == [1, 2]
+    assert [r.idx for r in await store.pending_requests(b, 10)] == [0]
+    assert [(r.batch_id, r.idx) async for r in store.iter_results(a, page=1)] == [(a, 0)]
+    assert [(r.batch_id, r.model) async for r in store.iter_requests(a, page=2)] == [(a, "sim/a")] * 3
+    assert await store.request_keys(b, [0]) == {0: ("r0", "sim/b")}
+    _, req, res = await store.get_result("p", b, "r0")
+    assert req.batch_id == b and res is None
+    assert (await store.get_batch("p", a)).completed == 1 and (await store.get_batch("p", b)).completed == 2
+
+    assert set(await store.claim("r1", 30, 10)) == {a, b}
+    before = (await store.get_batch(None, b)).lease_until
+    assert await store.renew(a, "r1", 300)
+    assert (await store.get_batch(None, b)).lease_until == before
+    await store.release(a, "r1")
+    assert (await store.get_batch(None, b)).lease_owner == "r1"
+
+    assert (await store.request_cancel("p", a)).status == "cancelling"
+    assert (await store.get_batch("p", b)).status == "validating"
+    assert await store.transition(b, BatchStatus.VALIDATING, BatchStatus.FAILED)
+    with pytest.raises(Conflict) as info:
+        await store.request_cancel("p", b)
+    assert (info.value.param, info.value.code) == ("id", "batch_not_cancellable")
+    assert info.value.message == "Cannot cancel a batch with status 'failed'."
+
+
+async def test_list_batches_orders_by_creation_time_before_id(store: Store) -> None:
+    """Ids sort in creation order only by construction; the listing itself goes by created_at."""
+    from service.storage.repository import new_id
+    from tests.test_store import batch_row
+
+    t = now()
+    ids = []
+    for age in (100, 200, 300):  # each later (larger) id belongs to an OLDER batch
+        ids.append((await store.create_batch(batch_row(project="p", created_at=t - age, id=new_id("batch_")), [])).id)
+    assert ids == sorted(ids)
+    assert [r.id for r in (await store.list_batches("p", 10, ""))[0]] == ids  # newest (by created_at) first
+    assert [r.id for r in (await store.list_batches("p", 1, ids[0]))[0]] == [ids[1]]
+    assert [r.id for r in (await store.list_batches("p", 5, ids[1]))[0]] == [ids[2]]
