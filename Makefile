@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run serve test postgres lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench clean
+.PHONY: run serve test postgres lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench mutation breakages clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,8 +60,24 @@ buf-breaking: $(STAMP)
 pytest: $(STAMP) postgres
 	$(BIN)/python -m pytest -q -ra
 
+## Mutation testing, not part of `make test` (docs/mutation.md says how long it takes): mutmut
+## mutates the engine, storage, intake and auth modules and runs the fast in-process tests
+## against each mutant; the scores and every surviving mutant go to var/mutation-report.md.
+## MUTANTS narrows it, e.g. `make mutation MUTANTS='service.edge.auth*'`. Results are kept in
+## mutants/ and only mutants whose code or tests changed run again (`rm -rf mutants` starts afresh).
+MUTANTS ?=
+mutation: $(STAMP)
+	$(BIN)/mutmut run $(MUTANTS)
+	@mkdir -p var
+	$(BIN)/python -m tests.mutation_report > var/mutation-report.md; status=$$?; \
+	  sed -n '1,/^$$/p' var/mutation-report.md; echo "full report: var/mutation-report.md"; exit $$status
+
+## The breakages of issue 14 applied to product code one by one; each must fail a test.
+breakages: $(STAMP)
+	$(BIN)/python -m tests.breakages
+
 bench: $(STAMP)
 	$(BIN)/python bench/upload.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var mutants .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,8 +63,13 @@ class SimProvider(LineExecutor):
         self.latency_s = max(float(self.options.get("latency_ms", 0.0)), 0.0) / 1000
         self.failure_rate = float(self.options.get("failure_rate", 0.0))
         self.concurrency = int(self.options.get("concurrency", 64))
+        # custom_id -> how many times this instance executed it, once a test sets a Counter here to
+        # check "exactly once" (off by default: a long-running demo server keeps no per-line state).
+        self.executions: Counter[str] | None = None
 
     async def execute(self, line: RequestLine) -> LineResult:
+        if self.executions is not None:
+            self.executions[line.custom_id] += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         text = _text_of(line.body)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,14 +37,14 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from tests.harness import KEY_A, KEY_B, ROOT
+from tests.harness import KEY_A, KEY_B, ROOT, log_problems
 from tests.openapi_schemas import spec, validate
 from tests.test_envoy_edge import _assert_rest_headers as assert_rest_headers
 from tests.test_envoy_edge import _free_port as free_port
 
 __all__ = ["KEY_A", "KEY_B", "KEY_LIST", "GeneratedFile", "Stack", "assert_rest_headers", "check", "child_pids",
-           "free_port", "pid_alive", "raw_json", "slow_stack_fixture", "sqlite_stack_fixture", "start_stack",
-           "vm_bytes"]
+           "free_port", "pid_alive", "raw_json", "slow_stack_fixture", "sqlite_stack_fixture", "stack_logs_checked",
+           "start_stack", "vm_bytes"]
 
 KEY_LIST = "sk-test-gamma-list-000000"  # a project of its own, for exact listing checks
 API_KEYS = f"alpha={KEY_A},beta={KEY_B},gamma={KEY_LIST}"
@@ -128,6 +129,26 @@ class Stack:
             with suppress(OSError):
                 text += f"--- {name}\n" + (self.work_dir / name).read_text(errors="replace")[-chars:]
         return text
+
+    @property
+    def server_log(self) -> Path:
+        return self.work_dir / "sluice.stderr"
+
+    def log_size(self) -> int:
+        return self.server_log.stat().st_size if self.server_log.exists() else 0
+
+    def check_log(self, since: int = 0, allowed: tuple[str, ...] = ()) -> None:
+        """Fail on a traceback or an ERROR line the server wrote after byte `since` that matches
+        none of `allowed`, and when an `allowed` pattern matched no such line (it was declared
+        because the test causes it)."""
+        with open(self.server_log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        problems = log_problems(text, allowed)
+        assert not problems, "sluice run logged failures:\n" + "\n".join(problems) + "\n" + text[-3000:]
+        reported = log_problems(text)
+        missing = [p for p in allowed if not any(re.search(p, line) for line in reported)]
+        assert not missing, f"declared error logs never came: {missing}\n{text[-3000:]}"
 
     def sdk(self, key: str = KEY_A) -> openai.OpenAI:
         """The official SDK through Envoy, no retries; every response is checked for gRPC headers."""
@@ -219,6 +240,21 @@ def start_stack(work_dir: Path, database_url: str, timeout: float = 60.0, **env:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture(autouse=True)
+def stack_logs_checked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that used a stack fails when the server logged a traceback or an ERROR line while
+    it ran, unless it declared it with `@pytest.mark.logs_errors(regex, ...)`."""
+    stacks: list[Stack] = [request.getfixturevalue(name) for name in ("sqlite_stack", "slow_stack", "stack")
+                           if name in request.fixturenames]
+    marks = [s.log_size() for s in stacks]
+    yield
+    marker = request.node.get_closest_marker("logs_errors")
+    allowed = tuple(marker.args) if marker else ()
+    for s, since in zip(stacks, marks, strict=True):
+        if s.proc.poll() is None or s.server_log.exists():
+            s.check_log(since, allowed)
 
 
 @pytest.fixture(scope="module", name="sqlite_stack")

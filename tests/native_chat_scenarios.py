@@ -24,6 +24,7 @@ from service.domain.model import Price
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from sluice.v1 import batch_pb2
 from tests.harness import Client, gateway, make_settings, md, until
+from tests.native_scenarios import waits_after_faults
 from tests.provider_fake import ProviderFake
 from tests.provider_fake.core import advance
 
@@ -290,7 +291,7 @@ async def expire_batch(fake: ProviderFake, db: str, flavor: Flavor, texts: dict[
         results = await results_by_id(c, created.id)
     assert done.status == want_status, done
     for cid, status in want_lines.items():
-        assert results[cid]["status"] in status.split("|"), results[cid]
+        assert results[cid]["status"] == status, results[cid]
         if status == "completed":
             check_success(flavor, results[cid], texts[cid])
         else:
@@ -311,6 +312,8 @@ async def transient_faults(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     assert not done.HasField("errors")
     faulted = [r["status"] for r in fake.state()["requests"] if r["fault"]]
     assert faulted == [429, 429, 500, 500]
+    waits = waits_after_faults(fake, flavor.provider, 429)
+    assert len(waits) == 2 and min(waits) >= 0.2, f"Retry-After: 0.2 not honoured: waited {waits}"
     assert fake.state()["faults_pending"] == [0, 0]
     check_success(flavor, results["a"], "hello world")
     assert fake.state()["batch_creates"][flavor.provider] == 1

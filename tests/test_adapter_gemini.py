@@ -141,44 +141,44 @@ def test_per_request_error_and_states() -> None:
 # --------------------------------------------------------------------------- whole batches
 
 
-async def test_full_batch_inline(fake: ProviderFake, sqlite_url: str) -> None:
-    await full_batch(fake, sqlite_url, GEMINI)
+async def test_full_batch_inline(fake: ProviderFake, db_url: str) -> None:
+    await full_batch(fake, db_url, GEMINI)
     creates = requests_to(fake, GEMINI, "POST", "models/gemini-test:batchGenerateContent")
     assert len(creates) == 1
     assert fake.state()["file_uploads"]["gemini"] == 0
 
 
-async def test_full_batch_file_mode(fake: ProviderFake, sqlite_url: str) -> None:
+async def test_full_batch_file_mode(fake: ProviderFake, db_url: str) -> None:
     """Above the inline limit the lines go through the resumable upload and come back in a file."""
-    await full_batch(fake, sqlite_url, GEMINI.with_options(inline_limit_bytes=100))
+    await full_batch(fake, db_url, GEMINI.with_options(inline_limit_bytes=100))
     assert fake.state()["file_uploads"]["gemini"] == 1
     assert requests_to(fake, GEMINI, "GET", ":download")
 
 
-async def test_mixed_success_and_failure(fake: ProviderFake, sqlite_url: str) -> None:
-    await mixed_results(fake, sqlite_url, GEMINI)
+async def test_mixed_success_and_failure(fake: ProviderFake, db_url: str) -> None:
+    await mixed_results(fake, db_url, GEMINI)
 
 
-async def test_mixed_success_and_failure_file_mode(fake: ProviderFake, sqlite_url: str) -> None:
-    await mixed_results(fake, sqlite_url, GEMINI.with_options(inline_limit_bytes=1))
+async def test_mixed_success_and_failure_file_mode(fake: ProviderFake, db_url: str) -> None:
+    await mixed_results(fake, db_url, GEMINI.with_options(inline_limit_bytes=1))
 
 
-async def test_cancel(fake: ProviderFake, sqlite_url: str) -> None:
+async def test_cancel(fake: ProviderFake, db_url: str) -> None:
     """A cancelled Gemini batch has no results: every line ends batch_cancelled."""
-    await cancel_batch(fake, sqlite_url, GEMINI, partial=False)
+    await cancel_batch(fake, db_url, GEMINI, partial=False)
 
 
-async def test_expiry_has_no_results(fake: ProviderFake, sqlite_url: str) -> None:
-    await expire_batch(fake, sqlite_url, GEMINI, {"ok": "hello world", "s1": "SLOW one"}, "expired",
+async def test_expiry_has_no_results(fake: ProviderFake, db_url: str) -> None:
+    await expire_batch(fake, db_url, GEMINI, {"ok": "hello world", "s1": "SLOW one"}, "expired",
                        {"ok": "expired", "s1": "expired"})
 
 
-async def test_transient_faults_while_polling(fake: ProviderFake, sqlite_url: str) -> None:
-    await transient_faults(fake, sqlite_url, GEMINI)
+async def test_transient_faults_while_polling(fake: ProviderFake, db_url: str) -> None:
+    await transient_faults(fake, db_url, GEMINI)
 
 
-async def test_submit_rejected(fake: ProviderFake, sqlite_url: str) -> None:
-    await submit_rejected(fake, sqlite_url, GEMINI)
+async def test_submit_rejected(fake: ProviderFake, db_url: str) -> None:
+    await submit_rejected(fake, db_url, GEMINI)
 
 
 async def test_mixed_models_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
@@ -194,12 +194,12 @@ async def test_embeddings_refused_at_create(fake: ProviderFake, sqlite_url: str)
                             endpoint="/v1/embeddings")
 
 
-async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:
-    await restart_mid_poll(fake, sqlite_url, GEMINI)
+async def test_restart_mid_poll(fake: ProviderFake, db_url: str) -> None:
+    await restart_mid_poll(fake, db_url, GEMINI)
 
 
-async def test_crash_during_create_finds_the_batch(fake: ProviderFake, sqlite_url: str) -> None:
-    await recover_lost_submission(fake, sqlite_url, GEMINI)
+async def test_crash_during_create_finds_the_batch(fake: ProviderFake, db_url: str) -> None:
+    await recover_lost_submission(fake, db_url, GEMINI)
 
 
 async def test_find_submitted_pages_through_the_list(fake: ProviderFake) -> None:

@@ -62,6 +62,7 @@ def base_url() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.release.set()  # type: ignore[attr-defined]
     server.shutdown()
+    server.server_close()
 
 
 @pytest.mark.parametrize(("path", "status", "retryable", "message"), [

@@ -70,8 +70,8 @@ def test_job_statuses_and_counts() -> None:
 # --------------------------------------------------------------------------- whole batches
 
 
-async def test_full_batch(fake: ProviderFake, sqlite_url: str) -> None:
-    await full_batch(fake, sqlite_url, MISTRAL)
+async def test_full_batch(fake: ProviderFake, db_url: str) -> None:
+    await full_batch(fake, db_url, MISTRAL)
     assert fake.state()["file_uploads"]["mistral"] == 1
     job = next(iter(fake.store.batches["mistral"].values()))
     assert job.data["metadata"] == {"sluice_batch_id": job.data["metadata"]["sluice_batch_id"]}
@@ -80,30 +80,30 @@ async def test_full_batch(fake: ProviderFake, sqlite_url: str) -> None:
     assert all("model" not in item.body for item in job.items)
 
 
-async def test_mixed_success_and_failure(fake: ProviderFake, sqlite_url: str) -> None:
-    await mixed_results(fake, sqlite_url, MISTRAL)
+async def test_mixed_success_and_failure(fake: ProviderFake, db_url: str) -> None:
+    await mixed_results(fake, db_url, MISTRAL)
 
 
-async def test_cancel_keeps_finished_results(fake: ProviderFake, sqlite_url: str) -> None:
-    await cancel_batch(fake, sqlite_url, MISTRAL)
+async def test_cancel_keeps_finished_results(fake: ProviderFake, db_url: str) -> None:
+    await cancel_batch(fake, db_url, MISTRAL)
 
 
-async def test_expiry_keeps_finished_results(fake: ProviderFake, sqlite_url: str) -> None:
-    await expire_batch(fake, sqlite_url, MISTRAL, {"ok": "hello world", "s1": "SLOW one"}, "expired",
+async def test_expiry_keeps_finished_results(fake: ProviderFake, db_url: str) -> None:
+    await expire_batch(fake, db_url, MISTRAL, {"ok": "hello world", "s1": "SLOW one"}, "expired",
                        {"ok": "completed", "s1": "expired"})
 
 
-async def test_expiry_before_start(fake: ProviderFake, sqlite_url: str) -> None:
-    await expire_batch(fake, sqlite_url, MISTRAL, {"a": "hello world"}, "expired", {"a": "expired"}, start=False)
+async def test_expiry_before_start(fake: ProviderFake, db_url: str) -> None:
+    await expire_batch(fake, db_url, MISTRAL, {"a": "hello world"}, "expired", {"a": "expired"}, start=False)
 
 
-async def test_transient_faults_while_polling(fake: ProviderFake, sqlite_url: str) -> None:
-    await transient_faults(fake, sqlite_url, MISTRAL)
+async def test_transient_faults_while_polling(fake: ProviderFake, db_url: str) -> None:
+    await transient_faults(fake, db_url, MISTRAL)
 
 
-async def test_submit_rejected_with_422_detail(fake: ProviderFake, sqlite_url: str) -> None:
+async def test_submit_rejected_with_422_detail(fake: ProviderFake, db_url: str) -> None:
     detail = {"detail": [{"loc": ["body", "model"], "msg": "Invalid model: mistral-test", "type": "value_error"}]}
-    await submit_rejected(fake, sqlite_url, MISTRAL, status=422, body=detail, message="Invalid model: mistral-test")
+    await submit_rejected(fake, db_url, MISTRAL, status=422, body=detail, message="Invalid model: mistral-test")
 
 
 async def test_mixed_models_refused_at_create(fake: ProviderFake, sqlite_url: str) -> None:
@@ -113,8 +113,8 @@ async def test_mixed_models_refused_at_create(fake: ProviderFake, sqlite_url: st
                             "mixed_models", "requests[1].body.model")
 
 
-async def test_embeddings_batch(fake: ProviderFake, sqlite_url: str) -> None:
-    async with gateway(make_settings(sqlite_url, poll_seconds=0.05), make_router(fake, MISTRAL)) as (_, c):
+async def test_embeddings_batch(fake: ProviderFake, db_url: str) -> None:
+    async with gateway(make_settings(db_url, poll_seconds=0.05), make_router(fake, MISTRAL)) as (_, c):
         created = await c.create([line(MISTRAL, "e1", "three little words", url="/v1/embeddings"),
                                   line(MISTRAL, "e2", "two words", url="/v1/embeddings")], endpoint="/v1/embeddings")
         done = await c.wait_for(created.id)
@@ -126,12 +126,12 @@ async def test_embeddings_batch(fake: ProviderFake, sqlite_url: str) -> None:
     assert done.usage.input_tokens == 5
 
 
-async def test_restart_mid_poll(fake: ProviderFake, sqlite_url: str) -> None:
-    await restart_mid_poll(fake, sqlite_url, MISTRAL)
+async def test_restart_mid_poll(fake: ProviderFake, db_url: str) -> None:
+    await restart_mid_poll(fake, db_url, MISTRAL)
 
 
-async def test_crash_during_create_finds_the_job(fake: ProviderFake, sqlite_url: str) -> None:
-    await recover_lost_submission(fake, sqlite_url, MISTRAL)
+async def test_crash_during_create_finds_the_job(fake: ProviderFake, db_url: str) -> None:
+    await recover_lost_submission(fake, db_url, MISTRAL)
     assert fake.state()["file_uploads"]["mistral"] == 1
 
 

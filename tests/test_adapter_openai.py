@@ -36,8 +36,9 @@ def fake(fake_server: ProviderFake) -> ProviderFake:  # noqa: F811
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+def db(db_url: str) -> str:
+    """Both backends (conftest's `db_url`)."""
+    return db_url
 
 
 # --------------------------------------------------------------------------- whole batches
@@ -51,6 +52,16 @@ async def test_full_batch(fake: ProviderFake, db: str, flavor: Flavor) -> None:
 @pytest.mark.parametrize("flavor", FLAVORS)
 async def test_cancel(fake: ProviderFake, db: str, flavor: Flavor) -> None:
     await sc.cancel_batch(fake, db, flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_cancel_that_loses_the_race_ends_completed(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    await sc.cancel_loses_the_race(fake, db, flavor)
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+async def test_cancel_before_submission(fake: ProviderFake, db: str, flavor: Flavor) -> None:
+    await sc.cancel_before_submission(fake, db, flavor)
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)

@@ -25,6 +25,7 @@ from tests.harness import chat_line, gateway, make_settings
 
 PRICE = Price(input_per_mtok=1.0, output_per_mtok=4.0, batch_discount=0.0)
 LATENCY = 0.02  # the server's simulated work per request, so concurrent requests overlap
+RETRY_AFTER = 1.5  # longer than the engine's own first backoff (0.25-0.5 s), so ignoring it shows
 
 
 class Local:
@@ -39,6 +40,7 @@ class Local:
         self.peak = 0
         self.seen: dict[str, int] = {}
         self.paths: list[str] = []
+        self.arrivals: dict[str, list[float]] = {}  # user text -> when each request for it arrived
         self.auth: set[str] = set()
         local = self
 
@@ -68,6 +70,7 @@ class Local:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def handle(self, path: str, body: dict[str, Any], auth: str) -> tuple[int, Any, dict[str, str]]:
+        arrived = time.monotonic()
         with self.lock:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
@@ -85,13 +88,15 @@ class Local:
                 return 404, {"error": {"message": f"no route {path}", "type": "not_found", "code": None}}, {}
             text = body["messages"][-1]["content"]
             with self.lock:
+                self.arrivals.setdefault(text, []).append(arrived)
                 self.seen[text] = self.seen.get(text, 0) + 1
                 first = self.seen[text] == 1
             if "FAIL" in text:
                 return 400, {"error": {"message": "bad request: FAIL", "type": "invalid_request_error",
                                        "param": "messages", "code": "bad_marker"}}, {}
             if "BUSY" in text and first:
-                return 429, {"error": {"message": "slow down", "type": "rate_limit_error"}}, {"Retry-After": "0.1"}
+                return (429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                        {"Retry-After": str(RETRY_AFTER)})
             if "BOOM" in text and first:
                 return 500, {"error": {"message": "internal", "type": "server_error"}}, {}
             p = len(text.split())
@@ -120,10 +125,10 @@ def router_for(local: Local, concurrency: int = 2) -> Router:
                    "local": ProviderEntry(provider=executor, models={"llama3.2"}, prices={"llama3.2": PRICE})})
 
 
-async def test_batch_through_the_executor(local: Local, tmp_path: Path) -> None:
+async def test_batch_through_the_executor(local: Local, db_url: str) -> None:
     texts = {f"ok{i}": f"question number {i}" for i in range(8)}
     texts |= {"bad": "please FAIL", "busy": "BUSY at first", "boom": "BOOM once"}
-    db = f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+    db = db_url
     async with gateway(make_settings(db), router_for(local, concurrency=2)) as (_, c):
         created = await c.create([chat_line(cid, text, model="local/llama3.2") for cid, text in texts.items()])
         batch = await c.wait_for(created.id, timeout=30)
@@ -142,14 +147,16 @@ async def test_batch_through_the_executor(local: Local, tmp_path: Path) -> None:
     # 429 and 500 were retried by the engine and then succeeded.
     assert results["busy"].status == "completed" and results["boom"].status == "completed"
     assert local.seen["BUSY at first"] == 2 and local.seen["BOOM once"] == 2
+    busy = local.arrivals["BUSY at first"]
+    assert busy[1] - busy[0] >= RETRY_AFTER, f"retried {busy[1] - busy[0]:.2f}s after a 429 asking for {RETRY_AFTER}s"
     assert local.peak <= 2 and local.peak == 2
     assert set(local.paths) == {"/v1/chat/completions"} and local.auth == {"Bearer ollama"}
 
 
-async def test_embeddings_batch(local: Local, tmp_path: Path) -> None:
+async def test_embeddings_batch(local: Local, db_url: str) -> None:
     body = struct_pb2.Struct()
     body.update({"model": "local/llama3.2", "input": "four words of input"})
-    db = f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+    db = db_url
     async with gateway(make_settings(db), router_for(local)) as (_, c):
         created = await c.create([batch_pb2.BatchRequestLine(custom_id="e", method="POST", url="/v1/embeddings",
                                                              body=body)], endpoint="/v1/embeddings")
@@ -168,7 +175,8 @@ async def test_execute_directly(local: Local) -> None:
                                                                                      "content": "BUSY now"}]})
     with pytest.raises(ProviderError) as info:
         await executor.execute(busy)
-    assert info.value.retryable and info.value.status_code == 429 and info.value.retry_after == pytest.approx(0.1)
+    assert info.value.retryable and info.value.status_code == 429
+    assert info.value.retry_after == pytest.approx(RETRY_AFTER)
     missing = await executor.execute(RequestLine(7, "z", "/v1/completions", {"model": "m", "prompt": "hi"}))
     assert not missing.ok and missing.status_code == 404 and missing.body is not None
     assert missing.body["error"]["message"] == "no route /v1/completions"

@@ -28,8 +28,9 @@ def fake(fake_server: ProviderFake) -> ProviderFake:  # noqa: F811
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+def db(db_url: str) -> str:
+    """Both backends (conftest's `db_url`)."""
+    return db_url
 
 
 async def test_full_batch(fake: ProviderFake, db: str) -> None:

@@ -3,6 +3,7 @@ sim provider) driven by a real gRPC client, for every RPC and every documented e
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,8 +19,8 @@ from service.providers.routing import DEFAULT_SIM_PRICE
 from service.runtime.server import App
 from service.storage.tables import BatchRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
-from tests.harness import KEY_A, KEY_B, Client, chat_line, gateway, make_settings, md
-from tests.rpc_errors import WireError, decode, expect_error
+from tests.harness import KEY_A, KEY_B, Client, chat_line, gateway, make_settings, md, request_dict
+from tests.rpc_errors import WireError, expect_error
 
 CHAT = "/v1/chat/completions"
 SIM_OUTPUT_TOKENS = 8
@@ -28,15 +29,15 @@ OPTIONAL_TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at"
 
 
 @pytest.fixture
-async def gw(sqlite_url: str) -> AsyncIterator[tuple[App, Client]]:
-    async with gateway(make_settings(sqlite_url)) as pair:
+async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
+    async with gateway(make_settings(db_url)) as pair:
         yield pair
 
 
 @pytest.fixture
-async def slow(sqlite_url: str) -> AsyncIterator[tuple[App, Client]]:
+async def slow(db_url: str) -> AsyncIterator[tuple[App, Client]]:
     """One line at a time, 250 ms each: work is reliably in flight."""
-    async with gateway(make_settings(sqlite_url, sim_latency_ms=250, executor_concurrency=1)) as pair:
+    async with gateway(make_settings(db_url, sim_latency_ms=250, executor_concurrency=1)) as pair:
         yield pair
 
 
@@ -182,9 +183,7 @@ async def test_list_batches_pages_newest_first(gw: tuple[App, Client]) -> None:
 
     everything = await c.stub.ListBatches(batch_pb2.ListBatchesRequest(), metadata=md())
     assert len(everything.data) == 7 and not everything.has_more and everything.object == "list"
-    assert set(b.id for b in everything.data) == set(ids)
-    keys = [(b.created_at, b.id) for b in everything.data]
-    assert keys == sorted(keys, reverse=True), "newest first, ties broken by id"
+    assert [b.id for b in everything.data] == ids[::-1], "newest first, in the order the batches were made"
 
     pages: list[batch_pb2.ListBatchesResponse] = []
     after = ""
@@ -381,7 +380,20 @@ VALIDATION_CASES: dict[str, tuple[Callable[[], batch_pb2.CreateBatchRequest], st
                          "metadata", "too_many_metadata_keys", None),
     "metadata value not a string": (lambda: batch_pb2.CreateBatchRequest(
         endpoint=CHAT, metadata=_meta(1, 5), requests=[_line()]), "metadata.k0", "invalid_metadata", None),
+    "custom_id of 513 characters": (lambda: batch_pb2.CreateBatchRequest(
+        endpoint=CHAT, requests=[_line("a"), _line("x" * 513)]), "requests[1].custom_id", "invalid_custom_id", None),
+    "metadata key of 65 characters": (lambda: batch_pb2.CreateBatchRequest(
+        endpoint=CHAT, metadata=_struct({"k" * 65: "v"}), requests=[_line()]),
+        "metadata", "invalid_metadata", None),
+    "metadata value of 513 characters": (lambda: batch_pb2.CreateBatchRequest(
+        endpoint=CHAT, metadata=_struct({"k": "v" * 513}), requests=[_line()]), "metadata.k", "invalid_metadata", None),
 }
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
 
 
 @pytest.mark.parametrize("case", list(VALIDATION_CASES))
@@ -403,26 +415,90 @@ async def test_validation_errors(gw: tuple[App, Client], case: str) -> None:
 
 
 async def test_exactly_the_limits_are_accepted(gw: tuple[App, Client]) -> None:
+    """Each documented limit, exactly: 16 metadata keys, a 64-character key, a 512-character
+    value, a 512-character custom_id (the ones just over are in VALIDATION_CASES)."""
     _, c = gw
     batch = await c.create([chat_line("a")], metadata=_meta(16), completion_window="24h")
     assert len(batch.metadata) == 16
+    long_id = "i" * 512
+    meta = {"k" * 64: "v" * 512}
+    batch = await c.create([chat_line(long_id)], metadata=_struct(meta))
+    assert dict(batch.metadata) == meta
+    done = await c.wait_for(batch.id)
+    assert done.status == "completed"
+    (result,) = await c.results(batch.id)
+    assert result.custom_id == long_id and result.status == "completed"
+    one = await c.stub.GetBatchResult(batch_pb2.GetBatchResultRequest(batch_id=batch.id, custom_id=long_id),
+                                      metadata=md())
+    assert one.custom_id == long_id
 
 
-async def test_input_file_id_unknown_file_is_unimplemented_or_not_found(gw: tuple[App, Client]) -> None:
-    """Until the Files API exists this is UNIMPLEMENTED; once it does, an unknown file is NOT_FOUND.
-    Either way a clear error naming the file parameter, and nothing stored."""
+async def test_exactly_50000_inline_requests_are_accepted(gw: tuple[App, Client]) -> None:
+    """The 50,000-request limit, exactly (50,001 is in VALIDATION_CASES). The engine is stopped:
+    this is about acceptance, not about running them."""
     app, c = gw
-    try:
-        await c.stub.CreateBatch(batch_pb2.CreateBatchRequest(endpoint=CHAT, input_file_id="file-doesnotexist"),
-                                 metadata=md())
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() in {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND}, exc
-        err = decode(exc)
-        assert err.message and err.envelope["code"]
-        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-            assert err.envelope["param"] == "input_file_id"
-    else:
-        raise AssertionError("an unknown input_file_id was accepted")
+    await app.engine.stop()
+    line = _line("x")
+    lines = []
+    for i in range(50_000):
+        copy = batch_pb2.BatchRequestLine()
+        copy.CopyFrom(line)
+        copy.custom_id = f"r{i}"
+        lines.append(copy)
+    batch = await c.create(lines)
+    assert batch.status == "validating" and batch.request_counts.total == 50_000
+    assert await row_counts(app) == (1, 50_000, 0)
+
+
+def _router_with_a_real_provider() -> Any:
+    """sim plus one more provider (another sim under the name `local`, serving `local-model`):
+    with a real provider configured, models no longer all fall back to sim."""
+    from adapters.sim import SimProvider
+    from service.providers.routing import SIM, ProviderEntry, Router
+
+    return Router({SIM: ProviderEntry(provider=SimProvider(SIM), default_price=DEFAULT_SIM_PRICE),
+                   "local": ProviderEntry(provider=SimProvider("local"), models={"local-model"},
+                                          default_price=DEFAULT_SIM_PRICE)})
+
+
+async def test_unknown_model_and_mixed_providers_are_rejected_at_create(db_url: str) -> None:
+    async with gateway(make_settings(db_url), _router_with_a_real_provider()) as (app, c):
+        cases = {
+            "unknown": ([chat_line("a", model="local-model"), chat_line("b", model="gpt-nope")],
+                        "requests[1].body.model", "model_not_found", ["gpt-nope"]),
+            "mixed": ([chat_line("a", model="sim/small"), chat_line("b", model="sim/other"),
+                       chat_line("c", model="local/local-model")],
+                      "requests[2].body.model", "mixed_providers", ["sim", "local"]),
+        }
+        for name, (lines, param, code, named) in cases.items():
+            err = await expect_error(c.stub.CreateBatch(batch_pb2.CreateBatchRequest(endpoint=CHAT, requests=lines),
+                                                        metadata=md()), grpc.StatusCode.INVALID_ARGUMENT)
+            assert (err.envelope["param"], err.envelope["code"]) == (param, code), name
+            for word in named:
+                assert word in err.message, (name, err.message)
+        assert await row_counts(app) == (0, 0, 0)
+
+        # The same lines from a file: the batch is created `failed`, with the file's line numbers.
+        bad = await c.upload(b"".join(json.dumps(line).encode() + b"\n" for line in (
+            request_dict("a", model="local-model"), request_dict("b", model="gpt-nope"),
+            request_dict("c", model="sim/x"))))
+        failed = await c.create([], input_file_id=bad.id)
+        assert failed.status == "failed" and failed.request_counts.total == 0
+        assert [(e.code, e.line) for e in failed.errors.data] == [("model_not_found", 2), ("mixed_providers", 3)]
+        # and a batch for one provider is fine
+        ok = await c.wait_for((await c.create([chat_line("a", model="local-model")])).id)
+        assert ok.status == "completed" and ok.provider == "local"
+
+
+async def test_input_file_id_of_an_unknown_file_is_not_found(gw: tuple[App, Client]) -> None:
+    """A clear NOT_FOUND naming the file parameter, and nothing stored."""
+    app, c = gw
+    err = await expect_error(c.stub.CreateBatch(
+        batch_pb2.CreateBatchRequest(endpoint=CHAT, input_file_id="file-doesnotexist"), metadata=md()),
+        grpc.StatusCode.NOT_FOUND)
+    assert (err.envelope["type"], err.envelope["param"], err.envelope["code"]) == (
+        "not_found_error", "input_file_id", "file_not_found")
+    assert "file-doesnotexist" in err.message
     assert await row_counts(app) == (0, 0, 0)
 
 
@@ -462,10 +538,10 @@ async def test_every_rpc_needs_a_known_key(gw: tuple[App, Client]) -> None:
             assert err.envelope["code"] == code, (rpc, what)
             assert KEY_A not in err.message
         # and the good key works (CancelBatch of a completed batch is a conflict, not an auth error)
-        try:
+        if rpc == "CancelBatch":
+            await expect_error(call(md(KEY_A)), grpc.StatusCode.FAILED_PRECONDITION)
+        else:
             await call(md(KEY_A))
-        except grpc.aio.AioRpcError as exc:
-            assert rpc == "CancelBatch" and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (await row_counts(app))[0] == 2  # only the two authenticated creates stored anything
 
 

@@ -13,9 +13,11 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,13 @@ from tests.e2e import (
     raw_json,
     slow_stack_fixture,  # noqa: F401  (the fixture `slow_stack`)
     sqlite_stack_fixture,  # noqa: F401  (the fixture `sqlite_stack`)
+    stack_logs_checked,  # noqa: F401  (autouse: the server's log is checked after each test)
     start_stack,
     vm_bytes,
 )
 from tests.harness import ROOT
 from tests.openapi_schemas import validate
+from tests.pg_server import PostgresServer
 from tests.test_envoy_edge import _start_edge
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -141,15 +145,22 @@ def grpc_batch(port: int, batch_id: str, key: str = KEY_A) -> batch_pb2.Batch:
 # --------------------------------------------------------------------------- stacks
 
 
+@pytest.fixture(scope="module")
+def pg_stack(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real stack on a PostgreSQL database of its own, shared by this module."""
+    name = f"e2e_{uuid.uuid4().hex}"
+    url = postgres_server.create_database(name)
+    try:
+        with start_stack(tmp_path_factory.mktemp("pg-stack"), url) as pg:
+            yield pg
+    finally:
+        postgres_server.drop_database(name)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
-def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    """The shared SQLite stack, or a stack of its own on a throwaway PostgreSQL database."""
-    if request.param == "sqlite":
-        yield request.getfixturevalue("sqlite_stack")
-        return
-    url: str = request.getfixturevalue("postgres_url")
-    with start_stack(tmp_path / "pg-stack", url) as pg:
-        yield pg
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The module's SQLite stack or its PostgreSQL one: the test runs on both."""
+    return request.getfixturevalue("sqlite_stack" if request.param == "sqlite" else "pg_stack")
 
 
 def test_banner_names_rest_url_and_key(sqlite_stack: Stack) -> None:
@@ -255,9 +266,7 @@ def test_list_auto_paginates_over_pages(sqlite_stack: Stack) -> None:
         pages.append(page)
     assert [len(p.data) for p in pages] == [2, 2, 1] and not pages[-1].has_more
     by_pages = [b.id for p in pages for b in p.data]
-    # Newest first; batches made within one second tie on created_at and then go by id, so
-    # only the set is fixed here, and that paging neither skips nor repeats.
-    assert sorted(by_pages) == sorted(made) and len(set(by_pages)) == 5
+    assert by_pages == made[::-1], "newest first, in the order the batches were made"
     seen = [b.id for b in client.batches.list(limit=2)]  # the SDK's auto-pagination
     assert seen == by_pages
     last = check("ListBatchesResponse", sqlite_stack.http(KEY_LIST).get(
@@ -312,8 +321,8 @@ def test_cancel_keeps_partial_results(slow_stack: Stack, sqlite_stack: Stack) ->
 # --------------------------------------------------------------------------- invalid input
 
 
-def test_file_not_matching_the_endpoint_fails_the_batch_with_line_errors(sqlite_stack: Stack) -> None:
-    client = sqlite_stack.sdk()
+def test_file_not_matching_the_endpoint_fails_the_batch_with_line_errors(stack: Stack) -> None:
+    client = stack.sdk()
     f, _ = upload(client, request_line("a") + request_line("b"))
     batch, body = create_batch(client, f.id, endpoint="/v1/embeddings")
     if batch.status != "failed":
@@ -330,8 +339,8 @@ def test_file_not_matching_the_endpoint_fails_the_batch_with_line_errors(sqlite_
     assert batch.output_file_id is None
 
 
-def test_bad_requests(sqlite_stack: Stack) -> None:
-    client = sqlite_stack.sdk()
+def test_bad_requests(stack: Stack) -> None:
+    client = stack.sdk()
     f, _ = upload(client, request_line("a"))
     expect_error(openai.BadRequestError, 400, client.batches.create, input_file_id=f.id, endpoint="/v1/images",
                  completion_window="24h", error_type="invalid_request_error", code="invalid_endpoint",
@@ -356,42 +365,98 @@ def test_more_than_50000_lines_is_413(sqlite_stack: Stack) -> None:
     assert "50000" in err.message
 
 
-def test_upload_over_200_mb_is_413_and_streams(sqlite_stack: Stack) -> None:
-    client = sqlite_stack.sdk()
-    line = request_line("big", pad=8 * 1024 - 150)
-    total = 200 * MiB + 4 * MiB
+def reset_peak_memory(pid: int) -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs resets the peak RSS), so a process's
+    peak is measured for what follows, not for whatever a shared process did before."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def exact_upload(total: int, line_bytes: int = 8192) -> GeneratedFile:
+    """A valid JSONL upload of exactly `total` bytes, generated as it is sent: lines of
+    `line_bytes` (the last one takes the remainder)."""
+    assert total % line_bytes < line_bytes and total // line_bytes <= 50_000
+
+    def line(i: int, size: int) -> bytes:
+        head = request_line(f"b{i:07d}", pad=1)
+        return request_line(f"b{i:07d}", pad=1 + size - len(head))
 
     def chunks() -> Iterator[bytes]:
-        block = line * 64
-        for i in range(0, total, len(block)):
-            yield block.replace(b'"big"', b'"b%07d"' % i, 1)[: total - i]
+        full, rest = divmod(total, line_bytes)
+        block: list[bytes] = []
+        for i in range(full - 1):
+            block.append(line(i, line_bytes))
+            if len(block) == 64:
+                yield b"".join(block)
+                block = []
+        block.append(line(full - 1, line_bytes + rest))
+        yield b"".join(block)
 
-    source = GeneratedFile("huge.jsonl", chunks())
+    return GeneratedFile("exact.jsonl", chunks())
+
+
+@pytest.mark.timeout(600)
+def test_exactly_200_mb_is_accepted_one_byte_more_is_413_and_neither_is_held_in_memory(sqlite_stack: Stack) -> None:
+    client = sqlite_stack.sdk()
+    pids = (("server", sqlite_stack.proc.pid), ("envoy", sqlite_stack.envoy_pid))
+
+    def assert_streamed() -> None:
+        # Neither process ever held the upload whole: each one's peak RSS stays under its size.
+        for name, pid in pids:
+            peak = vm_bytes(pid, "VmHWM")
+            assert peak < 160 * MiB, f"{name} peaked at {peak / MiB:.0f} MiB"
+
+    for _, pid in pids:
+        reset_peak_memory(pid)
+    source = exact_upload(200 * MiB)
+    f = client.files.create(file=source, purpose="batch")
+    assert source.sent == 200 * MiB and (f.bytes, f.status) == (200 * MiB, "processed")
+    assert_streamed()
+    client.files.delete(f.id)
+
+    for _, pid in pids:
+        reset_peak_memory(pid)
+    source = exact_upload(200 * MiB + 1)
     err = expect_error(openai.APIStatusError, 413, client.files.create, file=source, purpose="batch",
                        error_type="invalid_request_error", code="file_too_large", param="file")
     assert "200 MB" in err.message
     assert source.sent > 200 * MiB  # the server judged the bytes, not a declared length
-    # Neither process ever held the upload whole: each one's peak RSS stays under its size.
-    for name, pid in (("server", sqlite_stack.proc.pid), ("envoy", sqlite_stack.envoy_pid)):
-        assert vm_bytes(pid, "VmHWM") < 160 * MiB, f"{name} peaked at {vm_bytes(pid, 'VmHWM') / MiB:.0f} MiB"
+    assert_streamed()
+    assert f.id not in [x.id for x in client.files.list()]
 
 
 # --------------------------------------------------------------------------- auth and tenants
 
 
-def test_authentication_errors(sqlite_stack: Stack) -> None:
-    bad = sqlite_stack.sdk("sk-wrong")
+def test_authentication_errors(stack: Stack) -> None:
+    bad = stack.sdk("sk-wrong")
     expect_error(openai.AuthenticationError, 401, bad.batches.list, error_type="authentication_error",
                  code="invalid_api_key")
     expect_error(openai.AuthenticationError, 401, bad.files.create, file=("a.jsonl", request_line("a")),
                  purpose="batch", error_type="authentication_error", code="invalid_api_key")
-    r = sqlite_stack.http(key=None).get("/v1/batches")
+    r = stack.http(key=None).get("/v1/batches")
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
     check("ErrorResponse", r.json())
 
+    # The file routes too, with a wrong key (SDK) and with none (plain HTTP).
+    good = stack.sdk()
+    f, _ = upload(good, request_line("a"))
+    file_calls: list[Any] = [bad.files.list, lambda: bad.files.retrieve(f.id), lambda: bad.files.content(f.id),
+                             lambda: bad.files.delete(f.id)]
+    for call in file_calls:
+        expect_error(openai.AuthenticationError, 401, call, error_type="authentication_error", code="invalid_api_key")
+    anonymous = stack.http(key=None)
+    for method, path in (("GET", "/v1/files"), ("GET", f"/v1/files/{f.id}"), ("GET", f"/v1/files/{f.id}/content"),
+                         ("DELETE", f"/v1/files/{f.id}"), ("POST", "/v1/files")):
+        r = anonymous.request(method, path)
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        assert r.json()["error"]["code"] == "missing_api_key" and r.headers["content-type"] == "application/json"
+        check("ErrorResponse", r.json())
+    assert good.files.retrieve(f.id).id == f.id  # nothing was deleted
+    assert download_lines(good, f.id) == [json.loads(request_line("a"))]
 
-def test_tenants_are_isolated(sqlite_stack: Stack) -> None:
-    a, b = sqlite_stack.sdk(KEY_A), sqlite_stack.sdk(KEY_B)
+
+def test_tenants_are_isolated(stack: Stack) -> None:
+    a, b = stack.sdk(KEY_A), stack.sdk(KEY_B)
     f, _ = upload(a, request_line("mine"))
     batch, _ = wait_batch(a, create_batch(a, f.id)[0].id)
     nf = {"error_type": "not_found_error"}
@@ -411,14 +476,14 @@ def test_tenants_are_isolated(sqlite_stack: Stack) -> None:
     assert batch.id not in [x.id for x in b.batches.list()]
     assert f.id not in [x.id for x in b.files.list()]
     with pytest.raises(grpc.RpcError) as info:
-        grpc_batch(sqlite_stack.grpc_port, batch.id, key=KEY_B)
+        grpc_batch(stack.grpc_port, batch.id, key=KEY_B)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     # and A still has everything
     assert a.files.retrieve(f.id).id == f.id and a.batches.retrieve(batch.id).status == "completed"
 
 
-def test_unknown_ids_are_404(sqlite_stack: Stack) -> None:
-    client = sqlite_stack.sdk()
+def test_unknown_ids_are_404(stack: Stack) -> None:
+    client = stack.sdk()
     nf = {"error_type": "not_found_error"}
     expect_error(openai.NotFoundError, 404, client.batches.retrieve, "batch_nope", code="batch_not_found",
                  param="id", **nf)
@@ -442,6 +507,29 @@ def test_envoy_made_errors_on_the_real_stack(sqlite_stack: Stack) -> None:
     r = http.post("/v1/batches", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.headers["content-type"] == "application/json"
     check("ErrorResponse", r.json())
+
+
+@pytest.mark.logs_errors(r"Traceback", r"ERROR service\.edge\.grpc_errors: unexpected error in FileServicer")
+def test_an_internal_failure_is_a_500_envelope_that_leaks_nothing(sqlite_stack: Stack) -> None:
+    """The database under the real server breaks (a table it reads is gone): REST answers 500
+    with OpenAI's `server_error` envelope, no internals in it; the operator's log has the
+    traceback; the server keeps serving once the table is back."""
+    client = sqlite_stack.sdk()
+    f, _ = upload(client, request_line("a"))
+    db = sqlite3.connect(sqlite_stack.database_url.removeprefix("sqlite+aiosqlite:///"), timeout=30)
+    try:
+        db.execute("ALTER TABLE file_chunks RENAME TO file_chunks_moved_away")
+        db.commit()
+        err = expect_error(openai.InternalServerError, 500, client.files.content, f.id, error_type="server_error",
+                           code=None)
+        assert "file_chunks" not in err.message and "sqlite" not in err.message.lower()
+        assert "Traceback" not in err.response.text and "SELECT" not in err.response.text
+    finally:
+        db.execute("ALTER TABLE file_chunks_moved_away RENAME TO file_chunks")
+        db.commit()
+        db.close()
+    assert download_lines(client, f.id) == [json.loads(request_line("a"))]
+    assert "Traceback" in sqlite_stack.server_log.read_text()
 
 
 def test_inline_body_over_the_limit_is_413(sqlite_stack: Stack) -> None:

@@ -17,22 +17,22 @@ def router_with(*names: str) -> Router:
                                        default_price=DEFAULT_SIM_PRICE) for name in names})
 
 
-async def test_batch_for_an_unconfigured_provider_waits_then_finishes(sqlite_url: str,
+async def test_batch_for_an_unconfigured_provider_waits_then_finishes(db_url: str,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    settings = make_settings(sqlite_url)
+    settings = make_settings(db_url)
     async with gateway(settings, router_with(SIM, "local")) as (app, client):
         await app.engine.stop()  # accept the batch, run nothing
         batch = await client.create([chat_line("a", model="local/local-model")])
     assert batch.provider == "local"
 
     caplog.set_level(logging.WARNING, logger="service.engine.engine")
-    async with gateway(make_settings(sqlite_url), router_with(SIM)) as (_, client):
+    async with gateway(make_settings(db_url), router_with(SIM)) as (_, client):
         async def warned() -> bool:
             return "is not configured now" in caplog.text
         await until("a log line about the missing provider", warned, 10)
         assert (await client.get(batch.id)).status == "validating"
 
-    async with gateway(make_settings(sqlite_url), router_with(SIM, "local")) as (app, client):
+    async with gateway(make_settings(db_url), router_with(SIM, "local")) as (app, client):
         # The previous replica pushed the batch's next look a minute out; make it due now.
         await app.store.make_due(batch.id)
         app.engine.wake()

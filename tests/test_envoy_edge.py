@@ -352,8 +352,9 @@ def _sdk(url: str) -> openai.OpenAI:
 
 
 @pytest.fixture()
-def client(edge: Edge) -> openai.OpenAI:
-    return _sdk(edge.url)
+def client(edge: Edge) -> Iterator[openai.OpenAI]:
+    with _sdk(edge.url) as sdk:
+        yield sdk
 
 
 def _assert_ints(obj: dict[str, Any], *keys: str) -> None:
@@ -535,8 +536,8 @@ def test_envoy_local_replies_are_openai_envelopes(client: openai.OpenAI, http: h
 
 def test_upstream_down_is_a_503_envelope(down_edge: Edge, edge: Edge) -> None:
     assert edge.envoy.running and down_edge.envoy.running  # two Envoys side by side
-    with pytest.raises(openai.InternalServerError) as info:
-        _sdk(down_edge.url).batches.retrieve("batch_1")
+    with _sdk(down_edge.url) as sdk, pytest.raises(openai.InternalServerError) as info:
+        sdk.batches.retrieve("batch_1")
     assert info.value.status_code == 503 and info.value.type == "server_error"
     r = httpx.get(f"{down_edge.url}/v1/batches/batch_1")
     assert r.status_code == 503 and r.headers["content-type"] == "application/json"

@@ -89,7 +89,7 @@ def test_error_class_maps_to_code_envelope_and_error_info(cls: type[SluiceError]
 
     assert isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK
     assert message == "it went wrong"
-    want_code, want_type, want_http = EXPECTED.get(cls, (cls.grpc_code, cls.error_type, cls.http_status))
+    want_code, want_type, want_http = EXPECTED[cls]
     assert (code.name, err.error_type, err.http_status) == (want_code, want_type, want_http)
     assert (code.name, err.http_status) in CONTRACT[err.error_type], "errors.proto does not allow this pairing"
 
@@ -157,10 +157,11 @@ def _logged_traceback(caplog: pytest.LogCaptureFixture, rpc: str) -> logging.Log
     return record
 
 
+@pytest.mark.logs_errors(r"unexpected error in BatchServicer\.GetBatch .*RuntimeError: connection to")
 async def test_unexpected_exception_in_a_servicer_is_internal_and_logged(
-        sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="service.edge.grpc_errors")
-    async with gateway(make_settings(sqlite_url)) as (app, c):
+    async with gateway(make_settings(db_url)) as (app, c):
         batch = await c.create([chat_line("a")])
 
         async def broken(*_: Any, **__: Any) -> Any:
@@ -214,6 +215,8 @@ async def _read_all(call: Any) -> list[Any]:
     return [item async for item in call]
 
 
+@pytest.mark.logs_errors(r"unexpected error in _FlakyFiles\.GetFileContent .*RuntimeError: chunk read failed",
+                         r"unexpected error in _FlakyFiles\.UploadFile .*RuntimeError: disk full")
 async def test_streaming_errors_are_mapped_too(flaky_files: file_pb2_grpc.FileServiceStub,
                                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="service.edge.grpc_errors")

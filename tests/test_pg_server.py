@@ -172,10 +172,14 @@ async def _select_one(url: str) -> int:
 
 
 def test_cli_prints_url_and_stops_on_sigterm() -> None:
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "tests.pg_server"], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    ) as proc:
+        _check_cli(proc)
+
+
+def _check_cli(proc: subprocess.Popen[str]) -> None:
     try:
         assert proc.stdout is not None
         lines: dict[str, str] = {}

@@ -20,6 +20,23 @@ from tests.provider_fake import ProviderFake
 REPO = Path(__file__).resolve().parents[1]
 
 
+_OPEN: list[httpx.Client] = []
+
+
+def opened(*args: Any, **kwargs: Any) -> httpx.Client:
+    """An httpx client that the test which made it closes when it ends (see `close_clients`)."""
+    c = httpx.Client(*args, **kwargs)
+    _OPEN.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ProviderFake]:
     with ProviderFake() as fake:
@@ -56,7 +73,7 @@ def taken(fake: ProviderFake) -> list[str]:
 
 
 def oa(fake: ProviderFake, key: str | None = None) -> httpx.Client:
-    return httpx.Client(base_url=fake.url("openai"),
+    return opened(base_url=fake.url("openai"),
                         headers={"Authorization": f"Bearer {key or fake.key('openai')}"})
 
 
@@ -251,7 +268,7 @@ def test_openai_list_pagination(fake: ProviderFake) -> None:
 
 def test_azure_specifics(fake: ProviderFake) -> None:
     av = {"api-version": "2024-10-21"}
-    c = httpx.Client(base_url=fake.url("azure"), headers={"api-key": fake.key("azure")}, params=av)
+    c = opened(base_url=fake.url("azure"), headers={"api-key": fake.key("azure")}, params=av)
     assert httpx.get(fake.url("azure") + "/batches", headers={"api-key": fake.key("azure")}).status_code == 400
     assert taken(fake) == ["request: required query parameter 'api-version' is missing"]
     bad = httpx.get(fake.url("azure") + "/batches", headers={"api-key": "nope"}, params=av)
@@ -279,7 +296,7 @@ def test_azure_specifics(fake: ProviderFake) -> None:
 
 
 def test_groq_specifics(fake: ProviderFake) -> None:
-    c = httpx.Client(base_url=fake.url("groq"), headers={"Authorization": f"Bearer {fake.key('groq')}"})
+    c = opened(base_url=fake.url("groq"), headers={"Authorization": f"Bearer {fake.key('groq')}"})
     data = jsonl([chat_line("a", "hi", model="llama-3.1-8b-instant")])
     assert c.post("/files", files={"file": ("in.jsonl", data)}, data={"purpose": "fine-tune"}).status_code == 400
     up = c.post("/files", files={"file": ("in.jsonl", data)}, data={"purpose": "batch"}).json()
@@ -302,7 +319,7 @@ def test_groq_specifics(fake: ProviderFake) -> None:
 
 
 def test_together(fake: ProviderFake) -> None:
-    c = httpx.Client(base_url=fake.url("together"), headers={"Authorization": f"Bearer {fake.key('together')}"})
+    c = opened(base_url=fake.url("together"), headers={"Authorization": f"Bearer {fake.key('together')}"})
     rows = [{"custom_id": "a", "body": {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}},
             {"custom_id": "b", "body": {"model": "m", "messages": [{"role": "user", "content": "FAIL"}]}}]
     assert c.post("/files/upload", files={"file": ("i.jsonl", jsonl(rows))},
@@ -337,7 +354,7 @@ AB = "/v1/messages/batches"
 def an(fake: ProviderFake, **headers: str) -> httpx.Client:
     h = {"x-api-key": fake.key("anthropic"), "anthropic-version": "2023-06-01"}
     h.update(headers)
-    return httpx.Client(base_url=fake.url("anthropic"), headers=h)
+    return opened(base_url=fake.url("anthropic"), headers=h)
 
 
 def an_req(cid: str, text: str) -> dict[str, Any]:
@@ -381,7 +398,7 @@ def test_anthropic_validation_and_auth(fake: ProviderFake) -> None:
     r = an(fake, **{"x-api-key": "bad"}).get(AB)
     assert r.status_code == 401
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
-    c = httpx.Client(base_url=fake.url("anthropic"), headers={"x-api-key": fake.key("anthropic")})
+    c = opened(base_url=fake.url("anthropic"), headers={"x-api-key": fake.key("anthropic")})
     assert c.get(AB).status_code == 400  # anthropic-version missing
     c = an(fake)
     r = c.post(AB, json={"requests": [an_req("bad.id:1", "x")]})
@@ -425,7 +442,7 @@ def test_anthropic_cancel_expire_eventual_404_and_list(fake: ProviderFake) -> No
 
 
 def gm(fake: ProviderFake) -> httpx.Client:
-    return httpx.Client(base_url=fake.url("gemini"), headers={"x-goog-api-key": fake.key("gemini")})
+    return opened(base_url=fake.url("gemini"), headers={"x-goog-api-key": fake.key("gemini")})
 
 
 def g_req(text: str) -> dict[str, Any]:
@@ -531,7 +548,7 @@ def test_gemini_cancel_expire_fail_auth_list(fake: ProviderFake) -> None:
 
 
 def test_mistral(fake: ProviderFake) -> None:
-    c = httpx.Client(base_url=fake.url("mistral"), headers={"Authorization": f"Bearer {fake.key('mistral')}"})
+    c = opened(base_url=fake.url("mistral"), headers={"Authorization": f"Bearer {fake.key('mistral')}"})
     rows = [{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "hi there"}]}},
             {"custom_id": "b", "body": {"messages": [{"role": "user", "content": "FAIL"}]}}]
     up = c.post("/files", files={"file": ("in.jsonl", jsonl(rows))}, data={"purpose": "batch"}).json()
@@ -572,9 +589,13 @@ def test_mistral(fake: ProviderFake) -> None:
 
 
 def test_subprocess_mode() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.provider_fake", "--port", "0"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with subprocess.Popen([sys.executable, "-m", "tests.provider_fake", "--port", "0"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        _run_subprocess_fake(proc)
+
+
+def _run_subprocess_fake(proc: subprocess.Popen[str]) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

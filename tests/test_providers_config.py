@@ -43,9 +43,28 @@ def test_without_keys_everything_goes_to_sim(monkeypatch: pytest.MonkeyPatch) ->
     assert router.resolve("sim/demo") == Route(SIM, "demo")
 
 
-def test_only_providers_with_keys_are_active_and_sim_stays_reachable() -> None:
+async def test_only_providers_with_keys_are_active_and_sim_stays_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.providers.registry import build_router
+
     entries = load_entries(EXAMPLE, {"ANTHROPIC_API_KEY": "k"})
     assert list(entries) == ["anthropic"]
+    await Router(entries).aclose()
+
+    for name in KEYS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    router = build_router(EXAMPLE)
+    try:
+        assert list(router.entries) == [SIM, "anthropic"]
+        # sim/... still goes to sim, and only to sim, now that a real provider is active
+        assert router.resolve("sim/demo") == Route(SIM, "demo")
+        assert router.resolve("claude-haiku-4-5") == Route("anthropic", "claude-haiku-4-5")
+        # a model of a provider without a key is unknown, no longer silently simulated
+        for model in ("gpt-4o-mini", "openai/gpt-4o-mini", "fast", "no-such-model"):
+            with pytest.raises(UnknownModel):
+                router.resolve(model)
+    finally:
+        await router.aclose()
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -13,47 +13,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import delete, select
 from sqlalchemy.util import await_only
 
 from adapters.openai import OpenAIAdapter
 from service.domain.model import BatchStatus
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
-from service.storage.tables import BatchRow, FileChunkRow, FileRow
+from service.storage.tables import BatchRow, FileChunkRow, FileRow, ResultRow
+from tests.db_hooks import before_lease_update
 from tests.harness import chat_line, gateway, make_settings, until
 from tests.native_scenarios import Flavor, make_router
 from tests.provider_fake import ProviderFake
 from tests.test_store import new_batch
 
 OPENAI = Flavor("openai", OpenAIAdapter, "gpt-4o-mini", detailed_usage=True)
-
-
-def _lease_update_batch(statement: str, parameters: Any) -> str | None:
-    """The batch id a statement leases, if it is the claim's lease UPDATE (sets `lease_owner`
-    under a condition on `lease_until`, which `release` and `renew` do not have)."""
-    flat = " ".join(statement.split()).lower()
-    if not (flat.startswith("update batches set lease_owner") and "lease_until <" in flat):
-        return None
-    values = parameters.values() if isinstance(parameters, dict) else parameters
-    return next((v for v in values if isinstance(v, str) and v.startswith("batch_")), None)
-
-
-def before_lease_update(engine: AsyncEngine, action: Callable[[Any, str], None]) -> Callable[[], None]:
-    """Run `action(connection, batch_id)` just before each lease UPDATE on `engine` is sent
-    (inside the claim's own transaction). Returns a function that removes the hook."""
-    def hook(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        batch_id = _lease_update_batch(statement, parameters)
-        if batch_id is not None:
-            action(conn, batch_id)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", hook)
-    return lambda: event.remove(engine.sync_engine, "before_cursor_execute", hook)
 
 
 async def test_claim_never_leases_a_batch_that_ended_after_it_was_chosen(db_url: str) -> None:
@@ -100,6 +77,7 @@ async def _file_rows(store: Store, file_ids: list[str]) -> dict[str, tuple[Any, 
     return out
 
 
+@pytest.mark.timeout(300)
 async def test_a_second_replica_never_refinalizes_an_ended_native_batch(
         db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Replica A drives the batches; replica B's lease UPDATE of a batch it chose is held until
@@ -162,3 +140,22 @@ async def _true(value: bool) -> bool:
 async def _leased_by(store: Store, owner: str) -> list[str]:
     async with store.sessions() as s:
         return list((await s.scalars(select(BatchRow.id).where(BatchRow.lease_owner == owner))).all())
+
+
+async def test_the_finalizer_leaves_an_ended_batchs_files_alone(db_url: str) -> None:
+    """OutputFiles called again for a batch that has ended (a late step of a replica whose lease
+    ran out) answers with the files the batch has and writes nothing."""
+    from service.engine.output_files import OutputFiles
+    from service.storage.repository import OutputFileIds
+
+    async with gateway(make_settings(db_url)) as (app, c):
+        batch = await c.wait_for((await c.create([chat_line("a"), chat_line("b", "SIM_FAIL")])).id)
+        assert batch.status == "completed"
+        files = [batch.output_file_id, batch.error_file_id]
+        before = await _file_rows(app.store, files)
+        row = await app.store.engine_batch(batch.id)
+        async with app.store.sessions.begin() as s:  # so that a rewrite could not look like the original
+            await s.execute(delete(ResultRow).where(ResultRow.batch_id == batch.id))
+        fields = await OutputFiles(app.store)(row)
+        assert fields == OutputFileIds(output_file_id=batch.output_file_id, error_file_id=batch.error_file_id)
+        assert await _file_rows(app.store, files) == before

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from dataclasses import replace
 
 from sqlalchemy import func, select
 
 from adapters.openai import OpenAIAdapter
+from adapters.sim import SimProvider
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.storage.tables import ResultRow
 from tests.harness import chat_line, gateway, make_settings
 from tests.native_scenarios import Flavor, make_router
 from tests.provider_fake import ProviderFake
 
 
+def sim_router(latency_ms: float) -> tuple[Router, SimProvider]:
+    sim = SimProvider(SIM, options={"latency_ms": latency_ms, "concurrency": 2})
+    sim.executions = Counter()
+    return Router({SIM: ProviderEntry(provider=sim, default_price=DEFAULT_SIM_PRICE)}), sim
+
+
 async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None:
-    # Slow enough that both replicas are busy at once, so leases really are contended.
-    settings = make_settings(db_url, sim_latency_ms=20, executor_concurrency=2)
-    async with gateway(settings) as (app_a, client_a), gateway(
-            make_settings(db_url, sim_latency_ms=20, executor_concurrency=2, replica_id="replica-b")) as (_, client_b):
+    """Each line is executed exactly once, counted where it is executed (each replica's own sim),
+    and both replicas take part: each may drive one batch at a time, so neither can take it all."""
+    (router_a, sim_a), (router_b, sim_b) = sim_router(20), sim_router(20)
+    async with gateway(make_settings(db_url), router_a) as (app_a, client_a), \
+            gateway(make_settings(db_url, replica_id="replica-b"), router_b) as (app_b, client_b):
+        for app in (app_a, app_b):
+            app.engine.settings = replace(app.engine.settings, max_parallel_batches=1)
         created = []
         for n in range(6):
             client = client_a if n % 2 else client_b
@@ -36,6 +49,15 @@ async def test_two_replicas_finish_every_batch_exactly_once(db_url: str) -> None
         async with app_a.store.sessions() as session:
             stored = await session.scalar(select(func.count()).select_from(ResultRow))
         assert stored == 6 * 8
+
+    assert sim_a.executions is not None and sim_b.executions is not None
+    executed = sim_a.executions + sim_b.executions
+    expected = {f"b{n}-r{i}" for n in range(6) for i in range(8)}
+    assert set(executed) == expected
+    twice = {cid: k for cid, k in executed.items() if k != 1}
+    assert not twice, f"lines executed more than once: {twice}"
+    assert sim_a.executions and sim_b.executions, "one replica did all the work"
+    assert not set(sim_a.executions) & set(sim_b.executions)
 
 
 async def test_two_replicas_submit_each_native_batch_once(db_url: str) -> None:

@@ -518,10 +518,6 @@ class Store:
             if len(ids) < 100:
                 return removed
 
-    async def delete_file(self, project: str, file_id: str) -> None:
-        await self.get_file(project, file_id)
-        await self.discard_file(file_id)
-
     async def iter_file_chunks(self, file_id: str) -> AsyncIterator[bytes]:
         """The content, one stored chunk (≤1 MiB) at a time, each read in its own query."""
         seq = -1

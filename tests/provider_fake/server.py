@@ -275,6 +275,7 @@ class ProviderFake:
     def handle(self, req: Request) -> Response:
         if req.path.startswith("/_fake/"):
             return self.control(req)
+        arrived = time.monotonic()
         name = req.path.split("/")[1] if req.path.count("/") >= 1 else ""
         prov = self.providers.get(name)
         if prov is None:
@@ -293,7 +294,7 @@ class ProviderFake:
         if fault is not None:
             resp = self._faulted(prov, req, fault)
             if resp is not None:
-                self._log(name, req, resp.status, True, target)
+                self._log(name, req, resp.status, True, target, arrived)
                 return resp
         with self.store.lock:
             self.store.off_spec = False
@@ -301,7 +302,7 @@ class ProviderFake:
             if prov.spec is not None and not self.store.off_spec:
                 self.store.violations += prov.spec.check_response(req.method, req.path, resp.status, resp.headers,
                                                                   resp.body)
-            self._log(name, req, resp.status, False, target)
+            self._log(name, req, resp.status, False, target, arrived)
         return resp
 
     def _faulted(self, prov: Provider, req: Request, fault: Fault) -> Response | None:
@@ -326,11 +327,13 @@ class ProviderFake:
                 if float(fault.retry_after).is_integer() else str(fault.retry_after)
         return resp
 
-    def _log(self, provider: str, req: Request, status: int, fault: bool, target: Target) -> None:
+    def _log(self, provider: str, req: Request, status: int, fault: bool, target: Target, arrived: float) -> None:
+        """`at` is when the request arrived (time.monotonic()), so tests can measure the gaps a
+        client left between requests (Retry-After, backoff)."""
         with self.store.lock:
             self.store.log.append({"provider": provider, "method": req.method, "path": req.path,
                                    "status": status, "fault": fault, "batch": target.batch_id,
-                                   "kind": target.kind})
+                                   "kind": target.kind, "at": arrived})
 
 
 class _Handler(BaseHTTPRequestHandler):
