@@ -21,11 +21,13 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from service.domain.events import ALL_WEBHOOK_EVENT_TYPES
-from service.domain.model import BatchStatus, now
+from service.domain.events import ALL_WEBHOOK_EVENT_TYPES, TERMINAL_WEBHOOK_EVENT_TYPES, thresholds_passed
+from service.domain.model import BatchStatus, LineOutcome, ResultStatus, now
 from service.engine.webhooks import (
     DestinationPolicy,
     DestinationRefused,
@@ -111,7 +113,7 @@ def test_config_rejects_what_it_cannot_use() -> None:
     good = {"id": "ops", "url": "https://hooks.example.com/x"}
     config = parse_webhooks({"webhooks": [good]}, {})
     (spec,) = config.endpoints
-    assert spec == EndpointSpec("ops", "default", "https://hooks.example.com/x", ALL_WEBHOOK_EVENT_TYPES, None)
+    assert spec == EndpointSpec("ops", "default", "https://hooks.example.com/x", TERMINAL_WEBHOOK_EVENT_TYPES, None)
     cases: list[tuple[Any, str]] = [
         ({"webhooks": [{**good, "url": "ftp://x"}]}, "url must be an http"),
         ({"webhooks": [{**good, "id": "has space"}]}, "id must be"),
@@ -120,6 +122,12 @@ def test_config_rejects_what_it_cannot_use() -> None:
         ({"webhooks": [{**good, "secret": "whsec_c2hvcnQ="}]}, "at least 24 bytes"),
         ({"webhooks": [{**good, "secret_env": "NOT_SET_ANYWHERE"}]}, "NOT_SET_ANYWHERE, which is not set"),
         ({"webhooks": [{**good, "colour": "red"}]}, "unknown keys"),
+        ({"webhooks": [{**good, "progress_thresholds": [0, 50]}]}, "whole percents from 1 to 99"),
+        ({"webhooks": [{**good, "progress_thresholds": [100]}]}, "whole percents from 1 to 99"),
+        ({"webhooks": [{**good, "progress_thresholds": [12.5]}]}, "whole percents from 1 to 99"),
+        ({"webhooks": [{**good, "progress_thresholds": []}]}, "whole percents from 1 to 99"),
+        ({"webhooks": [{**good, "events": ["batch.completed"], "progress_thresholds": [50]}]},
+         "does not list batch.progress"),
         ({"webhooks": [good], "allow_networks": ["localhost"]}, "is not a network"),
         ({"webhooks": [good], "delivery": {"poll_seconds": -1}}, "positive number"),
         # Literal non-public addresses are refused at start-up: no attempt could ever succeed.
@@ -134,6 +142,31 @@ def test_config_rejects_what_it_cannot_use() -> None:
     assert secret_from_env.endpoints[0].secret == SECRET
     allowed = parse_webhooks({"webhooks": [{**good, "url": "http://127.0.0.1:9/x"}], "allow_networks": LOOPBACK}, {})
     assert allowed.endpoints[0].url == "http://127.0.0.1:9/x"
+
+
+def test_progress_thresholds_in_the_config() -> None:
+    good = {"id": "ops", "url": "https://hooks.example.com/x"}
+    (spec,) = parse_webhooks({"webhooks": [{**good, "progress_thresholds": [75, 25, 25]}]}, {}).endpoints
+    assert spec.event_types == (*TERMINAL_WEBHOOK_EVENT_TYPES, "batch.progress")  # thresholds ask for the event
+    assert spec.progress_thresholds == (25, 75)
+    (spec,) = parse_webhooks({"webhooks": [{**good, "events": ["batch.progress"]}]}, {}).endpoints
+    assert spec.event_types == ("batch.progress",) and spec.progress_thresholds == (25, 50, 75)  # the default
+    (spec,) = parse_webhooks({"webhooks": [good]}, {}).endpoints
+    assert "batch.progress" not in spec.event_types and spec.progress_thresholds == ()
+
+
+@given(total=st.integers(1, 500), steps=st.lists(st.integers(0, 60), max_size=40),
+       thresholds=st.sets(st.integers(1, 99), min_size=1, max_size=6))
+def test_each_threshold_is_passed_exactly_once(total: int, steps: list[int], thresholds: set[int]) -> None:
+    """However the ended lines grow (one result at a time, pages, a native batch's counts jumping),
+    the thresholds passed on the way are each reported once, in order, and only once reached."""
+    ended, seen = 0, []
+    for step in steps:
+        after = min(total, ended + step)
+        seen += thresholds_passed(ended, after, total, thresholds)
+        ended = after
+    assert seen == sorted(t for t in thresholds if t * total <= ended * 100)
+    assert thresholds_passed(ended, ended, total, thresholds) == []
 
 
 @pytest.mark.parametrize("address", ["10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "169.254.169.254",
@@ -209,6 +242,47 @@ async def test_the_transaction_that_ends_a_batch_writes_its_event(store: Store) 
     assert event.type == "batch.failed"
 
 
+async def test_progress_events_are_written_with_the_counts_that_pass_a_threshold(store: Store) -> None:
+    """Executor batches: in the transaction that stores results. Native batches: in the one that
+    records the provider's counts, read again or not. Only endpoints that asked get them."""
+    hooks = WebhookStore(store.engine)
+    await hooks.sync_endpoints([
+        EndpointSpec("halves", "alpha", "https://a.example/h", ("batch.progress",), SECRET, (50,)),
+        EndpointSpec("quarters", "alpha", "https://b.example/h", ALL_WEBHOOK_EVENT_TYPES, SECRET, (25, 50, 75)),
+        EndpointSpec("ends-only", "alpha", "https://c.example/h", TERMINAL_WEBHOOK_EVENT_TYPES, SECRET),
+    ], lambda: SECRET)
+
+    def progress(rows: tuple[list[WebhookEventRow], list[WebhookDeliveryRow]]) -> dict[int | None, list[str]]:
+        events, deliveries = rows
+        by_event = {e.id: e.progress for e in events}
+        found: dict[int | None, list[str]] = {}
+        for d in deliveries:
+            found.setdefault(by_event[d.event_id], []).append(d.endpoint_id)
+        return {k: sorted(v) for k, v in found.items()}
+
+    batch = await store.create_batch(batch_row(), requests(4))
+    await store.store_results(batch.id, [LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {})])
+    assert progress(await outbox(store, batch.id)) == {25: ["quarters"]}
+    await store.store_results(batch.id, [LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {})])  # stored already
+    await store.store_results(batch.id, [LineOutcome(i, f"r{i}", ResultStatus.FAILED, 500, {}) for i in (1, 2)])
+    assert progress(await outbox(store, batch.id)) == {25: ["quarters"], 50: ["halves", "quarters"],
+                                                       75: ["quarters"]}
+    events, _ = await outbox(store, batch.id)
+    assert {e.id for e in events} == {f"{event_id_for(batch.id)}_p{t}" for t in (25, 50, 75)}
+    assert all(e.type == "batch.progress" for e in events)
+
+    native = await store.create_batch(batch_row(), requests(4))
+    await store.record_provider_batch_id(native.id, "pb-1")
+    await store.record_provider_status(native.id, "in_progress", 0, 0)
+    assert await outbox(store, native.id) == ([], [])
+    await store.record_provider_status(native.id, "in_progress", 2, 0)
+    await store.record_provider_status(native.id, "in_progress", 2, 0)  # the same counts, polled again
+    assert progress(await outbox(store, native.id)) == {25: ["quarters"], 50: ["halves", "quarters"]}
+    # Its results, stored when the provider's batch ended, are not progress a second time.
+    await store.store_results(native.id, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {}) for i in range(4)])
+    assert progress(await outbox(store, native.id)) == {25: ["quarters"], 50: ["halves", "quarters"]}
+
+
 async def test_no_event_without_the_status_and_no_status_without_the_event(store: Store) -> None:
     """If the outbox insert fails, the batch does not move: one transaction."""
     batch = await store.create_batch(batch_row(status="in_progress", in_progress_at=now()), requests(1))
@@ -273,6 +347,22 @@ async def test_each_ending_gives_one_verified_event_after_two_500s(tmp_path: Pat
                 assert [a.HasField("error") for a in d.attempts] == [True, True, False]
                 assert "HTTP 500" in d.attempts[0].error
         assert len(rx.accepted()) == 4  # nothing more arrived while shutting down
+
+
+async def test_progress_thresholds_arrive_once_each_and_signed(tmp_path: Path, sqlite_url: str) -> None:
+    with WebhookReceiver(SECRET) as rx:
+        config = write_config(tmp_path / "webhooks.yaml", [endpoint(rx.url, progress_thresholds=[25, 50])])
+        settings = make_settings(sqlite_url, webhooks_file=config, sim_latency_ms=20, executor_concurrency=1)
+        async with gateway(settings) as (_, c):
+            batch = await c.wait_for((await c.create([chat_line(f"c{i}") for i in range(8)])).id)
+            assert batch.status == "completed"
+            await until("three accepted events", accepted(rx, 3), timeout=60)
+    events = sorted((d.payload for d in rx.accepted() if d.payload), key=lambda p: p["data"].get("progress", 100))
+    assert [(p["type"], p["data"]) for p in events] == [
+        ("batch.progress", {"id": batch.id, "progress": 25}), ("batch.progress", {"id": batch.id, "progress": 50}),
+        ("batch.completed", {"id": batch.id})]
+    assert len({p["id"] for p in events}) == 3
+    assert all(a.verified for d in rx.accepted() for a in rx.of(d.webhook_id))
 
 
 async def test_delivery_survives_a_restart_between_the_end_and_the_delivery(
@@ -419,8 +509,8 @@ def test_deliveries_over_rest_through_envoy(tmp_path: Path) -> None:
             endpoints = http.get("/v1/webhook_endpoints").json()
             other = stack.http(KEY_B).get("/v1/webhook_endpoints/receiver/deliveries")
     assert endpoints == {"object": "list", "data": [{
-        "id": "receiver", "object": "webhook_endpoint", "url": rx.url, "event_types": list(ALL_WEBHOOK_EVENT_TYPES),
-        "enabled": True, "created_at": endpoints["data"][0]["created_at"]}]}
+        "id": "receiver", "object": "webhook_endpoint", "url": rx.url, "event_types": list(TERMINAL_WEBHOOK_EVENT_TYPES),
+        "enabled": True, "created_at": endpoints["data"][0]["created_at"], "progress_thresholds": []}]}
     (d,) = data
     assert d["batch_id"] == batch["id"] and d["event_type"] == "batch.completed" and d["id"].startswith("evt_")
     assert [(a["attempt"], a.get("status_code")) for a in d["attempts"]] == [(1, 500), (2, 200)]

@@ -23,14 +23,32 @@ WEBHOOK_EVENT_TYPES: dict[BatchStatus, str] = {
     BatchStatus.EXPIRED: "batch.expired",
     BatchStatus.CANCELLED: "batch.cancelled",
 }
-ALL_WEBHOOK_EVENT_TYPES = tuple(WEBHOOK_EVENT_TYPES.values())
+TERMINAL_WEBHOOK_EVENT_TYPES = tuple(WEBHOOK_EVENT_TYPES.values())
+# Sluice's own event: a running batch passed one of the progress thresholds an endpoint asked for.
+PROGRESS_EVENT_TYPE = "batch.progress"
+ALL_WEBHOOK_EVENT_TYPES = (*TERMINAL_WEBHOOK_EVENT_TYPES, PROGRESS_EVENT_TYPE)
+DEFAULT_PROGRESS_THRESHOLDS = (25, 50, 75)
 
 
-def webhook_payload(event_id: str, event_type: str, created_at: int, batch_id: str) -> dict[str, Any]:
+def webhook_payload(event_id: str, event_type: str, created_at: int, batch_id: str,
+                    progress: int | None = None) -> dict[str, Any]:
     """OpenAI's webhook event object. The `id` doubles as the Standard Webhooks `webhook-id`, so
-    every attempt to deliver the same event carries the same id and receivers can deduplicate."""
-    return {"id": event_id, "object": "event", "type": event_type, "created_at": created_at,
-            "data": {"id": batch_id}}
+    every attempt to deliver the same event carries the same id and receivers can deduplicate.
+    A progress event adds the threshold it passed (`data.progress`, in percent of the lines)."""
+    data: dict[str, Any] = {"id": batch_id}
+    if progress is not None:
+        data["progress"] = progress
+    return {"id": event_id, "object": "event", "type": event_type, "created_at": created_at, "data": data}
+
+
+def thresholds_passed(before: int, after: int, total: int, thresholds: Collection[int]) -> list[int]:
+    """The thresholds (percent of `total` lines ended) that a batch passed when its ended lines
+    went from `before` to `after`: each one exactly once over any sequence of increases, since
+    the intervals (before, after] of successive updates do not overlap. 100 is never a threshold
+    (the terminal event says it)."""
+    if total <= 0 or after <= before:
+        return []
+    return sorted(t for t in thresholds if 0 < t < 100 and before * 100 < t * total <= after * 100)
 
 
 class WatchEvent(StrEnum):

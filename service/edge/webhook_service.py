@@ -21,7 +21,8 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 def endpoint_message(row: WebhookEndpointRow) -> webhook_pb2.WebhookEndpoint:
     return webhook_pb2.WebhookEndpoint(id=row.id, object="webhook_endpoint", url=row.url,
                                        event_types=row.event_types.split(","), enabled=row.enabled,
-                                       created_at=row.created_at)
+                                       created_at=row.created_at,
+                                       progress_thresholds=[int(t) for t in row.progress_thresholds.split(",") if t])
 
 
 def delivery_message(record: DeliveryRecord) -> webhook_pb2.WebhookDelivery:

@@ -38,7 +38,13 @@ import httpx
 import yaml
 from standardwebhooks.webhooks import Webhook
 
-from service.domain.events import ALL_WEBHOOK_EVENT_TYPES, webhook_payload
+from service.domain.events import (
+    ALL_WEBHOOK_EVENT_TYPES,
+    DEFAULT_PROGRESS_THRESHOLDS,
+    PROGRESS_EVENT_TYPE,
+    TERMINAL_WEBHOOK_EVENT_TYPES,
+    webhook_payload,
+)
 from service.domain.model import now
 from service.storage.webhooks import DELIVERED, FAILED, PENDING, AttemptOutcome, DeliveryJob, EndpointSpec, WebhookStore
 
@@ -143,7 +149,7 @@ def _delivery(raw: Any, where: str) -> DeliverySettings:
 def _endpoint(item: Any, environ: Mapping[str, str], where: str) -> EndpointSpec:
     if not isinstance(item, dict):
         raise WebhookConfigError(f"{where}: expected a mapping with id and url")
-    unknown = set(item) - {"id", "project", "url", "events", "secret", "secret_env"}
+    unknown = set(item) - {"id", "project", "url", "events", "progress_thresholds", "secret", "secret_env"}
     if unknown:
         raise WebhookConfigError(f"{where}: unknown keys {sorted(unknown)}")
     endpoint_id = str(item.get("id") or "")
@@ -153,10 +159,18 @@ def _endpoint(item: Any, environ: Mapping[str, str], where: str) -> EndpointSpec
     parsed = httpx.URL(url) if url else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise WebhookConfigError(f"{where}: url must be an http:// or https:// URL, got {url!r}")
-    events = item.get("events") or list(ALL_WEBHOOK_EVENT_TYPES)
+    events = item.get("events") or list(TERMINAL_WEBHOOK_EVENT_TYPES)
     if not isinstance(events, list) or not events or any(e not in ALL_WEBHOOK_EVENT_TYPES for e in events):
         raise WebhookConfigError(f"{where}: events must be a list of {', '.join(ALL_WEBHOOK_EVENT_TYPES)}; "
                                  f"got {events!r}")
+    thresholds = _thresholds(item.get("progress_thresholds"), where)
+    if thresholds and PROGRESS_EVENT_TYPE not in events:
+        if item.get("events"):
+            raise WebhookConfigError(f"{where}: progress_thresholds is set but events does not list "
+                                     f"{PROGRESS_EVENT_TYPE}")
+        events = [*events, PROGRESS_EVENT_TYPE]  # thresholds alone ask for progress events
+    if PROGRESS_EVENT_TYPE in events and not thresholds:
+        thresholds = DEFAULT_PROGRESS_THRESHOLDS
     secret = item.get("secret")
     if item.get("secret_env"):
         secret = environ.get(str(item["secret_env"]))
@@ -172,7 +186,18 @@ def _endpoint(item: Any, environ: Mapping[str, str], where: str) -> EndpointSpec
             raise WebhookConfigError(f"{where}: secret must be 'whsec_' and at least 24 bytes in base64 "
                                      "(leave it out and Sluice generates one)")
     return EndpointSpec(id=endpoint_id, project=str(item.get("project") or "default"), url=url,
-                        event_types=tuple(dict.fromkeys(events)), secret=secret)
+                        event_types=tuple(dict.fromkeys(events)), secret=secret, progress_thresholds=thresholds)
+
+
+def _thresholds(value: Any, where: str) -> tuple[int, ...]:
+    """Percent of a batch's lines ended, each a whole number from 1 to 99."""
+    if value is None:
+        return ()
+    if (not isinstance(value, list) or not value
+            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 < t < 100 for t in value)):
+        raise WebhookConfigError(f"{where}: progress_thresholds must be a list of whole percents from 1 to 99, "
+                                 f"got {value!r}")
+    return tuple(sorted(set(value)))
 
 
 # --------------------------------------------------------------------------- destinations
@@ -335,7 +360,7 @@ class WebhookDispatcher:
     async def attempt(self, job: DeliveryJob) -> AttemptOutcome:
         """One signed POST of the event to the endpoint, and what follows from its answer."""
         event, attempt = job.event, job.delivery.attempts + 1
-        payload = json.dumps(webhook_payload(event.id, event.type, event.created_at, event.batch_id),
+        payload = json.dumps(webhook_payload(event.id, event.type, event.created_at, event.batch_id, event.progress),
                              separators=(",", ":"))
         attempted_at, started = now(), time.monotonic()
         status_code: int | None = None

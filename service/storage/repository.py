@@ -41,7 +41,7 @@ from service.domain.model import (
 )
 from service.storage.db import Sessions
 from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
-from service.storage.webhooks import record_batch_ended
+from service.storage.webhooks import record_batch_ended, record_progress
 
 INSERT_CHUNK = 500
 INSERT_CHUNK_BYTES = 8 * 1024 * 1024  # a chunk of request rows is flushed at 500 rows or 8 MiB of bodies
@@ -344,9 +344,17 @@ class Store:
 
     async def record_provider_status(self, batch_id: str, raw_status: str, completed: int | None,
                                      failed: int | None) -> None:
-        """What the provider last said about a native batch; a successful poll ends a failure streak."""
-        await self._update(batch_id, poll_failures=0, provider_status=raw_status,
-                           provider_completed=completed, provider_failed=failed)
+        """What the provider last said about a native batch; a successful poll ends a failure streak.
+        Progress thresholds its counts passed become webhook events in the same transaction."""
+        async with self.sessions.begin() as s:
+            before = (await s.execute(select(BatchRow.project, BatchRow.total, BatchRow.provider_completed,
+                                             BatchRow.provider_failed).where(BatchRow.id == batch_id))).first()
+            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
+                poll_failures=0, provider_status=raw_status, provider_completed=completed, provider_failed=failed))
+            if before is not None and (completed or failed):
+                project, total, was_completed, was_failed = before
+                await record_progress(s, batch_id, project, (was_completed or 0) + (was_failed or 0),
+                                      (completed or 0) + (failed or 0), total)
 
     async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
                                max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
@@ -400,11 +408,15 @@ class Store:
             new = [by_index[i] for i in inserted]
             usage = sum((r.usage for r in new), Usage())
             added = {column: getattr(BatchRow, column) + value for column, value in usage_values(usage).items()}
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
-                completed=BatchRow.completed + sum(1 for r in new if r.status is ResultStatus.COMPLETED),
-                failed=BatchRow.failed + sum(1 for r in new if r.status is ResultStatus.FAILED),
-                **added,
-            ))
+            completed = sum(1 for r in new if r.status is ResultStatus.COMPLETED)
+            failed = sum(1 for r in new if r.status is ResultStatus.FAILED)
+            counted = (await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
+                completed=BatchRow.completed + completed, failed=BatchRow.failed + failed, **added,
+            ).returning(BatchRow.project, BatchRow.completed + BatchRow.failed, BatchRow.total,
+                        BatchRow.provider_batch_id))).one()
+            project, ended, total, provider_batch_id = counted
+            if provider_batch_id is None:  # a native batch's progress is what its provider reports
+                await record_progress(s, batch_id, project, ended - completed - failed, ended, total)
         return len(inserted)
 
     # --- files ------------------------------------------------------------------------------

@@ -217,6 +217,8 @@ class WebhookEndpointRow(Base):
     url: Mapped[str] = mapped_column(Text)
     # Comma-separated event types, e.g. "batch.completed,batch.failed".
     event_types: Mapped[str] = mapped_column(String(256))
+    # Comma-separated percents for `batch.progress` events, e.g. "25,50,75"; "" when none.
+    progress_thresholds: Mapped[str] = mapped_column(String(256), default="", server_default="")
     secret: Mapped[str] = mapped_column(String(256))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
@@ -226,7 +228,8 @@ class WebhookEndpointRow(Base):
 
 
 class WebhookEventRow(Base):
-    """The outbox: one row per batch that ended, written in the transaction that ends it."""
+    """The outbox: one row per batch that ended, written in the transaction that ends it, and one
+    per progress threshold a running batch passed, written in the transaction that counted the lines."""
 
     __tablename__ = "webhook_events"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # evt_..., also the webhook-id
@@ -234,6 +237,7 @@ class WebhookEventRow(Base):
     type: Mapped[str] = mapped_column(String(32))
     batch_id: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    progress: Mapped[int | None] = mapped_column(Integer)  # the threshold (percent) of a batch.progress event
 
     __table_args__ = (Index("ix_webhook_events_batch", "batch_id"),)
 

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.domain.errors import NotFound
-from service.domain.events import WEBHOOK_EVENT_TYPES
+from service.domain.events import PROGRESS_EVENT_TYPE, WEBHOOK_EVENT_TYPES, thresholds_passed
 from service.domain.model import BatchStatus, now
 from service.storage.tables import (
     BatchRow,
@@ -62,6 +62,32 @@ async def record_batch_ended(session: AsyncSession, batch_id: str, status: Batch
         ["event_id", "endpoint_id", "status", "attempts", "next_attempt_at", "created_at"], subscribed))
 
 
+async def record_progress(session: AsyncSession, batch_id: str, project: str, before: int, after: int,
+                          total: int) -> None:
+    """Add a `batch.progress` event for each threshold an endpoint of the project asked for that
+    the batch passed when its ended lines went from `before` to `after`, in the caller's
+    transaction (the one that counted those lines). One event per batch and threshold, shared by
+    the endpoints that asked for it; writing it again (a native batch's counts read twice) is a
+    no-op, so each endpoint gets each threshold once."""
+    if after <= before:
+        return
+    endpoints = (await session.execute(select(WebhookEndpointRow.id, WebhookEndpointRow.progress_thresholds).where(
+        WebhookEndpointRow.project == project, WebhookEndpointRow.enabled.is_(True),
+        WebhookEndpointRow.event_types.contains(PROGRESS_EVENT_TYPE)))).all()
+    created = now()
+    insert_ = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    for endpoint_id, thresholds in endpoints:
+        wanted = [int(t) for t in thresholds.split(",") if t]
+        for threshold in thresholds_passed(before, after, total, wanted):
+            event_id = f"{event_id_for(batch_id)}_p{threshold}"
+            await session.execute(insert_(WebhookEventRow).values(
+                id=event_id, project=project, type=PROGRESS_EVENT_TYPE, batch_id=batch_id, created_at=created,
+                progress=threshold).on_conflict_do_nothing(index_elements=["id"]))
+            await session.execute(insert_(WebhookDeliveryRow).values(
+                event_id=event_id, endpoint_id=endpoint_id, status=PENDING, attempts=0, next_attempt_at=time.time(),
+                created_at=created).on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]))
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
     """An endpoint as the configuration declares it. `secret=None`: generate one."""
@@ -71,6 +97,7 @@ class EndpointSpec:
     url: str
     event_types: tuple[str, ...]
     secret: str | None = None
+    progress_thresholds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,7 @@ class WebhookStore:
         t = now()
         for spec in specs:
             fields = {"project": spec.project, "url": spec.url, "event_types": ",".join(spec.event_types),
+                      "progress_thresholds": ",".join(map(str, spec.progress_thresholds)),
                       "enabled": True, "updated_at": t}
             async with self.sessions.begin() as s:
                 secret = spec.secret or new_secret()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/webhook.proto\x12\tsluice.v1\x1a\x1cgoogle/api/annotations.proto\"t\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x12\n\ncreated_at\x18\x06 \x01(\r\"\x1d\n\x1bListWebhookEndpointsRequest\"X\n\x1cListWebhookEndpointsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.WebhookEndpoint\"\x95\x02\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\r\x12\x1c\n\x0fnext_attempt_at\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0b\x66inished_at\x18\t \x01(\rH\x01\x88\x01\x01\x12+\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x19.sluice.v1.WebhookAttemptB\x12\n\x10_next_attempt_atB\x0e\n\x0c_finished_at\"\x94\x01\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x14\n\x0c\x61ttempted_at\x18\x02 \x01(\r\x12\x18\n\x0bstatus_code\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\rB\x0e\n\x0c_status_codeB\x08\n\x06_error\"`\n\x1cListWebhookDeliveriesRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\tB\x08\n\x06_limit\"\xb1\x01\n\x1dListWebhookDeliveriesResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.WebhookDelivery\x12\x15\n\x08\x66irst_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07last_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08has_more\x18\x05 \x01(\x08\x42\x0b\n\t_first_idB\n\n\x08_last_id2\xbe\x02\n\x0eWebhookService\x12\x86\x01\n\x14ListWebhookEndpoints\x12&.sluice.v1.ListWebhookEndpointsRequest\x1a\'.sluice.v1.ListWebhookEndpointsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/webhook_endpoints\x12\xa2\x01\n\x15ListWebhookDeliveries\x12\'.sluice.v1.ListWebhookDeliveriesRequest\x1a(.sluice.v1.ListWebhookDeliveriesResponse\"6\x82\xd3\xe4\x93\x02\x30\x12./v1/webhook_endpoints/{endpoint_id}/deliveriesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sluice/v1/webhook.proto\x12\tsluice.v1\x1a\x1cgoogle/api/annotations.proto\"\x91\x01\n\x0fWebhookEndpoint\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\x12\x12\n\ncreated_at\x18\x06 \x01(\r\x12\x1b\n\x13progress_thresholds\x18\x07 \x03(\r\"\x1d\n\x1bListWebhookEndpointsRequest\"X\n\x1cListWebhookEndpointsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.WebhookEndpoint\"\x95\x02\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x03 \x01(\t\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x05 \x01(\t\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\r\x12\x1c\n\x0fnext_attempt_at\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0b\x66inished_at\x18\t \x01(\rH\x01\x88\x01\x01\x12+\n\x08\x61ttempts\x18\n \x03(\x0b\x32\x19.sluice.v1.WebhookAttemptB\x12\n\x10_next_attempt_atB\x0e\n\x0c_finished_at\"\x94\x01\n\x0eWebhookAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x14\n\x0c\x61ttempted_at\x18\x02 \x01(\r\x12\x18\n\x0bstatus_code\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05\x65rror\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\rB\x0e\n\x0c_status_codeB\x08\n\x06_error\"`\n\x1cListWebhookDeliveriesRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x12\n\x05limit\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\tB\x08\n\x06_limit\"\xb1\x01\n\x1dListWebhookDeliveriesResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12(\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1a.sluice.v1.WebhookDelivery\x12\x15\n\x08\x66irst_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07last_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08has_more\x18\x05 \x01(\x08\x42\x0b\n\t_first_idB\n\n\x08_last_id2\xbe\x02\n\x0eWebhookService\x12\x86\x01\n\x14ListWebhookEndpoints\x12&.sluice.v1.ListWebhookEndpointsRequest\x1a\'.sluice.v1.ListWebhookEndpointsResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/webhook_endpoints\x12\xa2\x01\n\x15ListWebhookDeliveries\x12\'.sluice.v1.ListWebhookDeliveriesRequest\x1a(.sluice.v1.ListWebhookDeliveriesResponse\"6\x82\xd3\xe4\x93\x02\x30\x12./v1/webhook_endpoints/{endpoint_id}/deliveriesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookEndpoints']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/webhook_endpoints'
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._loaded_options = None
   _globals['_WEBHOOKSERVICE'].methods_by_name['ListWebhookDeliveries']._serialized_options = b'\202\323\344\223\0020\022./v1/webhook_endpoints/{endpoint_id}/deliveries'
-  _globals['_WEBHOOKENDPOINT']._serialized_start=68
-  _globals['_WEBHOOKENDPOINT']._serialized_end=184
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=186
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=215
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=217
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=305
-  _globals['_WEBHOOKDELIVERY']._serialized_start=308
-  _globals['_WEBHOOKDELIVERY']._serialized_end=585
-  _globals['_WEBHOOKATTEMPT']._serialized_start=588
-  _globals['_WEBHOOKATTEMPT']._serialized_end=736
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=738
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=834
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=837
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1014
-  _globals['_WEBHOOKSERVICE']._serialized_start=1017
-  _globals['_WEBHOOKSERVICE']._serialized_end=1335
+  _globals['_WEBHOOKENDPOINT']._serialized_start=69
+  _globals['_WEBHOOKENDPOINT']._serialized_end=214
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=216
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=245
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=247
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=335
+  _globals['_WEBHOOKDELIVERY']._serialized_start=338
+  _globals['_WEBHOOKDELIVERY']._serialized_end=615
+  _globals['_WEBHOOKATTEMPT']._serialized_start=618
+  _globals['_WEBHOOKATTEMPT']._serialized_end=766
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=768
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=864
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=867
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1044
+  _globals['_WEBHOOKSERVICE']._serialized_start=1047
+  _globals['_WEBHOOKSERVICE']._serialized_end=1365
 # @@protoc_insertion_point(module_scope)

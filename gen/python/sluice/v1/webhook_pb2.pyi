@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WebhookEndpoint(_message.Message):
-    __slots__ = ("id", "object", "url", "event_types", "enabled", "created_at")
+    __slots__ = ("id", "object", "url", "event_types", "enabled", "created_at", "progress_thresholds")
     ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPES_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     object: str
     url: str
     event_types: _containers.RepeatedScalarFieldContainer[str]
     enabled: bool
     created_at: int
-    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., created_at: _Optional[int] = ...) -> None: ...
+    progress_thresholds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., created_at: _Optional[int] = ..., progress_thresholds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListWebhookEndpointsRequest(_message.Message):
     __slots__ = ()
