@@ -1,6 +1,6 @@
 """webhook progress events: an endpoint's progress thresholds, an event's threshold
 
-Revision ID: 0009
+Revision ID: 0006
 Revises: 0004
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0006"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
