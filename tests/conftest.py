@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from service.runtime.server import App
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from tests.harness import Client, gateway, make_settings
@@ -98,6 +99,13 @@ async def sluice(db_url: str) -> AsyncIterator[Client]:
     """A gateway on either backend with the sim provider answering at once."""
     async with gateway(make_settings(db_url)) as (_, c):
         yield c
+
+
+@pytest.fixture
+async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
+    """An in-process gateway (server and engine) on each backend, with the sim provider."""
+    async with gateway(make_settings(db_url)) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -29,12 +29,6 @@ OPTIONAL_TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at"
 
 
 @pytest.fixture
-async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
-    async with gateway(make_settings(db_url)) as pair:
-        yield pair
-
-
-@pytest.fixture
 async def slow(db_url: str) -> AsyncIterator[tuple[App, Client]]:
     """One line at a time, 250 ms each: work is reliably in flight."""
     async with gateway(make_settings(db_url, sim_latency_ms=250, executor_concurrency=1)) as pair:

@@ -5,27 +5,16 @@ at once remove each file once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select
 
 from service.domain.errors import NotFound
-from service.storage.db import create_engine, migrate
+from service.storage.db import create_engine
 from service.storage.repository import UPLOADING, Store, UploadGone
 from service.storage.tables import FileChunkRow, FileRow
 
 NOW = 1_800_000_000
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await migrate(db_url)
-    s = Store(create_engine(db_url))
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def add(store: Store, file_id: str, status: str = UPLOADING, updated_at: int | None = NOW,

@@ -33,12 +33,6 @@ CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture
-async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
-    async with gateway(make_settings(db_url)) as pair:
-        yield pair
-
-
-@pytest.fixture
 async def slow(db_url: str) -> AsyncIterator[tuple[App, Client]]:
     """One line at a time, 100 ms each: work is reliably in flight."""
     async with gateway(make_settings(db_url, sim_latency_ms=100, executor_concurrency=1)) as pair:

@@ -24,20 +24,8 @@ from service.intake.validation import (
     check_metadata,
 )
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
-from service.storage.db import create_engine, migrate
 from service.storage.repository import OutputFileIds, Store
 from service.storage.tables import FileRow, ResultRow
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    await migrate(db_url)
-    s = Store(create_engine(db_url))
-    try:
-        yield s
-    finally:
-        await s.close()
-
 
 # --------------------------------------------------------------------------- API keys
 

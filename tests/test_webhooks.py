@@ -509,8 +509,9 @@ def test_deliveries_over_rest_through_envoy(tmp_path: Path) -> None:
             endpoints = http.get("/v1/webhook_endpoints").json()
             other = stack.http(KEY_B).get("/v1/webhook_endpoints/receiver/deliveries")
     assert endpoints == {"object": "list", "data": [{
-        "id": "receiver", "object": "webhook_endpoint", "url": rx.url, "event_types": list(TERMINAL_WEBHOOK_EVENT_TYPES),
-        "enabled": True, "created_at": endpoints["data"][0]["created_at"], "progress_thresholds": []}]}
+        "id": "receiver", "object": "webhook_endpoint", "url": rx.url,
+        "event_types": list(TERMINAL_WEBHOOK_EVENT_TYPES), "enabled": True,
+        "created_at": endpoints["data"][0]["created_at"], "progress_thresholds": []}]}
     (d,) = data
     assert d["batch_id"] == batch["id"] and d["event_type"] == "batch.completed" and d["id"].startswith("evt_")
     assert [(a["attempt"], a.get("status_code")) for a in d["attempts"]] == [(1, 500), (2, 200)]
