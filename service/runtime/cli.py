@@ -29,6 +29,7 @@ ENV_HELP = """environment:
   SLUICE_API_KEYS                       more keys: project=key,other=key2 (configuration is the
                                         source of truth: a key removed here stops working at restart)
   SLUICE_AUTH_CACHE_SECONDS             how long a replica trusts a key it checked (5)
+  SLUICE_ADMIN_KEY                      the admin API's key (projects, keys, budgets); unset: admin API off
   SLUICE_UPSTREAM_TIMEOUT_SECONDS       Envoy's deadline for a call, and idle limit of a stream (120)
   SLUICE_STALE_UPLOAD_SECONDS           an upload with no data this long is removed (900)
   SLUICE_DELETED_FILE_GRACE_SECONDS     a deleted file's content is kept this long for readers (3600)
