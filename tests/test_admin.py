@@ -96,7 +96,8 @@ async def test_project_and_key_lifecycle(db_url: str) -> None:
 
         configured = await admin.ListProjectApiKeys(admin_pb2.ListProjectApiKeysRequest(project_id="alpha"),
                                                     metadata=ADMIN)
-        assert [(k.source, k.redacted_value[:4]) for k in configured.data] == [("config", KEY_A[:4])]
+        assert [(k.source, k.name, k.redacted_value[:4]) for k in configured.data] == [
+            ("config", "configured", KEY_A[:4])]
         assert KEY_A not in str(configured)
         err = await expect_error(admin.DeleteProjectApiKey(admin_pb2.DeleteProjectApiKeyRequest(
             project_id="alpha", key_id=configured.data[0].id), metadata=ADMIN), grpc.StatusCode.FAILED_PRECONDITION)
@@ -251,3 +252,15 @@ async def test_a_revoked_key_is_refused_on_every_replica(postgres_url: str) -> N
 
         await until("replica 2 to refuse the revoked key", refused_on_replica_2, timeout=30)
         assert await works(c2, KEY_A)
+
+
+async def test_a_revoked_key_put_into_the_configuration_works_again(sqlite_url: str) -> None:
+    """Configuration is the source of truth for configured keys, revoked or not."""
+    async with admin_gateway(admin_settings(sqlite_url)) as (_, c, admin):
+        key = await admin.CreateProjectApiKey(admin_pb2.CreateProjectApiKeyRequest(project_id="alpha", name="k"),
+                                              metadata=ADMIN)
+        await admin.DeleteProjectApiKey(admin_pb2.DeleteProjectApiKeyRequest(project_id="alpha", key_id=key.id),
+                                        metadata=ADMIN)
+        assert not await works(c, key.value)
+    async with admin_gateway(admin_settings(sqlite_url, api_keys={KEY_A: "alpha", key.value: "alpha"})) as (_, c, _a):
+        assert await works(c, key.value)

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.domain.errors import Conflict, InvalidRequest, NotFound
@@ -71,11 +71,11 @@ class AdminStore:
 
     async def label_config_keys(self, redacted: dict[str, str]) -> None:
         """Store the redacted form of each configured key (hash -> redacted), which only the
-        start-up sees in clear."""
+        start-up sees in clear, and name it `configured` unless it has a name."""
         async with self.sessions.begin() as s:
             for key_hash, shown in redacted.items():
                 await s.execute(update(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash, ApiKeyRow.source == CONFIG)
-                                .values(redacted_value=shown))
+                                .values(redacted_value=shown, name=func.coalesce(ApiKeyRow.name, "configured")))
 
     # --- projects ------------------------------------------------------------------------------
 

@@ -117,8 +117,9 @@ class Store:
                 rows = [{"key_hash": h, "project": p, "created_at": now(), "source": "config"}
                         for h, p in hashed.items()]
                 stmt = self._insert(ApiKeyRow).values(rows)
-                await s.execute(stmt.on_conflict_do_update(
-                    index_elements=["key_hash"], set_={"project": stmt.excluded.project, "source": "config"}))
+                await s.execute(stmt.on_conflict_do_update(  # configured again: revoked no more
+                    index_elements=["key_hash"],
+                    set_={"project": stmt.excluded.project, "source": "config", "revoked_at": None}))
             gone = delete(ApiKeyRow).where(ApiKeyRow.source == "config")
             if hashed:
                 gone = gone.where(ApiKeyRow.key_hash.not_in(list(hashed)))
