@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import Any
 
+from service.runtime import client_cli
 from service.runtime.client_cli import Api, CliError, Out, _table, _when, as_json
 from service.runtime.config import ClientSettings
 from sluice.v1 import admin_pb2, admin_pb2_grpc
@@ -180,19 +181,9 @@ def add_commands(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Out(getattr(args, "json", False))
     admin_key = os.environ.get("SLUICE_ADMIN_KEY", "").strip()
     if not admin_key:
-        out.say("sluice: no admin key: set SLUICE_ADMIN_KEY")
+        Out(False).say("sluice: no admin key: set SLUICE_ADMIN_KEY")
         return 2
-    api = Api(ClientSettings(address=ClientSettings.from_env().address, api_key=admin_key))
-    try:
-        code: int = args.handler(AdminApi(api), out, args)
-        return code
-    except CliError as exc:
-        out.say(f"sluice: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        api.close()
+    return client_cli.run(args, ClientSettings(address=ClientSettings.from_env().address, api_key=admin_key),
+                          AdminApi)

@@ -44,6 +44,11 @@ def redact(key: str) -> str:
     return f"{key[:head]}...{key[len(key) - tail:] if tail else ''}"
 
 
+def _after(created_at: Any, row_id: Any, anchor_created_at: int, anchor_id: str) -> Any:
+    """Rows after the cursor's row in (created_at, id) order: oldest-first keyset pagination."""
+    return or_(created_at > anchor_created_at, and_(created_at == anchor_created_at, row_id > anchor_id))
+
+
 def _project_not_found(project_id: str) -> NotFound:
     return NotFound(f"No project found with id '{project_id[:128]}'.", param="project_id", code="project_not_found")
 
@@ -89,8 +94,7 @@ class AdminStore:
                 anchor = await s.get(ProjectRow, after)
                 if anchor is None:
                     raise NotFound(f"No project '{after[:128]}' to list after.", param="after", code="cursor_not_found")
-                query = query.where(or_(ProjectRow.created_at > anchor.created_at,
-                                        and_(ProjectRow.created_at == anchor.created_at, ProjectRow.id > anchor.id)))
+                query = query.where(_after(ProjectRow.created_at, ProjectRow.id, anchor.created_at, anchor.id))
             rows = list((await s.scalars(query.order_by(ProjectRow.created_at, ProjectRow.id).limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
 
@@ -152,8 +156,7 @@ class AdminStore:
                 anchor = await s.scalar(select(ApiKeyRow).where(ApiKeyRow.id == after, ApiKeyRow.project == project_id))
                 if anchor is None:
                     raise NotFound(f"No key '{after[:64]}' to list after.", param="after", code="cursor_not_found")
-                query = query.where(or_(ApiKeyRow.created_at > anchor.created_at,
-                                        and_(ApiKeyRow.created_at == anchor.created_at, ApiKeyRow.id > anchor.id)))
+                query = query.where(_after(ApiKeyRow.created_at, ApiKeyRow.id, anchor.created_at, anchor.id))
             rows = list((await s.scalars(query.order_by(ApiKeyRow.created_at, ApiKeyRow.id).limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
 
