@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,8 +22,10 @@ from service.storage.admin import AdminStore
 from service.storage.repository import KEY_USE_EVERY
 from service.storage.tables import ApiKeyRow
 from sluice.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, webhook_pb2, webhook_pb2_grpc
-from tests.harness import KEY_A, KEY_B, Client, gateway, make_settings, md, until
+from tests.harness import KEY_A, KEY_B, Client, chat_line, gateway, make_settings, md, until
 from tests.rpc_errors import expect_error
+from tests.test_webhooks import SECRET, write_config
+from tests.webhook_receiver import WebhookReceiver
 
 ADMIN_KEY = "sk-admin-test-0123456789abcdef"
 
@@ -264,3 +267,23 @@ async def test_a_revoked_key_put_into_the_configuration_works_again(sqlite_url: 
         assert not await works(c, key.value)
     async with admin_gateway(admin_settings(sqlite_url, api_keys={KEY_A: "alpha", key.value: "alpha"})) as (_, c, _a):
         assert await works(c, key.value)
+
+
+async def test_an_endpoint_added_through_the_admin_api_gets_signed_events(tmp_path: Path, sqlite_url: str) -> None:
+    """The secret from the create answer verifies the deliveries (a real receiver checks them with
+    the `standardwebhooks` package); the webhooks file only allows loopback, it lists no endpoint."""
+    config = write_config(tmp_path / "webhooks.yaml", [])
+    with WebhookReceiver(SECRET) as rx:
+        async with admin_gateway(admin_settings(sqlite_url, webhooks_file=config)) as (_, c, admin):
+            created = await admin.CreateProjectWebhookEndpoint(admin_pb2.CreateProjectWebhookEndpointRequest(
+                project_id="alpha", url=rx.url, event_types=["batch.completed"]), metadata=ADMIN)
+            rx.secret = created.secret  # the receiver verifies with the secret shown once
+
+            async def delivered() -> bool:
+                return any(d.payload and d.payload["data"]["id"] == batch.id for d in rx.accepted())
+
+            batch = await c.wait_for((await c.create([chat_line("x")])).id)
+            assert batch.status == "completed"
+            await until("the admin-created endpoint to receive the event", delivered)
+        assert all(r.verified for r in rx.requests)
+        assert [d.payload["type"] for d in rx.accepted() if d.payload] == ["batch.completed"]

@@ -111,6 +111,8 @@ def test_budget_archive_and_webhook_endpoints_over_rest(stack: Stack) -> None:
 
     archived = admin_sdk(stack).admin.organization.projects.archive(project["id"])
     assert archived.status == "archived" and archived.archived_at is not None
+    r = http.post(f"/v1/organization/projects/{project['id']}/archive")  # as curl -X POST sends it: no body
+    assert r.status_code == 200 and r.json()["archived_at"] == archived.archived_at
     r = http.post(f"/v1/organization/projects/{project['id']}/api_keys", json={"name": "late"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "project_archived"
     r = http.get("/v1/organization/projects/proj_missing")
