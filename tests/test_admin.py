@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from sqlalchemy import update
 
 from service.edge.auth import hash_key
+from service.providers.registry import ConfigError
 from service.runtime.config import Settings, admin_key_digest
 from service.runtime.server import App
 from service.storage.admin import AdminStore
@@ -287,3 +289,13 @@ async def test_an_endpoint_added_through_the_admin_api_gets_signed_events(tmp_pa
             await until("the admin-created endpoint to receive the event", delivered)
         assert all(r.verified for r in rx.requests)
         assert [d.payload["type"] for d in rx.accepted() if d.payload] == ["batch.completed"]
+
+
+def test_the_admin_key_is_kept_as_its_hash_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_ADMIN_KEY", f"  {ADMIN_KEY} ")
+    settings = Settings.from_env()
+    assert settings.admin_key_sha256 == hash_key(ADMIN_KEY) and ADMIN_KEY not in repr(settings)
+    monkeypatch.setenv("SLUICE_ADMIN_KEY", "")
+    assert Settings.from_env().admin_key_sha256 == ""
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        admin_key_digest("too-short")
