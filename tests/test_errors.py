@@ -45,13 +45,14 @@ EXPECTED: dict[type[SluiceError], tuple[str, str, int | None]] = {
     errors.Conflict: ("FAILED_PRECONDITION", "invalid_request_error", 409),
     errors.Unauthenticated: ("UNAUTHENTICATED", "authentication_error", None),
     errors.NotFound: ("NOT_FOUND", "not_found_error", None),
+    errors.PermissionDenied: ("PERMISSION_DENIED", "authentication_error", None),
 }
 
 # errors.proto's ErrorType comments: which gRPC codes (and HTTP overrides) each type may use.
 CONTRACT: dict[str, set[tuple[str, int | None]]] = {
     "invalid_request_error": {("INVALID_ARGUMENT", None), ("FAILED_PRECONDITION", 409),
                               ("INVALID_ARGUMENT", 413), ("INVALID_ARGUMENT", 422)},
-    "authentication_error": {("UNAUTHENTICATED", None)},
+    "authentication_error": {("UNAUTHENTICATED", None), ("PERMISSION_DENIED", None)},
     "not_found_error": {("NOT_FOUND", None)},
     "rate_limit_error": {("RESOURCE_EXHAUSTED", None)},
     "provider_error": {("UNAVAILABLE", 502)},

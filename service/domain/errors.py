@@ -77,6 +77,13 @@ class Unauthenticated(SluiceError):
     grpc_code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(SluiceError):
+    """A valid key that may not make this call (a project key on the admin API): HTTP 403."""
+
+    error_type = "authentication_error"
+    grpc_code = "PERMISSION_DENIED"
+
+
 class NotFound(SluiceError):
     """No such object in the caller's project (another project's objects are not found too)."""
 

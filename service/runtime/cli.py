@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from service.providers.registry import ConfigError
-from service.runtime import client_cli
+from service.runtime import admin_cli, client_cli
 from service.runtime.config import Settings
 
 # Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
@@ -29,6 +29,7 @@ ENV_HELP = """environment:
   SLUICE_API_KEYS                       more keys: project=key,other=key2 (configuration is the
                                         source of truth: a key removed here stops working at restart)
   SLUICE_AUTH_CACHE_SECONDS             how long a replica trusts a key it checked (5)
+  SLUICE_ADMIN_KEY                      the admin API's key (projects, keys, budgets); unset: admin API off
   SLUICE_UPSTREAM_TIMEOUT_SECONDS       Envoy's deadline for a call, and idle limit of a stream (120)
   SLUICE_STALE_UPLOAD_SECONDS           an upload with no data this long is removed (900)
   SLUICE_DELETED_FILE_GRACE_SECONDS     a deleted file's content is kept this long for readers (3600)
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--work-dir", default="var", help="where Envoy's rendered config and logs go (var/)")
     sub.add_parser("migrate", help="apply database migrations and exit")
     client_cli.add_commands(sub)
+    admin_cli.add_commands(sub)
     args = parser.parse_args(argv)
     if args.command in ("batches", "files"):
         return client_cli.run(args)
+    if args.command == "admin":
+        return admin_cli.run(args)
 
     logging.basicConfig(level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -499,15 +499,17 @@ def add_commands(sub: Any) -> None:
     content.set_defaults(handler=cmd_files_content)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, settings: ClientSettings | None = None,
+        wrap: Callable[[Api], Any] = lambda api: api) -> int:
+    """Run the parsed command's handler with `wrap(Api)` (`sluice admin` wraps it in its own)."""
     out = Out(getattr(args, "json", False))
     try:
-        api = Api(ClientSettings.from_env())
+        api = Api(settings or ClientSettings.from_env())
     except CliError as exc:
         out.say(f"sluice: {exc}")
         return 2
     try:
-        code: int = args.handler(api, out, args)
+        code: int = args.handler(wrap(api), out, args)
         return code
     except CliError as exc:
         out.say(f"sluice: {exc}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.domain.model import MAX_INLINE_BYTES
+from service.edge.auth import hash_key
 from service.providers.registry import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
@@ -50,6 +51,16 @@ def parse_api_keys(raw: str) -> dict[str, str]:
     return keys
 
 
+def admin_key_digest(raw: str) -> str:
+    """SLUICE_ADMIN_KEY as its SHA-256 ("" when unset): the clear key goes no further than here."""
+    key = raw.strip()
+    if not key:
+        return ""
+    if len(key) < 16:
+        raise ConfigError("SLUICE_ADMIN_KEY must be at least 16 characters (use a long random string)")
+    return hash_key(key)
+
+
 @dataclass(frozen=True)
 class Settings:
     grpc_host: str = "127.0.0.1"
@@ -82,6 +93,8 @@ class Settings:
     upstream_timeout_seconds: float = 120.0  # Envoy: unary deadline, and idle limit of streams
     stale_upload_seconds: float = 900.0  # an upload with no chunk for this long is removed
     deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
+    # SHA-256 of SLUICE_ADMIN_KEY (the admin API's key; never kept in clear); "": admin API off.
+    admin_key_sha256: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -111,6 +124,7 @@ class Settings:
             upstream_timeout_seconds=_float("SLUICE_UPSTREAM_TIMEOUT_SECONDS", 120.0),
             stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
             deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
+            admin_key_sha256=admin_key_digest(os.environ.get("SLUICE_ADMIN_KEY", "")),
         )
 
 

@@ -15,30 +15,49 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.edge.auth import Authenticator
+from service.edge.admin_service import AdminGate, AdminServicer
+from service.edge.auth import Authenticator, hash_key
 from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
 from service.edge.grpc_errors import add_servicer
 from service.edge.webhook_service import WebhookServicer
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
-from service.engine.webhooks import WebhookConfig, WebhookConfigError, WebhookDispatcher, load_webhooks, new_secret
+from service.engine.webhooks import (
+    DestinationPolicy,
+    WebhookConfig,
+    WebhookConfigError,
+    WebhookDispatcher,
+    load_webhooks,
+    new_secret,
+)
 from service.intake.file_inputs import BatchInputs
 from service.providers.registry import ConfigError, build_router
 from service.providers.routing import Router
 from service.runtime.config import Settings
 from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
 from service.runtime.sweeper import FileSweeper
+from service.storage.admin import AdminStore, redact
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from service.storage.webhooks import WebhookStore
-from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, webhook_pb2, webhook_pb2_grpc
+from sluice.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    batch_pb2,
+    batch_pb2_grpc,
+    file_pb2,
+    file_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 METADATA_LIMIT = 128 * 1024
 SERVICE_NAMES = (batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
                  file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
-                 webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name)
+                 webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+                 admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name)
 
 
 @dataclass
@@ -90,6 +109,9 @@ async def start(settings: Settings, router: Router | None = None) -> App:
               "webhooks file)", flush=True)
     auth = Authenticator(store, cache_seconds=settings.auth_cache_seconds)
     await auth.register(settings.api_keys)
+    admin_store = AdminStore(store)
+    await admin_store.sync_config_projects(settings.api_keys.values())
+    await admin_store.label_config_keys({hash_key(k): redact(k) for k in settings.api_keys})
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
                                     sim_failure_rate=settings.sim_failure_rate,
                                     executor_concurrency=settings.executor_concurrency)
@@ -118,6 +140,9 @@ async def start(settings: Settings, router: Router | None = None) -> App:
                                watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
     add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth), server)
     add_servicer(webhook_pb2_grpc.add_WebhookServiceServicer_to_server, WebhookServicer(webhook_store, auth), server)
+    add_servicer(admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                 AdminServicer(admin_store, AdminGate(settings.admin_key_sha256, auth),
+                               DestinationPolicy(webhooks.allow_networks)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -130,9 +155,9 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         engine.start()
         sweeper = FileSweeper(store, settings.stale_upload_seconds, settings.deleted_file_grace_seconds)
         sweeper.start()
-        if webhooks.endpoints:
-            dispatcher = WebhookDispatcher(webhook_store, webhooks, settings.replica_id)
-            dispatcher.start()
+        # Always: the admin API may add endpoints at any time, on any replica.
+        dispatcher = WebhookDispatcher(webhook_store, webhooks, settings.replica_id)
+        dispatcher.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,

@@ -40,7 +40,7 @@ from service.domain.model import (
     now,
 )
 from service.storage.db import Sessions
-from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, RequestRow, ResultRow
+from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, ProjectRow, RequestRow, ResultRow
 from service.storage.webhooks import record_batch_ended, record_progress
 
 INSERT_CHUNK = 500
@@ -49,6 +49,7 @@ PAGE_BYTES = 8 * 1024 * 1024  # request bodies read per page (engine), whatever 
 UPLOADING = FileStatus.UPLOADING
 DELETED = FileStatus.DELETED  # hidden at once; content kept a grace period for downloads in flight, then swept
 HIDDEN_FILE_STATUSES = (UPLOADING, DELETED)
+KEY_USE_EVERY = 60  # seconds: how stale a key's `last_used_at` may get before a use rewrites it
 
 
 class UploadGone(Exception):
@@ -116,8 +117,9 @@ class Store:
                 rows = [{"key_hash": h, "project": p, "created_at": now(), "source": "config"}
                         for h, p in hashed.items()]
                 stmt = self._insert(ApiKeyRow).values(rows)
-                await s.execute(stmt.on_conflict_do_update(
-                    index_elements=["key_hash"], set_={"project": stmt.excluded.project, "source": "config"}))
+                await s.execute(stmt.on_conflict_do_update(  # configured again: revoked no more
+                    index_elements=["key_hash"],
+                    set_={"project": stmt.excluded.project, "source": "config", "revoked_at": None}))
             gone = delete(ApiKeyRow).where(ApiKeyRow.source == "config")
             if hashed:
                 gone = gone.where(ApiKeyRow.key_hash.not_in(list(hashed)))
@@ -135,8 +137,23 @@ class Store:
         return bool(res.rowcount)  # type: ignore[attr-defined]
 
     async def project_for_key_hash(self, key_hash: str) -> str | None:
+        """The key's project; None when the key is unknown, revoked, or its project archived.
+        Notes the key's use at most once a minute (`last_used_at`), whatever the traffic: a
+        guarded UPDATE, so replicas do not each write it."""
         async with self.sessions() as s:
-            return await s.scalar(select(ApiKeyRow.project).where(ApiKeyRow.key_hash == key_hash))
+            row = (await s.execute(
+                select(ApiKeyRow.project, ApiKeyRow.last_used_at)
+                .outerjoin(ProjectRow, ProjectRow.id == ApiKeyRow.project)
+                .where(ApiKeyRow.key_hash == key_hash, ApiKeyRow.revoked_at.is_(None),
+                       ProjectRow.archived_at.is_(None)))).first()
+        if row is None:
+            return None
+        t = now()
+        if row.last_used_at is None or row.last_used_at <= t - KEY_USE_EVERY:
+            stale = or_(ApiKeyRow.last_used_at.is_(None), ApiKeyRow.last_used_at <= t - KEY_USE_EVERY)
+            async with self.sessions.begin() as s:
+                await s.execute(update(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash, stale).values(last_used_at=t))
+        return str(row.project)
 
     # --- batches: API side ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
 from enum import StrEnum
 from typing import Any
 
@@ -69,6 +70,11 @@ class _UsageColumns:
     output_cost: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+def new_key_id() -> str:
+    """A key's public id (`key_...`): random, unrelated to the key or its hash."""
+    return "key_" + secrets.token_hex(12)
+
+
 class ApiKeyRow(Base):
     """An API key, stored as its SHA-256 only, and the project (tenant) it belongs to."""
 
@@ -77,8 +83,34 @@ class ApiKeyRow(Base):
     project: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[int] = mapped_column(BigInteger)
     # `config` (SLUICE_API_KEY[S], synchronised at every start: removed there, removed here) or
-    # `api` (created later; revoked one by one, never touched by the start-up sync).
+    # `admin`/`api` (created later; revoked one by one, never touched by the start-up sync).
     source: Mapped[str] = mapped_column(String(16), default="config", server_default="config")
+    # The admin API's view (migration 0007): a public id, a label, and when it was last used
+    # (updated at most once a minute) or revoked (refused from then on; the row stays for the record).
+    id: Mapped[str] = mapped_column(String(64), default=new_key_id)
+    name: Mapped[str | None] = mapped_column(String(256))
+    redacted_value: Mapped[str | None] = mapped_column(String(32))
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ux_api_keys_id", "id", unique=True),)
+
+
+class ProjectRow(Base):
+    """A project (tenant). Configured projects (named in SLUICE_API_KEYS) get a row at start-up;
+    the admin API creates `proj_...` ones. A project without a row (older data) still works."""
+
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    # Set once, never cleared: every key of the project is refused from then on.
+    archived_at: Mapped[int | None] = mapped_column(BigInteger)
+    # USD per calendar month (UTC); NULL: no budget. Read with `AdminStore.project_budget`.
+    monthly_budget_usd: Mapped[float | None] = mapped_column(Float)
+    source: Mapped[str] = mapped_column(String(16), default="admin")
+
+    __table_args__ = (Index("ix_projects_created", "created_at", "id"),)
 
 
 class BatchRow(_UsageColumns, Base):
@@ -223,6 +255,9 @@ class WebhookEndpointRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[int] = mapped_column(BigInteger)
+    # `config` (the webhooks file, synchronised at start-up) or `admin` (the admin API; the
+    # start-up sync leaves these alone). Migration 0007.
+    source: Mapped[str] = mapped_column(String(16), default="config", server_default="config")
 
     __table_args__ = (Index("ix_webhook_endpoints_project", "project", "id"),)
 

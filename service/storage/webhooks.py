@@ -167,6 +167,7 @@ class WebhookStore:
         async with self.sessions.begin() as s:
             await s.execute(update(WebhookEndpointRow).where(
                 WebhookEndpointRow.id.not_in([spec.id for spec in specs]), WebhookEndpointRow.enabled.is_(True),
+                WebhookEndpointRow.source == "config",  # endpoints of the admin API are not the file's
             ).values(enabled=False, updated_at=t))
         return generated
 
