@@ -19,13 +19,27 @@ from tests.harness import KEY_A, KEY_B, ROOT, ServerProcess
 SLUICE = Path(sys.executable).parent / "sluice"
 
 
+def start_server(work: Path, sim_latency_ms: int) -> ServerProcess:
+    env = {"SLUICE_DATABASE_URL": f"sqlite+aiosqlite:///{work}/sluice.db", "SLUICE_API_KEYS": f"alpha={KEY_A},"
+           f"beta={KEY_B}", "SLUICE_API_KEY": "", "SLUICE_PROVIDERS_FILE": "",
+           "SLUICE_SIM_LATENCY_MS": str(sim_latency_ms), "SLUICE_EXECUTOR_CONCURRENCY": "4",
+           "SLUICE_ENGINE_TICK_SECONDS": "0.05"}
+    return ServerProcess(env, work / "sluice.log").start()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    work = tmp_path_factory.mktemp("cli-server")
-    env = {"SLUICE_DATABASE_URL": f"sqlite+aiosqlite:///{work}/sluice.db", "SLUICE_API_KEYS": f"alpha={KEY_A},"
-           f"beta={KEY_B}", "SLUICE_API_KEY": "", "SLUICE_PROVIDERS_FILE": "", "SLUICE_SIM_LATENCY_MS": "20",
-           "SLUICE_EXECUTOR_CONCURRENCY": "4", "SLUICE_ENGINE_TICK_SECONDS": "0.05"}
-    process = ServerProcess(env, work / "sluice.log").start()
+    process = start_server(tmp_path_factory.mktemp("cli-server"), sim_latency_ms=20)
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0
+
+
+@pytest.fixture
+def stuck_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """Every request takes ten minutes: a batch there is still running whenever a test cancels it."""
+    process = start_server(tmp_path, sim_latency_ms=600_000)
     try:
         yield process
     finally:
@@ -128,7 +142,8 @@ def test_a_multi_megabyte_upload_round_trips(server: ServerProcess, tmp_path: Pa
     assert (tmp_path / "back.jsonl").read_bytes() == big.read_bytes()
 
 
-def test_watch_exits_1_unless_the_batch_completed(server: ServerProcess, tmp_path: Path) -> None:
+def test_watch_exits_1_unless_the_batch_completed(server: ServerProcess, stuck_server: ServerProcess,
+                                                  tmp_path: Path) -> None:
     # Fails at creation: the lines target another endpoint than the batch's.
     questions(tmp_path / "bad.jsonl", 2, url="/v1/embeddings")
     failed = sluice(server, "batches", "create", str(tmp_path / "bad.jsonl"), "--endpoint", "/v1/chat/completions",
@@ -136,11 +151,11 @@ def test_watch_exits_1_unless_the_batch_completed(server: ServerProcess, tmp_pat
     assert failed.returncode == 1
     assert "ended failed" in failed.stderr and "line 1:" in failed.stdout and "Traceback" not in failed.stderr
 
-    questions(tmp_path / "long.jsonl", 400)
-    created = as_json(sluice(server, "batches", "create", str(tmp_path / "long.jsonl"), "--json"))
-    cancelled = as_json(sluice(server, "batches", "cancel", created["id"], "--json"))
-    assert cancelled["status"] in ("cancelling", "cancelled")
-    watched = sluice(server, "batches", "watch", created["id"])
+    questions(tmp_path / "long.jsonl", 8)
+    created = as_json(sluice(stuck_server, "batches", "create", str(tmp_path / "long.jsonl"), "--json"))
+    cancelled = as_json(sluice(stuck_server, "batches", "cancel", created["id"], "--json"))
+    assert cancelled["status"] == "cancelling"
+    watched = sluice(stuck_server, "batches", "watch", created["id"])
     assert watched.returncode == 1 and f"batch {created['id']} ended cancelled" in watched.stderr
     assert "cancelled" in watched.stdout
 
