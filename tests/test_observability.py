@@ -98,10 +98,15 @@ def _run_batch(stack: Stack, texts: dict[str, str], headers: dict[str, str] | No
 
 def test_metrics_count_a_batch_on_the_metrics_port_and_through_envoy(tmp_path: Path, local: Local) -> None:
     metrics_port = free_port()
+    receiver = _Upstream()  # the webhook receiver: answers 200
+    hooks = tmp_path / "webhooks.yaml"
+    hooks.write_text(f"webhooks:\n  - id: ops\n    project: alpha\n    url: http://127.0.0.1:{receiver.port}/hook\n"
+                     f"    secret: whsec_{'A' * 32}\nallow_networks: [127.0.0.0/8]\n")
     texts = {"a": "first question", "b": "second question here", "c": "third", "bad": "please FAIL",
              "busy": "BUSY at first"}
     with start_stack(tmp_path / "stack", f"sqlite+aiosqlite:///{tmp_path}/db.sqlite",
-                     SLUICE_METRICS_PORT=str(metrics_port), **_providers(tmp_path, local)) as stack:
+                     SLUICE_METRICS_PORT=str(metrics_port), SLUICE_WEBHOOKS_FILE=str(hooks),
+                     **_providers(tmp_path, local)) as stack:
         batch, form_bytes = _run_batch(stack, texts)
         assert batch.status == "completed" and batch.request_counts.completed == 4
         client = stack.sdk()
@@ -109,8 +114,11 @@ def test_metrics_count_a_batch_on_the_metrics_port_and_through_envoy(tmp_path: P
         missing = stack.http().get("/v1/batches/batch_doesnotexist")
         assert missing.status_code == 404
 
+        _until("the webhook delivery", lambda: value(scrape(f"http://127.0.0.1:{metrics_port}/metrics"),
+                                                      "sluice_webhook_deliveries_total", outcome="delivered"))
         direct = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         via_envoy = scrape(f"{stack.url}/metrics")
+    receiver.close()
 
     for samples in (direct, via_envoy):
         # RPCs: by service, method and code, with latency (the REST calls went through the transcoder).
@@ -145,13 +153,17 @@ def test_metrics_count_a_batch_on_the_metrics_port_and_through_envoy(tmp_path: P
         assert value(samples, "sluice_batches_waiting") == 0
         assert value(samples, "sluice_engine_leases_held") == 0
         assert "process_resident_memory_bytes" in names(samples)
+        # The batch.completed event, delivered once.
+        assert value(samples, "sluice_webhook_deliveries_total", outcome="delivered") == 1
+        assert value(samples, "sluice_webhook_delivery_duration_seconds_count") == 1
     # No label value is a batch id or a custom_id.
     labels = {v for _, pairs in direct for _, v in pairs}
     assert not any(v.startswith(("batch_", "file-")) or v in texts for v in labels)
 
 
 class _Upstream:
-    """A stand-in for the metrics port: answers every GET with a fixed body."""
+    """A stand-in for the metrics port, and a webhook receiver: answers every GET with a fixed
+    body, every POST with 204."""
 
     def __init__(self) -> None:
         class Handler(BaseHTTPRequestHandler):
@@ -165,6 +177,11 @@ class _Upstream:
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                self.send_response(204)
+                self.end_headers()
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

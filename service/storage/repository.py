@@ -553,7 +553,7 @@ async def _with_models(s: Any, batch_id: str, outcomes: Sequence[LineOutcome]
     provider = (await s.scalar(select(BatchRow.provider).where(BatchRow.id == batch_id))) or ""
     models = dict((await s.execute(
         select(RequestRow.idx, func.coalesce(RequestRow.provider_model, RequestRow.model))
-        .where(RequestRow.batch_id == batch_id, RequestRow.idx.in_([o.index for o in outcomes])))).tuples().all())
+        .where(RequestRow.batch_id == batch_id, RequestRow.idx.in_([o.index for o in outcomes])))).all())
     return provider, [(models.get(o.index) or "", o) for o in outcomes]
 
 

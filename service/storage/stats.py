@@ -36,12 +36,12 @@ async def batch_gauges(sessions: Sessions, replica_id: str) -> BatchGauges:
     held = (BatchRow.lease_owner.is_not(None)) & (BatchRow.lease_until >= t)
     async with sessions() as s:
         rows = (await s.execute(select(BatchRow.status, BatchRow.provider, func.count())
-                                .group_by(BatchRow.status, BatchRow.provider))).tuples().all()
+                                .group_by(BatchRow.status, BatchRow.provider))).all()
         waiting = await s.scalar(select(func.count()).select_from(BatchRow).where(
             BatchRow.status.in_(UNFINISHED), ~held,
             or_(BatchRow.next_poll_at.is_(None), BatchRow.next_poll_at <= t)))
-        leased = (await s.execute(select(BatchRow.lease_owner == replica_id, func.count()).where(
-            BatchRow.status.in_(UNFINISHED), held).group_by(BatchRow.lease_owner == replica_id))).tuples().all()
+        # One row per replica holding leases.
+        leased = dict((await s.execute(select(BatchRow.lease_owner, func.count()).where(
+            BatchRow.status.in_(UNFINISHED), held).group_by(BatchRow.lease_owner))).all())
     by_status = {(BatchStatus(status).value, provider): count for status, provider, count in rows}
-    mine = sum(count for here, count in leased if here)
-    return BatchGauges(by_status, int(waiting or 0), mine, sum(count for _, count in leased))
+    return BatchGauges(by_status, int(waiting or 0), leased.get(replica_id, 0), sum(leased.values()))
