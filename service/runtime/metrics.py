@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -38,6 +38,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from service.domain.model import LineOutcome
 from service.domain.telemetry import Telemetry
+from service.providers.registry import ConfigError
 from service.providers.routing import Router
 from service.storage.db import Sessions
 from service.storage.stats import batch_gauges
@@ -56,6 +57,7 @@ class Metrics:
     collectors of prometheus_client)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # no `*_created` series: they double a scrape for nothing Prometheus uses
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -297,7 +299,11 @@ class MetricsServer:
     """The admin HTTP server: `GET /metrics` (any path, as prometheus_client serves it), in a thread."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self.httpd, self.thread = start_http_server(port, addr=host, registry=metrics.registry)
+        try:
+            self.httpd, self.thread = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port} ({exc.strerror}): "
+                              "set SLUICE_METRICS_PORT to a free port") from None
         self.port: int = self.httpd.server_port
 
     def stop(self) -> None:
