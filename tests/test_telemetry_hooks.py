@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +26,7 @@ from service.storage.db import create_engine
 from service.storage.repository import Store
 from service.storage.stats import batch_gauges
 from service.storage.tables import BatchRow
+from tests.harness import chat_line, gateway, make_settings
 from tests.test_store import batch_row, failed, new_batch, ok, requests
 
 
@@ -165,3 +168,29 @@ async def test_batch_gauges_count_by_status_and_provider_waiting_and_leases(stor
     gauges = await batch_gauges(store.sessions, mine)
     assert gauges.by_status == {("validating", "sim"): 4, ("completed", "openai"): 1}
     assert (gauges.waiting, gauges.leased_here, gauges.leased) == (1, 1, 2)  # ids[2] waits
+
+
+async def test_a_native_batch_counted_in_process(tmp_path: Path) -> None:
+    """The engine's native path with metrics on: submit, a poll that fails and is retried after a
+    back-off (`step`), a poll that succeeds, the results download, and the lines stored."""
+    router = Router({"sim": ProviderEntry(provider=SimProvider("sim")),
+                     "native": ProviderEntry(provider=Native(), models={"m"})})
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite", metrics_port=0)
+    async with gateway(settings, router) as (app, c):
+        created = await c.create([chat_line(f"l{i}", model="native/m") for i in range(3)])
+        assert (await c.wait_for(created.id)).status == "completed"
+        assert app.observability.metrics_port
+        async with httpx.AsyncClient() as http:  # async: the scrape reads the database on this loop
+            response = await http.get(f"http://127.0.0.1:{app.observability.metrics_port}/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(response.text) for s in f.samples}
+
+    def calls(operation: str, outcome: str) -> float:
+        key = ("sluice_provider_calls_total", (("operation", operation), ("outcome", outcome), ("provider", "native")))
+        return samples.get(key, 0.0)
+    assert (calls("submit", "ok"), calls("poll", "retryable_error"), calls("poll", "ok"), calls("results", "ok")) == (
+        1, 1, 1, 1)
+    assert samples[("sluice_provider_retries_total", (("operation", "step"), ("provider", "native")))] == 1
+    assert samples[("sluice_lines_total", (("model", "m"), ("provider", "native"), ("status", "completed")))] == 3
+    assert samples[("sluice_batches", (("provider", "native"), ("status", "completed")))] == 1
+    assert not telemetry.current().counts_results  # stopping the server put the no-op hook back

@@ -57,7 +57,8 @@ class Metrics:
     collectors of prometheus_client)."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # no `*_created` series: they double a scrape for nothing Prometheus uses
+        # No `*_created` series: they double a scrape for nothing Prometheus uses.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
