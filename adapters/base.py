@@ -239,7 +239,9 @@ class Provider(ABC):  # noqa: B024 - shared base of the two abstract kinds
         """Report every call of this adapter's port operations (`execute`, `submit`, `find_submitted`,
         `poll`, `send_cancel` as `cancel`, and a whole `results` download) to `observer`, for every
         adapter at once and without the engine knowing. Wraps this instance's bound methods; a
-        cancelled call (shutdown) is not reported."""
+        cancelled call (shutdown) is not reported. Called again, the new observer replaces the old."""
+        for attr in (*OBSERVED_OPERATIONS, "results"):
+            self.__dict__.pop(attr, None)  # the class's own methods again, if observed before
         for method, operation in OBSERVED_OPERATIONS.items():
             fn = getattr(self, method, None)
             if fn is not None and inspect.iscoroutinefunction(fn):

@@ -131,6 +131,11 @@ async def test_the_port_reports_every_provider_operation(recording: Recording) -
     await sim.execute(Line(1, "b", "/v1/chat/completions", {**body, "messages": [{"role": "user",
                                                                                  "content": "SIM_FAIL"}]}))
     assert recording.calls[-2:] == [("sim", "execute", "ok"), ("sim", "execute", "error_response")]
+    # Observed again (a second server on the same router): reported once, to the new observer only.
+    again = Recording()
+    sim.observe_calls(again)
+    await sim.execute(Line(2, "c", "/v1/chat/completions", body))
+    assert again.calls == [("sim", "execute", "ok")] and len(recording.calls) == 7
 
 
 def test_metrics_telemetry_counts_lines_tokens_and_cost() -> None:
