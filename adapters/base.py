@@ -20,12 +20,15 @@ Adapters raise `service.domain.errors.ProviderError` for provider failures (`ret
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from adapters.errors import ProviderError as ProviderError  # re-exported: part of the port
 from adapters.http import HttpClient
@@ -177,6 +180,27 @@ class Capabilities:
     finds_lost_submissions: bool = False
 
 
+class CallObserver(Protocol):
+    """Told about every call into a provider (metrics): which operation, how it ended (`ok`;
+    `error_response` for a line the provider answered with an error; a `ProviderError`'s class,
+    `retryable_error` or `error`; `exception` for anything else), how long it took."""
+
+    def provider_call(self, provider: str, operation: str, outcome: str, seconds: float) -> None: ...
+
+
+# The port's operations, observed by `Provider.observe_calls` (the name reported for each).
+OBSERVED_OPERATIONS = {"execute": "execute", "submit": "submit", "find_submitted": "find_submitted",
+                       "poll": "poll", "send_cancel": "cancel"}
+
+
+def _call_outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "ok"
+    if isinstance(exc, ProviderError):
+        return "retryable_error" if exc.retryable else "error"
+    return "exception"
+
+
 class Provider(ABC):  # noqa: B024 - shared base of the two abstract kinds
     """Common ground: a name (as in `provider/model`), the one constructor every adapter takes
     (the providers file gives `base_url`, the key from `api_key_env`, and `options`), and the one
@@ -211,11 +235,59 @@ class Provider(ABC):  # noqa: B024 - shared base of the two abstract kinds
             self._http = self.new_http_client()
         return self._http
 
+    def observe_calls(self, observer: CallObserver) -> None:
+        """Report every call of this adapter's port operations (`execute`, `submit`, `find_submitted`,
+        `poll`, `send_cancel` as `cancel`, and a whole `results` download) to `observer`, for every
+        adapter at once and without the engine knowing. Wraps this instance's bound methods; a
+        cancelled call (shutdown) is not reported. Called again, the new observer replaces the old."""
+        for attr in (*OBSERVED_OPERATIONS, "results"):
+            self.__dict__.pop(attr, None)  # the class's own methods again, if observed before
+        for method, operation in OBSERVED_OPERATIONS.items():
+            fn = getattr(self, method, None)
+            if fn is not None and inspect.iscoroutinefunction(fn):
+                setattr(self, method, _observed_call(fn, self.name, operation, observer))
+        results = getattr(self, "results", None)
+        if results is not None:
+            setattr(self, "results", _observed_stream(results, self.name, "results", observer))  # noqa: B010
+
     async def aclose(self) -> None:
         """Release connections."""
         if self._http is not None:
             http, self._http = self._http, None
             await http.aclose()
+
+
+def _observed_call(fn: Callable[..., Awaitable[Any]], provider: str, operation: str,
+                   observer: CallObserver) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            value = await fn(*args, **kwargs)
+        except Exception as exc:
+            observer.provider_call(provider, operation, _call_outcome(exc), time.monotonic() - started)
+            raise
+        # A line the provider answered with an error (LineResult not ok) is an answer, not a failure
+        # of the call, but it is not an `ok` either.
+        outcome = "error_response" if isinstance(value, LineResult) and not value.ok else "ok"
+        observer.provider_call(provider, operation, outcome, time.monotonic() - started)
+        return value
+    return call
+
+
+def _observed_stream(fn: Callable[..., AsyncIterator[Any]], provider: str, operation: str,
+                     observer: CallObserver) -> Callable[..., AsyncIterator[Any]]:
+    @functools.wraps(fn)
+    async def stream(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        try:
+            async for item in fn(*args, **kwargs):
+                yield item
+        except Exception as exc:
+            observer.provider_call(provider, operation, _call_outcome(exc), time.monotonic() - started)
+            raise
+        observer.provider_call(provider, operation, "ok", time.monotonic() - started)
+    return stream
 
 
 class NativeBatchAdapter(Provider):

@@ -42,6 +42,7 @@ class Local:
         self.paths: list[str] = []
         self.arrivals: dict[str, list[float]] = {}  # user text -> when each request for it arrived
         self.auth: set[str] = set()
+        self.traceparents: list[str | None] = []  # each request's traceparent header (tests/test_observability.py)
         local = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +52,8 @@ class Local:
                 pass
 
             def do_POST(self) -> None:
+                with local.lock:
+                    local.traceparents.append(self.headers.get("traceparent"))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status, payload, headers = local.handle(self.path, body, self.headers.get("Authorization", ""))
                 data = json.dumps(payload).encode()

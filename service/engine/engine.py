@@ -44,6 +44,7 @@ from adapters.base import (
     RequestLine,
 )
 from adapters.base import LineError as AdapterLineError
+from service.domain import telemetry
 from service.domain.model import BatchError, BatchStatus, LineOutcome, Price, ResultError, ResultStatus, Usage, now
 from service.providers.routing import Router, UnknownModel
 from service.storage.repository import OutputFileIds, Store
@@ -153,11 +154,12 @@ class Engine:
             if not await self.store.renew(batch_id, self.settings.replica_id, self.settings.lease_seconds):
                 return
             batch = await self.store.engine_batch(batch_id)
-            entry = self.router.entry(batch.provider)
-            if isinstance(entry.provider, LineExecutor):
-                await self._run_executor(batch, entry.provider)
-            elif isinstance(entry.provider, NativeBatchAdapter):
-                next_poll = await self._step_native(batch, entry.provider)
+            with telemetry.current().batch_work(batch.id, batch.trace_parent):
+                entry = self.router.entry(batch.provider)
+                if isinstance(entry.provider, LineExecutor):
+                    await self._run_executor(batch, entry.provider)
+                elif isinstance(entry.provider, NativeBatchAdapter):
+                    next_poll = await self._step_native(batch, entry.provider)
         except asyncio.CancelledError:
             raise
         except UnknownModel as exc:
@@ -314,7 +316,9 @@ class Engine:
                 if not exc.retryable or attempt == EXECUTOR_RETRIES:
                     return LineResult(index=line.index, status_code=exc.status_code or 0,
                                       error=AdapterLineError(code=exc.code or "provider_error", message=exc.message))
-                await asyncio.sleep(self._backoff(attempt, exc.retry_after, base=0.5))
+                delay = self._backoff(attempt, exc.retry_after, base=0.5)
+                telemetry.current().retry(provider.name, "execute", delay)
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     def _backoff(self, failures: int, retry_after: float | None, base: float | None = None) -> float:
@@ -355,6 +359,7 @@ class Engine:
         """Back off after a failure, but look again by the watchdog's deadline at the latest."""
         failures = await self.store.record_poll_failure(batch.id)
         delay = self._backoff(failures, retry_after)
+        telemetry.current().retry(batch.provider, "step", delay)
         log.warning("batch %s: %s; next try in %.1fs", batch.id, reason, delay)
         return min(time.time() + delay, max(self._deadline(batch), time.time() + self.settings.tick_seconds))
 

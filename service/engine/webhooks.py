@@ -38,6 +38,7 @@ import httpx
 import yaml
 from standardwebhooks.webhooks import Webhook
 
+from service.domain import telemetry
 from service.domain.events import (
     ALL_WEBHOOK_EVENT_TYPES,
     DEFAULT_PROGRESS_THRESHOLDS,
@@ -336,7 +337,9 @@ class WebhookDispatcher:
     async def _deliver(self, event_id: str, endpoint_id: str) -> None:
         try:
             job = await self.store.job(event_id, endpoint_id)
+            started = time.monotonic()
             outcome = await self.attempt(job)
+            telemetry.current().webhook_attempt(_OUTCOME[outcome.status], time.monotonic() - started)
             if not await self.store.finish_attempt(event_id, endpoint_id, self.replica_id, outcome):
                 log.warning("webhooks: lost the lease on %s -> %s; another replica has it", event_id, endpoint_id)
             elif outcome.status == DELIVERED:
@@ -388,6 +391,10 @@ class WebhookDispatcher:
             return AttemptOutcome(attempt, attempted_at, status_code, f"{error}; gave up after {attempt} attempts "
                                   f"over {hours:g} h", _ms(started), FAILED)
         return AttemptOutcome(attempt, attempted_at, status_code, error, _ms(started), PENDING, retry_at)
+
+
+# Delivery status after an attempt -> the metrics' outcome label.
+_OUTCOME = {DELIVERED: "delivered", PENDING: "retrying", FAILED: "failed"}
 
 
 def _ms(started: float) -> int:

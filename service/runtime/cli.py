@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from service.providers.registry import ConfigError
-from service.runtime import admin_cli, client_cli
+from service.runtime import admin_cli, client_cli, logs
 from service.runtime.config import Settings
 
 # Envoy is started with fork() (to set its parent-death signal); gRPC's fork handlers are not
@@ -37,6 +37,11 @@ ENV_HELP = """environment:
   SLUICE_WEBHOOKS_FILE                  webhook endpoints (YAML; see README.md, "Webhooks")
   SLUICE_RUN_ENGINE                     false: serve the API only; other replicas drive batches
   SLUICE_LOG_LEVEL                      INFO (default), DEBUG, WARNING
+  SLUICE_LOG_FORMAT                     text (default) or json (one object a line, with trace_id)
+  SLUICE_METRICS_PORT                   Prometheus metrics on this port (off by default; also GET
+                                        /metrics through Envoy, loopback clients only unless
+                                        SLUICE_METRICS_PUBLIC=true)
+  OTEL_EXPORTER_OTLP_ENDPOINT           traces over OTLP/HTTP to this collector (off by default)
   SLUICE_ADDRESS                        the server, for `sluice batches|files` (127.0.0.1:50051)
 See README.md for the full list."""
 
@@ -62,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "admin":
         return admin_cli.run(args)
 
-    logging.basicConfig(level=os.environ.get("SLUICE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        logs.configure(os.environ.get("SLUICE_LOG_LEVEL", "INFO"), os.environ.get("SLUICE_LOG_FORMAT", "text"))
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         return _command(args)
     except ConfigError as exc:
         print(f"sluice: {exc}", file=sys.stderr)

@@ -27,6 +27,16 @@ def _int(name: str, default: int) -> int:
     return int(_float(name, default))
 
 
+def _port(name: str) -> int | None:
+    """A TCP port, 0 for any free one, or None when unset (the feature is off)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ConfigError(f"{name} must be a TCP port (0-65535), got {raw!r}")
+    return int(raw)
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
@@ -95,6 +105,11 @@ class Settings:
     deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
     # SHA-256 of SLUICE_ADMIN_KEY (the admin API's key; never kept in clear); "": admin API off.
     admin_key_sha256: str = ""
+    # Prometheus metrics on their own HTTP port (None: off); Envoy's /metrics reaches them from
+    # loopback clients only, unless metrics_public (README "Metrics and traces").
+    metrics_port: int | None = None
+    metrics_host: str = ""  # default: grpc_host
+    metrics_public: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -125,6 +140,9 @@ class Settings:
             stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
             deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
             admin_key_sha256=admin_key_digest(os.environ.get("SLUICE_ADMIN_KEY", "")),
+            metrics_port=_port("SLUICE_METRICS_PORT"),
+            metrics_host=os.environ.get("SLUICE_METRICS_HOST", "").strip(),
+            metrics_public=_bool("SLUICE_METRICS_PUBLIC", False),
         )
 
 

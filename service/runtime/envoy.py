@@ -15,6 +15,7 @@ and the tests can use it without the gRPC server.
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -62,6 +64,63 @@ HEALTH_CHECK = """\
     common_lb_config: { healthy_panic_threshold: { value: 0 } }"""
 
 
+# Prometheus metrics through Envoy (README "Metrics and traces"): only this route reaches the
+# metrics port; the transcoder and the Lua filter stay out of it. Unless metrics are public, an
+# RBAC rule admits only clients whose own address (the TCP peer: `direct_remote_ip`, which an
+# X-Forwarded-For header cannot change) is in METRICS_ALLOW; others get a 403.
+METRICS_ROUTE = """\
+              - match: { path: "/metrics" }
+                route: { cluster: sluice_metrics, timeout: 30s }
+                typed_per_filter_config:
+                  envoy.filters.http.lua:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+                    disabled: true
+                  envoy.filters.http.grpc_json_transcoder:
+                    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                    disabled: true
+"""
+METRICS_RBAC = """\
+                  envoy.filters.http.rbac:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+                    rbac:
+                      rules:
+                        action: ALLOW
+                        policies:
+                          metrics-clients:
+                            permissions: [{ any: true }]
+                            principals:
+$PRINCIPALS"""
+METRICS_CLUSTER = """\
+  - name: sluice_metrics
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: sluice_metrics
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: { socket_address: { address: $HOST, port_value: $PORT } }"""
+# Loopback, IPv4 and IPv6.
+METRICS_ALLOW = ("127.0.0.0/8", "::1/128")
+
+
+def _metrics_route(public: bool, allow: Sequence[str]) -> str:
+    if public:
+        return METRICS_ROUTE.rstrip("\n")
+    principals = []
+    for item in allow:
+        network = ipaddress.ip_network(item, strict=False)
+        principals.append(" " * 28 + f"- direct_remote_ip: {{ address_prefix: \"{network.network_address}\", "
+                          f"prefix_len: {network.prefixlen} }}")
+    return METRICS_ROUTE + string.Template(METRICS_RBAC).substitute(PRINCIPALS="\n".join(principals))
+
+
+def _metrics_cluster(host: str, port: int) -> str:
+    # A wildcard listen address is not a destination: Envoy connects to loopback then.
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return string.Template(METRICS_CLUSTER).substitute(HOST=target, PORT=port)
+
+
 class EnvoyError(RuntimeError):
     """Envoy is missing, rejected its config, died, or did not start listening in time."""
 
@@ -91,12 +150,17 @@ def render_config(
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY,
     upstream_timeout: float = DEFAULT_TIMEOUT,
     health_check: bool = True,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_public: bool = False,
+    metrics_allow: Sequence[str] = METRICS_ALLOW,
 ) -> Path:
     """Write `envoy.yaml` into `out_dir` (created if needed) from the template; return its path.
 
     Paths are made absolute, so Envoy can run from any working directory. `upstream_timeout`
     bounds a unary call and the idle time of a stream; `health_check` needs the upstream to serve
-    grpc.health.v1 (the Sluice server does).
+    grpc.health.v1 (the Sluice server does). `metrics_port` adds `GET /metrics` (admitted from
+    `metrics_allow` networks only, unless `metrics_public`).
     """
     descriptor_path = Path(descriptor).resolve()
     lua_path = Path(lua).resolve()
@@ -122,6 +186,8 @@ def render_config(
         MAX_REQUEST_BODY=max_request_body_bytes,
         TIMEOUT=f"{upstream_timeout:g}",
         HEALTH_CHECK=HEALTH_CHECK if health_check else "",
+        METRICS_ROUTE=_metrics_route(metrics_public, metrics_allow) if metrics_port is not None else "",
+        METRICS_CLUSTER=_metrics_cluster(metrics_host, metrics_port) if metrics_port is not None else "",
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

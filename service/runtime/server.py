@@ -36,6 +36,7 @@ from service.providers.registry import ConfigError, build_router
 from service.providers.routing import Router
 from service.runtime.config import Settings
 from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
+from service.runtime.observability import Observability, start_observability
 from service.runtime.sweeper import FileSweeper
 from service.storage.admin import AdminStore, redact
 from service.storage.db import create_engine, migrate
@@ -72,6 +73,7 @@ class App:
     webhooks: WebhookDispatcher | None = None
     # Set first thing on stop: watch streams end rather than hold the shutdown for `grace`.
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    observability: Observability = field(default_factory=Observability)
 
     async def stop(self, grace: float = 10.0) -> None:
         """In-flight RPCs get `grace` seconds; the engine finishes its current steps."""
@@ -85,6 +87,7 @@ class App:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.router.aclose()
+        self.observability.stop()
         await self.store.close()
 
 
@@ -120,7 +123,8 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
         expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
 
-    server = grpc.aio.server(options=[
+    observability = start_observability(settings, store, router)
+    server = grpc.aio.server(interceptors=observability.interceptors, options=[
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
         ("grpc.max_send_message_length", settings.max_send_bytes),
         # Above what Envoy admits (32 KiB of request headers, which it may forward with the path
@@ -162,7 +166,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
              settings.database_url.split("@")[-1])
-    return App(server, store, engine, router, health_servicer, port, sweeper, dispatcher, closing)
+    if observability.metrics_port is not None:
+        log.info("sluice metrics on http://%s:%d/metrics", settings.metrics_host or settings.grpc_host,
+                 observability.metrics_port)
+    return App(server, store, engine, router, health_servicer, port, sweeper, dispatcher, closing,
+               observability=observability)
 
 
 async def _until_signal() -> None:
@@ -222,7 +230,9 @@ async def run_with_envoy(settings: Settings, work_dir: Path, banner: Callable[[i
     _check_port_free(settings.grpc_host, settings.http_port)
     app = await start(settings)
     config = render_config(settings.grpc_host, settings.http_port, app.port, _free_port(settings.grpc_host),
-                           work_dir, grpc_host=settings.grpc_host, upstream_timeout=settings.upstream_timeout_seconds)
+                           work_dir, grpc_host=settings.grpc_host, upstream_timeout=settings.upstream_timeout_seconds,
+                           metrics_port=app.observability.metrics_port, metrics_public=settings.metrics_public,
+                           metrics_host=settings.metrics_host or settings.grpc_host)
     envoy = EnvoyProcess(config, settings.grpc_host, settings.http_port)
     try:
         await asyncio.to_thread(envoy.start)

@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import defer
 
+from service.domain import telemetry
 from service.domain.errors import Conflict, NotFound
 from service.domain.model import (
     CANCELLABLE,
@@ -161,6 +162,7 @@ class Store:
                            requests: Iterable[NewRequest] | AsyncIterable[NewRequest]) -> BatchRow:
         """Insert the batch and its lines in one transaction: all or nothing. `requests` may be
         an async iterable (lines streamed from a file), inserted 500 at a time."""
+        batch.trace_parent = batch.trace_parent or telemetry.current().trace_parent()
         async with self.sessions.begin() as s:
             s.add(batch)
             await s.flush()
@@ -434,6 +436,9 @@ class Store:
             project, ended, total, provider_batch_id = counted
             if provider_batch_id is None:  # a native batch's progress is what its provider reports
                 await record_progress(s, batch_id, project, ended - completed - failed, ended, total)
+            labelled = await _with_models(s, batch_id, new) if telemetry.current().counts_results else None
+        if labelled is not None:
+            telemetry.current().results_stored(*labelled)
         return len(inserted)
 
     # --- files ------------------------------------------------------------------------------
@@ -564,6 +569,17 @@ class Store:
         async with self.sessions() as s:
             return int(await s.scalar(select(func.count()).select_from(BatchRow)
                                       .where(BatchRow.project == project)) or 0)
+
+
+async def _with_models(s: Any, batch_id: str, outcomes: Sequence[LineOutcome]
+                       ) -> tuple[str, list[tuple[str, LineOutcome]]]:
+    """The batch's provider and each stored line's provider model, for metrics (read only when
+    metrics are on; one indexed query per stored chunk)."""
+    provider = (await s.scalar(select(BatchRow.provider).where(BatchRow.id == batch_id))) or ""
+    models = dict((await s.execute(
+        select(RequestRow.idx, func.coalesce(RequestRow.provider_model, RequestRow.model))
+        .where(RequestRow.batch_id == batch_id, RequestRow.idx.in_([o.index for o in outcomes])))).all())
+    return provider, [(models.get(o.index) or "", o) for o in outcomes]
 
 
 def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:

@@ -158,6 +158,9 @@ class BatchRow(_UsageColumns, Base):
     poll_failures: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[float | None] = mapped_column(Float)
+    # W3C traceparent of the request that created the batch (traces on): the engine's work on the
+    # batch joins that trace (service/runtime/tracing.py).
+    trace_parent: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index("ix_batches_project_created", "project", "created_at", "id"),
