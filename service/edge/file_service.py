@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 from google.api import httpbody_pb2
 
 from service.domain.errors import InvalidRequest, PayloadTooLarge
-from service.domain.model import FileStatus, now
+from service.domain.model import DEFAULT_LIMITS, FileStatus, Limits, now
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.multipart import MultipartError, parse_multipart
@@ -26,7 +26,6 @@ from sluice.v1 import file_pb2, file_pb2_grpc
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 
-MAX_FILE_BYTES = 200 * 1024 * 1024
 BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI: batch files expire after 30 days by default
 ACCEPTED_PURPOSES = ("batch",)
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 10_000, 10_000
@@ -51,9 +50,10 @@ async def _bodies(first: file_pb2.UploadFileRequest,
 class _Upload:
     """One upload in progress: stores the file part while counting bytes and checking lines."""
 
-    def __init__(self, store: Store, row: FileRow) -> None:
+    def __init__(self, store: Store, row: FileRow, max_bytes: int) -> None:
         self.store = store
         self.row = row
+        self.max_bytes = max_bytes
         self.size = 0
         self.seq = 0
 
@@ -61,8 +61,8 @@ class _Upload:
         """Store each chunk as it passes through to the line checker."""
         async for chunk in part:
             self.size += len(chunk)
-            if self.size > MAX_FILE_BYTES:
-                raise PayloadTooLarge(f"File is larger than the {MAX_FILE_BYTES // 2**20} MB limit.",
+            if self.size > self.max_bytes:
+                raise PayloadTooLarge(f"File is larger than the {self.max_bytes // 2**20} MB limit.",
                                       param="file", code="file_too_large")
             await self.store.add_file_chunk(self.row.id, self.seq, chunk)
             self.seq += 1
@@ -71,9 +71,10 @@ class _Upload:
 
 @translate_errors
 class FileServicer(file_pb2_grpc.FileServiceServicer):
-    def __init__(self, store: Store, auth: Authenticator) -> None:
+    def __init__(self, store: Store, auth: Authenticator, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.auth = auth
+        self.limits = limits
 
     async def UploadFile(self, request_iterator: AsyncIterator[file_pb2.UploadFileRequest],
                          context: Context) -> file_pb2.File:
@@ -94,9 +95,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                         id=new_id("file-"), project=project, filename=(part.filename or "upload.jsonl")[:512],
                         purpose=purpose, bytes=0, line_count=0, status=FileStatus.UPLOADING, created_at=now(),
                         expires_at=now() + BATCH_FILE_TTL))
-                    upload = _Upload(self.store, row)
+                    upload = _Upload(self.store, row, self.limits.max_file_bytes)
                     count, problems = await check_lines(split_lines(upload.chunks(aiter(part))),
-                                                        LineValidator(endpoint=None))
+                                                        LineValidator(endpoint=None), self.limits.max_requests)
                     if count == 0:
                         raise InvalidRequest("The file has no request lines.", param="file", code="empty_file")
                     if problems:

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.domain.model import MAX_FILE_BYTES, MAX_REQUESTS, Limits
 from service.providers.registry import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
@@ -25,6 +26,13 @@ def _int(name: str, default: int) -> int:
     return int(_float(name, default))
 
 
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value
+
+
 def parse_api_keys(raw: str) -> dict[str, str]:
     """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
     keys: dict[str, str] = {}
@@ -34,6 +42,21 @@ def parse_api_keys(raw: str) -> dict[str, str]:
             raise ConfigError(f"SLUICE_API_KEYS entries look like project=key, got {item!r}")
         keys[key.strip()] = project.strip()
     return keys
+
+
+def parse_budgets(raw: str) -> dict[str, float]:
+    """`project=amount,other=amount2` (US dollars per calendar month) → {project: amount}."""
+    budgets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        project, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not project.strip() or not value >= 0:
+            raise ConfigError(f"SLUICE_BUDGETS entries look like project=dollars (e.g. default=25), got {item!r}")
+        budgets[project.strip()] = value
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,15 @@ class Settings:
     expiry_grace_seconds: float = 2 * 3600.0  # native batches: see the engine's watchdog
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     max_message_bytes: int = 64 * 1024 * 1024
+    # Sluice's own limits on a batch and an uploaded file (OpenAI's by default).
+    max_batch_requests: int = MAX_REQUESTS
+    max_file_bytes: int = MAX_FILE_BYTES
+    # project -> spend limit in US dollars per calendar month (UTC)
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_requests=self.max_batch_requests, max_file_bytes=self.max_file_bytes)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -77,4 +109,7 @@ class Settings:
             lease_seconds=_float("SLUICE_LEASE_SECONDS", 30.0),
             expiry_grace_seconds=_float("SLUICE_EXPIRY_GRACE_SECONDS", 2 * 3600.0),
             replica_id=os.environ.get("SLUICE_REPLICA_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            max_batch_requests=_positive("SLUICE_MAX_BATCH_REQUESTS", MAX_REQUESTS),
+            max_file_bytes=_positive("SLUICE_MAX_FILE_BYTES", MAX_FILE_BYTES),
+            budgets=parse_budgets(os.environ.get("SLUICE_BUDGETS", "")),
         )

@@ -75,8 +75,9 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         ("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),
     ])
     batch_pb2_grpc.add_BatchServiceServicer_to_server(
-        BatchServicer(store, auth, router, engine.wake, BatchInputs(store)), server)
-    file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(store, auth), server)
+        BatchServicer(store, auth, router, engine.wake, BatchInputs(store, settings.limits), settings.limits,
+                      settings.budgets), server)
+    file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(store, auth, settings.limits), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
