@@ -388,3 +388,31 @@ def test_a_200000_line_file_runs_as_provider_batches_of_at_most_50000(stack: Sta
                 last = custom_id
                 lines += 1
     assert (lines, first, last) == (n, "r000000", f"r{n - 1:06d}")
+
+
+# --------------------------------------------------------------------------- executor capacity
+
+
+def test_two_replicas_share_an_executor_providers_capacity(tmp_path: Path, postgres_url: str) -> None:
+    """Two `sluice run` processes on one PostgreSQL database run three batches (two projects) on
+    one OpenAI-compatible provider with `capacity: {concurrency: 4}`: the server never sees more
+    than 4 requests at once, and when it answers 429 Sluice backs off and still finishes."""
+    with CompatStub(latency=0.03) as server, ProviderFake() as unused:
+        config = providers_file(tmp_path / "providers.yaml", unused, server)
+        config.write_text(config.read_text() + "    capacity: {concurrency: 4}\n    options: {concurrency: 16}\n")
+        env = {"SLUICE_PROVIDERS_FILE": str(config), "FAKE_OPENAI_KEY": "k", "FAKE_ANTHROPIC_KEY": "k"}
+        with start_stack(tmp_path / "one", postgres_url, **env) as one, \
+                start_stack(tmp_path / "two", postgres_url, **env) as two:
+            work = [(one, KEY_A, "a"), (two, KEY_A, "b"), (two, KEY_B, "c")]
+            made = []
+            for stack, key, prefix in work:
+                client = stack.sdk(key)
+                lines = [line(f"{prefix}{i}", f"question {i}", model="local/stub-model") for i in range(80)]
+                made.append((client, create(client, upload(client, lines)).id))
+            wait(made[0][0], made[0][1], lambda b: b.request_counts.completed >= 10, timeout=120)
+            server.throttle(4)
+            done = [wait(client, batch_id, timeout=240) for client, batch_id in made]
+    assert [d.status for d in done] == ["completed"] * 3, done
+    assert all(d.request_counts.completed == 80 for d in done)
+    assert server.throttled == 4 and server.served == 240
+    assert 2 <= server.peak <= 4, server.peak

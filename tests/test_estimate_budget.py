@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 
 from adapters.sim import SimProvider
 from service.domain.model import BatchStatus, LineOutcome, Price, ResultStatus, Usage, month_of, now
-from service.intake.estimate import DEFAULT_OUTPUT_BOUND, MEDIA_TOKENS, line_tokens
+from service.domain.tokens import DEFAULT_OUTPUT_BOUND, MEDIA_TOKENS, line_tokens
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.storage.db import create_engine, migrate
 from service.storage.repository import NewRequest, Reservation, Store, new_id

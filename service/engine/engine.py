@@ -386,7 +386,7 @@ class Engine:
         finished: list[LineOutcome] = []
         more = True
         last_check = last_log = time.monotonic()
-        width = self.capacity.width(provider, batch.project)
+        width = await self.capacity.width(provider, batch.project)
         try:
             while more or running:
                 while more and len(running) < width:
@@ -405,7 +405,7 @@ class Engine:
                     finished = []
                 if checking:
                     last_check = time.monotonic()
-                    width = self.capacity.width(provider, batch.project)
+                    width = await self.capacity.width(provider, batch.project)
                     fresh = await self.store.engine_batch(batch.id)
                     if self._stopping or fresh.status != BatchStatus.IN_PROGRESS or now() >= fresh.expires_at:
                         return False
@@ -424,8 +424,10 @@ class Engine:
     async def _execute_with_retries(self, batch: BatchRow, provider: LineExecutor, line: RequestLine) -> LineResult:
         for attempt in range(EXECUTOR_RETRIES + 1):
             try:
-                async with self.capacity.request(provider, batch.project, line):
-                    return await provider.execute(line)
+                async with self.capacity.request(provider, batch.project, line) as ticket:
+                    result = await provider.execute(line)
+                    ticket.used(result.usage.total_tokens)
+                    return result
             except ProviderError as exc:
                 if not exc.retryable or attempt == EXECUTOR_RETRIES:
                     return LineResult(index=line.index, status_code=exc.status_code or 0,

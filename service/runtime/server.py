@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from service.edge.auth import Authenticator
 from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
+from service.engine.capacity import SharedCapacity
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
 from service.intake.file_inputs import BatchInputs
@@ -41,6 +42,7 @@ class App:
     router: Router
     health: health.aio.HealthServicer
     port: int
+    capacity: SharedCapacity
 
     async def stop(self, grace: float = 10.0) -> None:
         """In-flight RPCs get `grace` seconds; the engine finishes its current steps."""
@@ -48,6 +50,7 @@ class App:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.engine.stop()
+        await self.capacity.aclose()
         await self.router.aclose()
         await self.store.close()
 
@@ -60,10 +63,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
                                     sim_failure_rate=settings.sim_failure_rate,
                                     executor_concurrency=settings.executor_concurrency)
+    capacity = SharedCapacity(store, router, settings.replica_id, settings.lease_seconds)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
         lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
-        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
+        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store), capacity=capacity)
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -90,7 +94,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
              settings.database_url.split("@")[-1])
-    return App(server, store, engine, router, health_servicer, port)
+    return App(server, store, engine, router, health_servicer, port, capacity)
 
 
 async def _until_signal() -> None:

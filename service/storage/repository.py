@@ -44,6 +44,9 @@ from service.domain.model import (
 from service.storage.tables import (
     ApiKeyRow,
     BatchRow,
+    CapacitySlotRow,
+    CapacityStateRow,
+    CapacityWindowRow,
     ChargeRow,
     FileChunkRow,
     FileRow,
@@ -681,6 +684,105 @@ class Store:
                 await s.execute(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no)
                                 .values(completed=PartRow.completed + completed, failed=PartRow.failed + failed))
         return len(inserted)
+
+    # --- executor capacity (service/engine/capacity.py) -------------------------------------
+
+    async def ensure_capacity(self, provider: str, slots: int, limit: float) -> None:
+        """The provider's slot rows 0..slots-1 and its adaptive limit, created once (by any replica)."""
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(CapacitySlotRow).on_conflict_do_nothing(index_elements=["provider", "slot"]),
+                            [{"provider": provider, "slot": n, "holder": None, "until": None} for n in range(slots)])
+            await s.execute(self._insert(CapacityStateRow).values(provider=provider, limit=limit, backed_off_at=0.0)
+                            .on_conflict_do_nothing(index_elements=["provider"]))
+
+    async def take_slot(self, provider: str, below: int, holder: str, until: float) -> int | None:
+        """One free slot (never held, or its holder's lease ran out) under `below`, for `holder`;
+        None when all are taken. Compare-and-set per slot, so two replicas never share one."""
+        t = time.time()
+        free = or_(CapacitySlotRow.holder.is_(None), CapacitySlotRow.until < t)
+        async with self.sessions() as s:
+            candidates = list((await s.scalars(select(CapacitySlotRow.slot).where(
+                CapacitySlotRow.provider == provider, CapacitySlotRow.slot < below, free)
+                .order_by(CapacitySlotRow.slot).limit(4))).all())
+        for slot in candidates:
+            async with self.sessions.begin() as s:
+                res = await s.execute(update(CapacitySlotRow).where(
+                    CapacitySlotRow.provider == provider, CapacitySlotRow.slot == slot, free)
+                    .values(holder=holder, until=until))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                return slot
+        return None
+
+    async def free_slot(self, provider: str, slot: int, holder: str) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(update(CapacitySlotRow).where(
+                CapacitySlotRow.provider == provider, CapacitySlotRow.slot == slot, CapacitySlotRow.holder == holder)
+                .values(holder=None, until=None))
+
+    async def renew_slots(self, holders: Sequence[str], until: float) -> None:
+        """Keep slots held by requests still running (a replica that dies lets them run out)."""
+        if holders:
+            async with self.sessions.begin() as s:
+                await s.execute(update(CapacitySlotRow).where(CapacitySlotRow.holder.in_(list(holders)))
+                                .values(until=until))
+
+    async def capacity_limit(self, provider: str) -> float | None:
+        async with self.sessions() as s:
+            return await s.scalar(select(CapacityStateRow.limit).where(CapacityStateRow.provider == provider))
+
+    async def back_off(self, provider: str, factor: float, floor: float, cooldown: float) -> bool:
+        """Lower the provider's limit after a 429/5xx/timeout, at most once per `cooldown` seconds
+        across all replicas (one overload is one backoff, however many requests saw it)."""
+        t = time.time()
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(CapacityStateRow).where(
+                CapacityStateRow.provider == provider, CapacityStateRow.backed_off_at < t - cooldown)
+                .values(limit=func.max(CapacityStateRow.limit * factor, floor) if self._dialect == "sqlite"
+                        else func.greatest(CapacityStateRow.limit * factor, floor), backed_off_at=t))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def recover(self, provider: str, increment: float, ceiling: float) -> None:
+        """Raise the provider's limit after calls that went well, up to its configured concurrency."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(CapacityStateRow).where(CapacityStateRow.provider == provider).values(
+                limit=func.min(CapacityStateRow.limit + increment, ceiling) if self._dialect == "sqlite"
+                else func.least(CapacityStateRow.limit + increment, ceiling)))
+
+    async def count_request(self, provider: str, minute: int, tokens: int, rpm: int | None, tpm: int | None) -> bool:
+        """Count one request (and its tokens) in this minute's window if it stays within both limits."""
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(CapacityWindowRow).values(provider=provider, minute=minute, requests=0,
+                                                                   tokens=0)
+                            .on_conflict_do_nothing(index_elements=["provider", "minute"]))
+            query = update(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                    CapacityWindowRow.minute == minute)
+            if rpm is not None:
+                query = query.where(CapacityWindowRow.requests + 1 <= rpm)
+            if tpm is not None:
+                # A request larger than the whole budget still goes, alone in its window.
+                query = query.where(or_(CapacityWindowRow.tokens + tokens <= tpm, CapacityWindowRow.tokens == 0))
+            res = await s.execute(query.values(requests=CapacityWindowRow.requests + 1,
+                                               tokens=CapacityWindowRow.tokens + tokens))
+            await s.execute(delete(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                            CapacityWindowRow.minute < minute - 1))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def correct_tokens(self, provider: str, minute: int, delta: int) -> None:
+        """The tokens a request really used, once known, instead of what was counted before it ran."""
+        if delta:
+            async with self.sessions.begin() as s:
+                await s.execute(update(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                                CapacityWindowRow.minute == minute)
+                                .values(tokens=CapacityWindowRow.tokens + delta))
+
+    async def running_parts(self, provider: str) -> dict[str, int]:
+        """project -> how many of its parts run (or wait to run) on the provider now."""
+        async with self.sessions() as s:
+            rows = (await s.execute(select(BatchRow.project, func.count()).join(
+                PartRow, PartRow.batch_id == BatchRow.id).where(
+                PartRow.provider == provider, PartRow.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]),
+                BatchRow.status.not_in(TERMINAL)).group_by(BatchRow.project))).all()
+        return {str(project): int(n) for project, n in rows}
 
     # --- files ------------------------------------------------------------------------------
 
