@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from adapters.sim import SimProvider
-from service.domain.model import BatchStatus, LineOutcome, Price, ResultStatus, Usage, month_of, now
+from service.domain.model import BatchStatus, Limits, LineOutcome, Price, ResultStatus, Usage, month_of, now
 from service.domain.tokens import DEFAULT_OUTPUT_BOUND, MEDIA_TOKENS, line_tokens
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.storage.db import create_engine, migrate
@@ -172,3 +172,35 @@ def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(value)
     return s
+
+
+def test_budget_and_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.providers.registry import ConfigError
+    from service.runtime.config import Settings, parse_budgets
+
+    assert parse_budgets(" default=25, team-b=0.5 ,") == {"default": 25.0, "team-b": 0.5}
+    for bad in ("default", "default=", "=5", "default=-1", "default=lots"):
+        with pytest.raises(ConfigError, match="SLUICE_BUDGETS"):
+            parse_budgets(bad)
+    monkeypatch.setenv("SLUICE_BUDGETS", "alpha=10")
+    monkeypatch.setenv("SLUICE_MAX_BATCH_REQUESTS", "200000")
+    monkeypatch.setenv("SLUICE_MAX_FILE_BYTES", str(1 << 30))
+    settings = Settings.from_env()
+    assert settings.budgets == {"alpha": 10.0}
+    assert (settings.limits.max_requests, settings.limits.max_file_bytes) == (200_000, 1 << 30)
+    monkeypatch.delenv("SLUICE_MAX_BATCH_REQUESTS")
+    monkeypatch.delenv("SLUICE_MAX_FILE_BYTES")
+    assert Settings.from_env().limits == Limits()  # unchanged defaults: OpenAI's 50,000 lines, 200 MB
+    assert (Limits().max_requests, Limits().max_file_bytes) == (50_000, 200 * 2**20)
+    monkeypatch.setenv("SLUICE_MAX_BATCH_REQUESTS", "0")
+    with pytest.raises(ConfigError, match="SLUICE_MAX_BATCH_REQUESTS"):
+        Settings.from_env()
+
+
+async def test_raised_limits_take_more_lines_inline_and_in_files(sqlite_url: str) -> None:
+    many = [chat_line(f"r{i}") for i in range(12)]
+    async with gateway(make_settings(sqlite_url, max_batch_requests=10)) as (_, c):
+        err = await expect_error(c.create(many), grpc.StatusCode.INVALID_ARGUMENT)
+        assert err.envelope["code"] == "too_many_requests" and "at most 10" in err.message
+    async with gateway(make_settings(sqlite_url, max_batch_requests=12)) as (_, c):
+        assert (await c.wait_for((await c.create(many)).id)).request_counts.completed == 12
