@@ -305,7 +305,7 @@ def test_an_estimate_holds_the_cost_charged_on_sim(stack: Stack) -> None:
     tokens = part["input_tokens"]
     assert tokens["min"] <= tokens["estimate"] <= tokens["max"]
     assert part["output_tokens_max"] == sum(8 + i for i in range(20)) + 4096
-    assert "bytes/4" in estimate["method"]
+    assert "UTF-8 bytes / 4" in estimate["method"]
     listed = [b.id for b in client.batches.list(limit=100)]
     assert listed == [b.id for b in client.batches.list(limit=100)]  # nothing stored by the estimate
 

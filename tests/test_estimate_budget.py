@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 
 from adapters.sim import SimProvider
 from service.domain.model import BatchStatus, Limits, LineOutcome, Price, ResultStatus, Usage, month_of, now
@@ -167,11 +166,6 @@ async def _budget_month(db_url: str, month: str) -> Any:
         return await expect_error(c.stub.GetBudget(batch_pb2.GetBudgetRequest(month=month), metadata=md()),
                                   grpc.StatusCode.INVALID_ARGUMENT)
 
-
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(value)
-    return s
 
 
 def test_budget_and_limit_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,11 +6,11 @@ batch, and into one output file."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2
 
 from adapters.anthropic import AnthropicAdapter
 from adapters.base import BatchJob, RequestLine
@@ -74,8 +74,6 @@ async def file_lines(c: Client, file_id: str) -> list[dict[str, Any]]:
     files = file_pb2_grpc.FileServiceStub(c.channel)
     data = b"".join([m.data async for m in files.GetFileContent(file_pb2.GetFileContentRequest(id=file_id),
                                                                 metadata=md())])
-    import json
-
     return [json.loads(line) for line in data.splitlines()]
 
 
@@ -225,13 +223,3 @@ async def test_a_part_failing_while_others_run_fails_only_its_lines(fake: Provid
         assert again.status == "completed" and again.request_counts.completed == 2
         assert [p.provider for p in again.parts] == ["anthropic"]
 
-
-def _struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(value)
-    return s
-
-
-def _dict(message: Any) -> dict[str, Any]:
-    out: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return out

@@ -158,20 +158,22 @@ class SharedCapacity:
         counted = tokens.input_estimate + tokens.output_max
         minute = await self._count(name, state, counted)
         holder = f"{self.replica_id}:{uuid.uuid4().hex}"
-        slot = await self._take(name, state, holder)
         ticket = Ticket()
+        self._held.add(holder)  # renewed from the moment it may hold a slot, until it is freed
         try:
-            yield ticket
-        except ProviderError as exc:
-            if exc.retryable:
-                await self._back_off(name, state, exc)
-            raise
-        else:
-            await self._succeeded(name, state)
+            await self._take(name, state, holder)
+            try:
+                yield ticket
+            except ProviderError as exc:
+                if exc.retryable:
+                    await self._back_off(name, state, exc)
+                raise
+            else:
+                await self._succeeded(name, state)
         finally:
             self._held.discard(holder)
             with contextlib.suppress(Exception):
-                await asyncio.shield(self.store.free_slot(name, slot, holder))
+                await asyncio.shield(self.store.free_slot(name, holder))
             self._freed.set()
             if minute is not None and ticket.used_tokens is not None:
                 with contextlib.suppress(Exception):
@@ -194,11 +196,9 @@ class SharedCapacity:
         delay = WAIT_STEP[0]
         while True:
             limit = await self._limit(name, state)
-            self._held.add(holder)
             slot = await self.store.take_slot(name, limit, holder, time.time() + self.lease_seconds)
             if slot is not None:
                 return slot
-            self._held.discard(holder)
             self._freed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), delay)

@@ -562,10 +562,6 @@ class Store:
             await s.execute(update(SpendRow).where(SpendRow.project == charge.project, SpendRow.month == charge.month)
                             .values(reserved=SpendRow.reserved - charge.reserved, spent=SpendRow.spent + cost))
 
-    async def _update(self, batch_id: str, **values: Any) -> None:
-        async with self.sessions.begin() as s:
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(**values))
-
     async def _update_part(self, batch_id: str, part_no: int, *where: Any, **values: Any) -> bool:
         async with self.sessions.begin() as s:
             res = await s.execute(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no,
@@ -713,11 +709,11 @@ class Store:
                 return slot
         return None
 
-    async def free_slot(self, provider: str, slot: int, holder: str) -> None:
+    async def free_slot(self, provider: str, holder: str) -> None:
+        """Hand back the slot `holder` took, if it took one."""
         async with self.sessions.begin() as s:
             await s.execute(update(CapacitySlotRow).where(
-                CapacitySlotRow.provider == provider, CapacitySlotRow.slot == slot, CapacitySlotRow.holder == holder)
-                .values(holder=None, until=None))
+                CapacitySlotRow.provider == provider, CapacitySlotRow.holder == holder).values(holder=None, until=None))
 
     async def renew_slots(self, holders: Sequence[str], until: float) -> None:
         """Keep slots held by requests still running (a replica that dies lets them run out)."""
