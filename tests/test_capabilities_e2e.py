@@ -11,6 +11,7 @@ with 429 `insufficient_quota` and nothing stored, and the spend readable."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -112,8 +113,6 @@ def wait(client: openai.OpenAI, batch_id: str, done: Any = None, timeout: float 
     async def check_batch() -> Any:
         batch, _ = raw_json(client.batches.with_raw_response.retrieve, batch_id, schema="Batch")
         return batch if test(batch) else None
-
-    import asyncio
 
     return asyncio.run(until(f"batch {batch_id}", check_batch, timeout))
 
@@ -268,8 +267,6 @@ def test_a_cancel_reaches_every_part(stack: Stack, clean_fake: ProviderFake) -> 
     assert [p["provider"] for p in running.parts] == ["openai", "anthropic", "local"]
     cancelled, _ = raw_json(client.batches.with_raw_response.cancel, batch.id, schema="Batch")
     assert cancelled.status in ("cancelling", "cancelled")
-
-    import asyncio
 
     async def both_cancelled() -> bool:
         sent = {r["provider"] for r in clean_fake.state()["requests"]

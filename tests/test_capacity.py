@@ -13,6 +13,8 @@ import pytest
 from adapters.openai_compatible import OpenAICompatibleExecutor
 from adapters.sim import SimProvider
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, CapacityLimits, ProviderEntry, Router
+from service.storage.db import create_engine, migrate
+from service.storage.repository import Store
 from tests.compat_stub import CompatStub
 from tests.harness import KEY_A, KEY_B, chat_line, gateway, make_settings, until
 
@@ -93,3 +95,40 @@ async def test_requests_per_minute_hold_across_replicas(stub: CompatStub, sqlite
         assert sum(p.request_counts.completed for p in progress) <= 10
         assert stub.served == 10  # the rest wait for the next minute
         await app.engine.stop()
+
+
+async def test_minute_windows_count_requests_and_tokens(db_url: str) -> None:
+    await migrate(db_url)
+    store = Store(create_engine(db_url))
+    try:
+        minute = 29_000_000
+        assert await store.count_request("p", minute, 100, None, 250)
+        assert await store.count_request("p", minute, 100, None, 250)
+        assert not await store.count_request("p", minute, 100, None, 250)  # 300 > 250
+        await store.correct_tokens("p", minute, -150)  # the two used 50 in all
+        assert await store.count_request("p", minute, 100, None, 250)
+        assert await store.count_request("p", minute + 1, 1000, None, 250)  # alone in its window: goes
+        assert not await store.count_request("p", minute + 1, 1, None, 250)
+        assert await store.count_request("q", minute, 1, 2, None)
+        assert await store.count_request("q", minute, 1, 2, None)
+        assert not await store.count_request("q", minute, 1, 2, None)
+        # Slots: compare-and-set per slot, a holder frees only its own.
+        await store.ensure_capacity("p", 2, 2.0)
+        await store.ensure_capacity("p", 2, 2.0)  # idempotent
+        assert await store.take_slot("p", 2, "h1", 9e12) == 0
+        assert await store.take_slot("p", 2, "h2", 9e12) == 1
+        assert await store.take_slot("p", 2, "h3", 9e12) is None
+        await store.free_slot("p", "h3")
+        assert await store.take_slot("p", 2, "h3", 9e12) is None
+        await store.free_slot("p", "h1")
+        assert await store.take_slot("p", 2, "h3", 9e12) == 0
+        assert await store.take_slot("p", 1, "h4", 0.0) is None  # under a lowered limit of 1
+        # The adaptive limit: halved at most once per cooldown, grown back up to the ceiling.
+        assert await store.back_off("p", 0.5, 1.0, cooldown=60)
+        assert not await store.back_off("p", 0.5, 1.0, cooldown=60)
+        assert await store.capacity_limit("p") == 1.0
+        await store.recover("p", 0.5, 2.0)
+        await store.recover("p", 5.0, 2.0)
+        assert await store.capacity_limit("p") == 2.0
+    finally:
+        await store.close()

@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from adapters.anthropic import AnthropicAdapter
 from adapters.base import BatchJob, RequestLine
 from adapters.openai import OpenAIAdapter
 from adapters.sim import SimProvider
-from service.domain.model import Price
+from service.domain.model import Price, now
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.storage.db import create_engine
 from service.storage.repository import Store
+from service.storage.tables import BatchRow
 from sluice.v1 import batch_pb2, file_pb2, file_pb2_grpc
 from tests.harness import Client, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
@@ -223,3 +225,47 @@ async def test_a_part_failing_while_others_run_fails_only_its_lines(fake: Provid
         assert again.status == "completed" and again.request_counts.completed == 2
         assert [p.provider for p in again.parts] == ["anthropic"]
 
+
+
+async def test_a_restart_resumes_every_part_without_submitting_any_twice(fake: ProviderFake, db_url: str) -> None:
+    fake.configure(polls_per_state=HOLD)
+    lines = mixed_lines("o a " + "s " * 60)
+    async with gateway(make_settings(db_url, poll_seconds=0.02), router(fake, sim_latency_ms=20)) as (_, c):
+        created = await c.create(lines)
+        running = await c.wait_until(created.id, lambda b: all(p.provider_batch_id for p in b.parts[:2])
+                                     and b.parts[2].request_counts.completed >= 2, timeout=WAIT)
+    for part in running.parts[:2]:  # the providers carry on while Sluice is down
+        fake.settings(part.provider, part.provider_batch_id, polls_per_state=1)
+    async with gateway(make_settings(db_url, poll_seconds=0.02, replica_id="after-restart"),
+                       router(fake, sim_latency_ms=20)) as (_, c):
+        done = await c.wait_for(created.id, timeout=WAIT)
+        results = await c.results(done.id)
+    assert done.status == "completed" and done.request_counts.completed == 62
+    assert [p.provider_batch_id for p in done.parts[:2]] == [p.provider_batch_id for p in running.parts[:2]]
+    assert creates(fake) == {"openai": 1, "anthropic": 1}
+    assert len(results) == 62 and len({r.custom_id for r in results}) == 62
+
+
+async def test_expiry_ends_every_part(fake: ProviderFake, sqlite_url: str) -> None:
+    """Past the window (and the grace for provider batches), each part ends: the provider batch is
+    cancelled at the provider and its lines expire; the sim part's unfinished lines expire too."""
+    fake.configure(polls_per_state=HOLD)
+    settings = make_settings(sqlite_url, poll_seconds=0.02, expiry_grace_seconds=0)
+    async with gateway(settings, router(fake, sim_latency_ms=50)) as (app, c):
+        created = await c.create(mixed_lines("o " + "s " * 200))
+        await c.wait_until(created.id, lambda b: bool(b.parts[0].provider_batch_id)
+                           and b.parts[1].request_counts.completed >= 1, timeout=WAIT)
+        async with app.store.sessions.begin() as s:  # the 24 h window has passed
+            await s.execute(update(BatchRow).where(BatchRow.id == created.id).values(expires_at=now() - 1))
+        await app.store.make_due(created.id)
+        app.engine.wake()
+        done = await c.wait_for(created.id, timeout=WAIT)
+        results = await c.results(done.id)
+    assert done.status == "expired", done
+    assert [p.status for p in done.parts] == ["expired", "expired"]
+    assert done.parts[0].errors.data[0].code == "batch_expired"
+    cancels = [r for r in fake.state()["requests"] if r["method"] == "POST" and r["path"].endswith("/cancel")]
+    assert len(cancels) == 1
+    assert {r.status for r in results if r.provider == "openai"} == {"expired"}
+    assert {r.status for r in results if r.provider == "sim"} <= {"completed", "expired"}
+    assert sum(r.status == "expired" for r in results if r.provider == "sim") > 0
