@@ -214,15 +214,19 @@ class Engine:
         next_at: dict[int, float | None] = {}
         try:
             while True:
-                if natives:
+                if natives and not self._stopping:
                     batch = await self.store.engine_batch(batch.id)
                     await self._step_due_parts(batch, natives, next_at)
-                if not tasks or self._stopping:
-                    break
+                if not tasks:
+                    break  # a stopping engine lets executor parts reach a stored state (they see it)
                 due = [t for t in next_at.values() if t is not None]
                 timeout = max(min([*due, time.time() + CHECK_SECONDS]) - time.time(), 0.01)
-                _, tasks = await asyncio.wait(tasks, timeout=min(timeout, CHECK_SECONDS),
-                                              return_when=asyncio.FIRST_COMPLETED)
+                done, tasks = await asyncio.wait(tasks, timeout=min(timeout, CHECK_SECONDS),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and (exc := task.exception()) is not None:
+                        log.error("engine: batch %s: running a part failed; retrying later", batch.id,
+                                  exc_info=exc)
         finally:
             for task in tasks:
                 task.cancel()
@@ -245,8 +249,10 @@ class Engine:
         steps = []
         for part in batch.parts:
             adapter = natives.get(part.part_no)
-            if adapter is None or part.status.terminal:
-                next_at.pop(part.part_no, None) if part.status.terminal else None
+            if part.status.terminal:
+                next_at.pop(part.part_no, None)
+                continue
+            if adapter is None:
                 continue
             when = next_at.get(part.part_no, part.next_poll_at)
             cancel_due = batch.status is BatchStatus.CANCELLING and part.cancel_sent_at is None
