@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.domain.model import MAX_INLINE_BYTES
+from service.domain.model import MAX_FILE_BYTES, MAX_INLINE_BYTES, MAX_REQUESTS, Limits
 from service.providers.registry import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///var/sluice.db"
@@ -37,6 +37,13 @@ def _bool(name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value
+
+
 def parse_api_keys(raw: str) -> dict[str, str]:
     """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
     keys: dict[str, str] = {}
@@ -48,6 +55,21 @@ def parse_api_keys(raw: str) -> dict[str, str]:
             raise ConfigError(f"SLUICE_API_KEYS: project names have at most 128 characters ({project[:20]!r}...)")
         keys[key.strip()] = project.strip()
     return keys
+
+
+def parse_budgets(raw: str) -> dict[str, float]:
+    """`project=amount,other=amount2` (US dollars per calendar month) → {project: amount}."""
+    budgets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        project, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not project.strip() or not value >= 0:
+            raise ConfigError(f"SLUICE_BUDGETS entries look like project=dollars (e.g. default=25), got {item!r}")
+        budgets[project.strip()] = value
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,15 @@ class Settings:
     upstream_timeout_seconds: float = 120.0  # Envoy: unary deadline, and idle limit of streams
     stale_upload_seconds: float = 900.0  # an upload with no chunk for this long is removed
     deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
+    # Sluice's own limits on a batch and an uploaded file (OpenAI's by default).
+    max_batch_requests: int = MAX_REQUESTS
+    max_file_bytes: int = MAX_FILE_BYTES
+    # project -> spend limit in US dollars per calendar month (UTC)
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_requests=self.max_batch_requests, max_file_bytes=self.max_file_bytes)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -111,6 +142,9 @@ class Settings:
             upstream_timeout_seconds=_float("SLUICE_UPSTREAM_TIMEOUT_SECONDS", 120.0),
             stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
             deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
+            max_batch_requests=_positive("SLUICE_MAX_BATCH_REQUESTS", MAX_REQUESTS),
+            max_file_bytes=_positive("SLUICE_MAX_FILE_BYTES", MAX_FILE_BYTES),
+            budgets=parse_budgets(os.environ.get("SLUICE_BUDGETS", "")),
         )
 
 

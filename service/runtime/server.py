@@ -20,6 +20,7 @@ from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
 from service.edge.grpc_errors import add_servicer
 from service.edge.webhook_service import WebhookServicer
+from service.engine.capacity import SharedCapacity
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
 from service.engine.webhooks import WebhookConfig, WebhookConfigError, WebhookDispatcher, load_webhooks, new_secret
@@ -49,6 +50,7 @@ class App:
     router: Router
     health: health.aio.HealthServicer
     port: int
+    capacity: SharedCapacity
     sweeper: FileSweeper | None = None
     webhooks: WebhookDispatcher | None = None
     # Set first thing on stop: watch streams end rather than hold the shutdown for `grace`.
@@ -65,6 +67,7 @@ class App:
         await self.engine.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        await self.capacity.aclose()
         await self.router.aclose()
         await self.store.close()
 
@@ -93,10 +96,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
                                     sim_failure_rate=settings.sim_failure_rate,
                                     executor_concurrency=settings.executor_concurrency)
+    capacity = SharedCapacity(store, router, settings.replica_id, settings.lease_seconds)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
         lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
-        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
+        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store), capacity=capacity)
 
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_receive_bytes),
@@ -114,9 +118,10 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     ])
     closing = asyncio.Event()
     add_servicer(batch_pb2_grpc.add_BatchServiceServicer_to_server,
-                 BatchServicer(store, auth, router, engine.wake, BatchInputs(store),
-                               watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
-    add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth), server)
+                 BatchServicer(store, auth, router, engine.wake, BatchInputs(store, settings.limits), settings.limits,
+                               settings.budgets, watch_poll_seconds=settings.watch_poll_seconds, closing=closing),
+                 server)
+    add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth, settings.limits), server)
     add_servicer(webhook_pb2_grpc.add_WebhookServiceServicer_to_server, WebhookServicer(webhook_store, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -137,7 +142,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("sluice gRPC listening on %s:%d (database %s)", settings.grpc_host, port,
              settings.database_url.split("@")[-1])
-    return App(server, store, engine, router, health_servicer, port, sweeper, dispatcher, closing)
+    return App(server, store, engine, router, health_servicer, port, capacity, sweeper, dispatcher, closing)
 
 
 async def _until_signal() -> None:
