@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from service.domain.json_values import plain_json
-from service.domain.model import SUPPORTED_ENDPOINTS, TERMINAL
+from service.domain.model import RETRYABLE_OUTCOMES, SUPPORTED_ENDPOINTS, TERMINAL
 from service.runtime.config import ClientSettings
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
@@ -48,6 +48,7 @@ UPLOAD_CHUNK = 1024 * 1024  # Envoy's and the server's piece size
 RESULTS_PAGE = 1000
 RPC_TIMEOUT = 120.0
 RECONNECTS = 30
+RETRYABLE = sorted(o.value for o in RETRYABLE_OUTCOMES)
 
 CLIENT_HELP = """environment:
   SLUICE_ADDRESS   the server's gRPC address: host:port (127.0.0.1:50051) or https://host[:port]
@@ -214,6 +215,16 @@ class Out:
             ("error file", batch.error_file_id if batch.HasField("error_file_id") else ""),
             ("created", _when(batch.created_at)),
         ]
+        if batch.HasField("retry_of"):
+            rows.append(("retry of", batch.retry_of))
+        if batch.retries:
+            rows.append(("retried by", ", ".join(batch.retries)))
+        if len(batch.parts) > 1:
+            for part in batch.parts:
+                pc = part.request_counts
+                where = f" as {part.provider_batch_id}" if part.HasField("provider_batch_id") else ""
+                rows.append((f"part {part.part}", f"{part.provider}{where}: {part.status}, "
+                             f"{pc.completed + pc.failed}/{pc.total} done, {pc.failed} failed"))
         for stamp in ("in_progress_at", "completed_at", "failed_at", "expired_at", "cancelled_at"):
             if batch.HasField(stamp):
                 rows.append((stamp.removesuffix("_at").replace("_", " "), _when(getattr(batch, stamp))))
@@ -290,7 +301,24 @@ def cmd_batches_create(api: Api, out: Out, args: argparse.Namespace) -> int:
     batch = api.call(api.batches.CreateBatch, request)
     if not out.json:
         out.say(f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
-    if args.watch:
+    return _created(api, out, batch, args.watch)
+
+
+def cmd_batches_retry(api: Api, out: Out, args: argparse.Namespace) -> int:
+    """RetryBatch: a new batch of the lines of an ended batch that did not succeed."""
+    request = batch_pb2.RetryBatchRequest(id=args.id, outcomes=args.outcome, custom_ids=args.custom_id,
+                                          model=args.model or "")
+    if args.metadata:
+        request.metadata.update(_metadata(args.metadata))
+    batch = api.call(api.batches.RetryBatch, request)
+    if not out.json:
+        out.say(f"created batch {batch.id} retrying {args.id} ({batch.request_counts.total} lines)")
+    return _created(api, out, batch, args.watch)
+
+
+def _created(api: Api, out: Out, batch: Any, watch: bool) -> int:
+    """A batch just created: watched to its end, or shown as it is."""
+    if watch:
         return _watch(api, out, batch.id)
     out.batch(batch)
     return 0
@@ -456,6 +484,19 @@ def add_commands(sub: Any) -> None:
     create.add_argument("--watch", action="store_true",
                         help="show live progress until the batch ends; exit 1 unless it completed")
     create.set_defaults(handler=cmd_batches_create)
+    retry = bsub.add_parser("retry", parents=[common], epilog=CLIENT_HELP, formatter_class=fmt,
+                            help="create a batch of an ended batch's lines that did not succeed")
+    retry.add_argument("id", metavar="BATCH_ID", help="the ended batch")
+    retry.add_argument("--outcome", action="append", default=[], choices=RETRYABLE,
+                       help="retry the lines that ended so (repeatable; default: failed and expired)")
+    retry.add_argument("--custom-id", action="append", default=[], metavar="CUSTOM_ID",
+                       help="retry exactly this line, whatever its outcome (repeatable; not with --outcome)")
+    retry.add_argument("--model", help="run the retried lines on this model instead of their own")
+    retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                       help="metadata of the new batch (repeatable; default: the retried batch's)")
+    retry.add_argument("--watch", action="store_true",
+                       help="show live progress until the new batch ends; exit 1 unless it completed")
+    retry.set_defaults(handler=cmd_batches_retry)
     for name, handler, text in (("get", cmd_batches_get, "show one batch"),
                                 ("cancel", cmd_batches_cancel, "cancel a batch (finished results are kept)"),
                                 ("watch", cmd_batches_watch,
