@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Statuses in the order a batch can enter them, and the fields a `status` event for an earlier
 # status must not show yet.
 _LATER_FIELDS = ("in_progress_at", "finalizing_at", "cancelling_at", "completed_at", "failed_at", "expired_at",
-                 "cancelled_at", "output_file_id", "error_file_id")
+                 "cancelled_at", "output_file_id", "error_file_id", "merged_output_file_id", "merged_error_file_id")
 
 
 def _visited(row: BatchRow) -> set[BatchStatus]:
