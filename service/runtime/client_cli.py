@@ -296,29 +296,28 @@ def cmd_batches_create(api: Api, out: Out, args: argparse.Namespace) -> int:
     uploaded = _upload(api, out, path)
     request = batch_pb2.CreateBatchRequest(input_file_id=uploaded.id, endpoint=endpoint,
                                            completion_window=args.completion_window)
-    if args.metadata:
-        request.metadata.update(_metadata(args.metadata))
-    batch = api.call(api.batches.CreateBatch, request)
-    if not out.json:
-        out.say(f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
-    return _created(api, out, batch, args.watch)
+    return _create(api, out, api.batches.CreateBatch, request, args,
+                   lambda batch: f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
 
 
 def cmd_batches_retry(api: Api, out: Out, args: argparse.Namespace) -> int:
     """RetryBatch: a new batch of the lines of an ended batch that did not succeed."""
     request = batch_pb2.RetryBatchRequest(id=args.id, outcomes=args.outcome, custom_ids=args.custom_id,
                                           model=args.model or "")
+    return _create(api, out, api.batches.RetryBatch, request, args,
+                   lambda batch: f"created batch {batch.id} retrying {args.id} ({batch.request_counts.total} lines)")
+
+
+def _create(api: Api, out: Out, rpc: Callable[..., Any], request: Any, args: argparse.Namespace,
+            announce: Callable[[Any], str]) -> int:
+    """Make a batch (with the `--metadata` given), say so on stderr, then follow it to its end
+    (`--watch`) or show it as it is."""
     if args.metadata:
         request.metadata.update(_metadata(args.metadata))
-    batch = api.call(api.batches.RetryBatch, request)
+    batch = api.call(rpc, request)
     if not out.json:
-        out.say(f"created batch {batch.id} retrying {args.id} ({batch.request_counts.total} lines)")
-    return _created(api, out, batch, args.watch)
-
-
-def _created(api: Api, out: Out, batch: Any, watch: bool) -> int:
-    """A batch just created: watched to its end, or shown as it is."""
-    if watch:
+        out.say(announce(batch))
+    if args.watch:
         return _watch(api, out, batch.id)
     out.batch(batch)
     return 0
@@ -473,29 +472,27 @@ def add_commands(sub: Any) -> None:
     batches = sub.add_parser("batches", help="create, watch, list, cancel batches and fetch their results",
                              epilog=CLIENT_HELP, formatter_class=fmt)
     bsub = batches.add_subparsers(dest="action", required=True)
-    create = bsub.add_parser("create", parents=[common], epilog=CLIENT_HELP, formatter_class=fmt,
+    making = argparse.ArgumentParser(add_help=False)  # the commands that make a batch
+    making.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                        help="metadata of the new batch (repeatable)")
+    making.add_argument("--watch", action="store_true",
+                        help="show live progress until the new batch ends; exit 1 unless it completed")
+    create = bsub.add_parser("create", parents=[common, making], epilog=CLIENT_HELP, formatter_class=fmt,
                              help="upload a JSONL file of requests and create a batch from it")
     create.add_argument("file", metavar="FILE.jsonl", help="OpenAI batch input lines")
     create.add_argument("--endpoint", choices=SUPPORTED_ENDPOINTS,
                         help="the endpoint of every line (default: the first line's url)")
     create.add_argument("--completion-window", default="24h", help="24h (the only window)")
-    create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                        help="batch metadata (repeatable)")
-    create.add_argument("--watch", action="store_true",
-                        help="show live progress until the batch ends; exit 1 unless it completed")
     create.set_defaults(handler=cmd_batches_create)
-    retry = bsub.add_parser("retry", parents=[common], epilog=CLIENT_HELP, formatter_class=fmt,
-                            help="create a batch of an ended batch's lines that did not succeed")
+    retry = bsub.add_parser("retry", parents=[common, making], epilog=CLIENT_HELP, formatter_class=fmt,
+                            help="create a batch of an ended batch's lines that did not succeed (default: "
+                            "the failed and expired ones; --metadata default: the retried batch's)")
     retry.add_argument("id", metavar="BATCH_ID", help="the ended batch")
     retry.add_argument("--outcome", action="append", default=[], choices=RETRYABLE,
                        help="retry the lines that ended so (repeatable; default: failed and expired)")
     retry.add_argument("--custom-id", action="append", default=[], metavar="CUSTOM_ID",
                        help="retry exactly this line, whatever its outcome (repeatable; not with --outcome)")
     retry.add_argument("--model", help="run the retried lines on this model instead of their own")
-    retry.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                       help="metadata of the new batch (repeatable; default: the retried batch's)")
-    retry.add_argument("--watch", action="store_true",
-                       help="show live progress until the new batch ends; exit 1 unless it completed")
     retry.set_defaults(handler=cmd_batches_retry)
     for name, handler, text in (("get", cmd_batches_get, "show one batch"),
                                 ("cancel", cmd_batches_cancel, "cancel a batch (finished results are kept)"),
