@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from adapters.anthropic import AnthropicAdapter
 from adapters.base import BatchJob, RequestLine
@@ -21,7 +21,7 @@ from service.domain.model import Price, now
 from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
 from service.storage.db import create_engine
 from service.storage.repository import Store
-from service.storage.tables import BatchRow
+from service.storage.tables import BatchRow, WebhookEventRow
 from sluice.v1 import batch_pb2, file_pb2, file_pb2_grpc
 from tests.harness import Client, chat_line, gateway, make_settings, md, until
 from tests.provider_fake import ProviderFake
@@ -122,6 +122,25 @@ async def test_one_batch_across_three_providers(fake: ProviderFake, db_url: str)
         errors = await file_lines(c, done.error_file_id)
     assert [x["custom_id"] for x in output] == [line.custom_id for line in lines if "FAIL" not in str(line.body)]
     assert [x["custom_id"] for x in errors] == ["o6", "a7", "s8"]
+
+
+async def test_a_mixed_batch_is_watched_in_parts_and_ends_with_one_webhook_event(fake: ProviderFake,
+                                                                                  sqlite_url: str) -> None:
+    """The merged features meet: WatchBatch follows the batch and shows its parts, and the one
+    transaction that ends the batch (whichever part ended last) writes exactly one outbox event."""
+    async with gateway(make_settings(sqlite_url, poll_seconds=0.02), router(fake)) as (app, c):
+        created = await c.create(mixed_lines("o a s o a s"))
+        stream = c.stub.WatchBatch(batch_pb2.WatchBatchRequest(id=created.id), metadata=md(), timeout=WAIT)
+        events = [e async for e in stream]
+        async with app.store.sessions() as s:
+            outbox = list((await s.scalars(select(WebhookEventRow.type).where(
+                WebhookEventRow.batch_id == created.id))).all())
+    assert events[0].type == "snapshot" and [p.provider for p in events[0].batch.parts] == ["openai", "anthropic",
+                                                                                            "sim"]
+    last = events[-1].batch
+    assert last.status == "completed" and [(p.status, p.request_counts.completed) for p in last.parts] == [
+        ("completed", 2)] * 3
+    assert outbox == ["batch.completed"]
 
 
 async def test_a_cancel_reaches_every_part(fake: ProviderFake, sqlite_url: str) -> None:
