@@ -10,10 +10,12 @@
 -- * Path segments and query values must decode (percent-encoding) to UTF-8 text without NUL;
 --   a query parameter may appear once. The transcoder would pass bad bytes on as a protobuf
 --   string the server cannot parse.
--- * A body on POST /v1/batches[/{id}/cancel] must be JSON (Content-Type application/json).
--- * The body of POST /v1/batches (at most MAX_INLINE_BYTES) must be an object whose keys are
---   CreateBatchRequest's, with the right JSON types: the transcoder silently drops unknown keys
---   (`completion_windw`) and accepts one object where a list belongs.
+-- * A body on POST /v1/batches[/estimate|/{id}/cancel|/{id}/retry] must be JSON (Content-Type
+--   application/json).
+-- * The body of POST /v1/batches and /v1/batches/estimate (at most MAX_INLINE_BYTES) must be an
+--   object whose keys are CreateBatchRequest's, and that of POST /v1/batches/{id}/retry
+--   RetryBatchRequest's, with the right JSON types: the transcoder silently drops unknown keys
+--   (`completion_windw`, `custom_id` for `custom_ids`) and accepts one object where a list belongs.
 -- Responses:
 -- * Success (no grpc-status, or 0): grpc-* headers are stripped and the body is NOT buffered
 --   (streamed downloads stay streamed).
@@ -200,6 +202,13 @@ local CREATE_FIELDS = {
   metadata = { object = true, null = true },
   requests = { array = true },
 }
+-- RetryBatchRequest's (the id is in the path).
+local RETRY_FIELDS = {
+  outcomes = { array = true },
+  custom_ids = { array = true },
+  model = { string = true },
+  metadata = { object = true, null = true },
+}
 local KIND = { ['"'] = "string", ["{"] = "object", ["["] = "array", ["t"] = "boolean", ["f"] = "boolean",
                ["n"] = "null" }
 local A = { string = "a string", object = "an object", array = "an array", number = "a number",
@@ -251,9 +260,10 @@ local function kind_at(s, i)
   return KIND[c] or ((c:match("[%d%-]") and "number") or nil)
 end
 
--- nil, or { status, message, param, code } for the first problem of a CreateBatch body.
--- Syntax errors are left to the transcoder (its message is rewritten on the way back).
-local function check_create_body(s)
+-- nil, or { status, message, param, code } for the first problem of a body whose keys are `fields`
+-- (CREATE_FIELDS or RETRY_FIELDS). Syntax errors are left to the transcoder (its message is
+-- rewritten on the way back).
+local function check_body(s, fields)
   local i = skip_ws(s, 1)
   if i == nil then
     return nil
@@ -280,7 +290,7 @@ local function check_create_body(s)
     if i == nil or s:sub(i, i) ~= ":" then return nil end
     i = skip_ws(s, i + 1)
     if i == nil then return nil end
-    local field = CREATE_FIELDS[key]
+    local field = fields[key]
     if field == nil then
       if key == "output_expires_after" then
         return { 400, "Sluice does not support 'output_expires_after' yet: output files expire after " ..
@@ -371,8 +381,9 @@ function envoy_on_request(handle)
     return
   end
   local route = path:match("^[^?]*")
-  local create = route == "/v1/batches" or route == "/v1/batches/"
-  if method ~= "POST" or not (create or route:match("^/v1/batches/[^/]+/cancel/?$")) then
+  local create = route == "/v1/batches" or route == "/v1/batches/" or route:match("^/v1/batches/estimate/?$") ~= nil
+  local fields = create and CREATE_FIELDS or (route:match("^/v1/batches/[^/]+/retry/?$") and RETRY_FIELDS) or nil
+  if method ~= "POST" or not (fields or route:match("^/v1/batches/[^/]+/cancel/?$")) then
     return
   end
   local length = tonumber(headers:get("content-length") or "")
@@ -394,10 +405,10 @@ function envoy_on_request(handle)
           clip(ct, 40) .. ").", "invalid_request_error", nil, "invalid_content_type")
     return
   end
-  if not create then
+  if fields == nil then
     return
   end
-  local problem = check_create_body(body:getBytes(0, body:length()))
+  local problem = check_body(body:getBytes(0, body:length()), fields)
   if problem ~= nil then
     reply(handle, problem[1], problem[2], "invalid_request_error", problem[3], problem[4])
   end

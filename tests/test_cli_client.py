@@ -179,3 +179,46 @@ def test_failures_exit_non_zero_with_the_message(server: ServerProcess, tmp_path
     assert odd.returncode == 1 and "--endpoint" in odd.stderr
     for result in (missing, bad_key, no_key, down, nofile, odd):
         assert "Traceback" not in result.stderr
+
+
+def test_retry_makes_a_linked_batch_of_the_lines_that_failed(server: ServerProcess, tmp_path: Path) -> None:
+    """`sluice batches retry`: the failed lines (by default), exactly the lines named, or on another
+    model; the new batch names the batch it retries, which lists it."""
+    path = questions(tmp_path / "q.jsonl", 4)
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1].replace("Question 1", "Question 1 SIM_FAIL")  # the sim fails this line, every time
+    lines[3] = lines[3].replace("Question 3", "Question 3 SIM_FAIL")
+    path.write_text("\n".join(lines) + "\n")
+    first = as_json(sluice(server, "batches", "create", str(path), "--json", "--watch"))
+    assert first["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+
+    again = sluice(server, "batches", "retry", first["id"], "--watch")
+    assert again.returncode == 0, again.stderr
+    retry_id = again.stderr.split("created batch ")[1].split()[0]
+    assert f"retrying {first['id']} (2 lines)" in again.stderr
+    shown = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in again.stdout.splitlines() if line.strip())
+    assert shown["id"] == retry_id and shown["status"] == "completed" and shown["retry of"] == first["id"]
+    assert shown["requests"] == "0 completed, 2 failed, 2 total"  # only q1 and q3 ran again (and failed again)
+    results = ok(sluice(server, "batches", "results", retry_id)).stdout.splitlines()
+    assert [json.loads(r)["custom_id"] for r in results] == ["q1", "q3"]
+
+    chosen = as_json(sluice(server, "batches", "retry", first["id"], "--custom-id", "q0", "--custom-id", "q3",
+                            "--model", "sim/other", "--metadata", "why=cli", "--json", "--watch"))
+    assert chosen["retry_of"] == first["id"] and chosen["model"] == "sim/other"
+    assert chosen["metadata"] == {"why": "cli"} and chosen["request_counts"]["total"] == 2
+    original = as_json(sluice(server, "batches", "get", first["id"], "--json"))
+    assert original["retries"] == [retry_id, chosen["id"]]  # oldest first
+    shown = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1)
+                 for line in ok(sluice(server, "batches", "get", first["id"])).stdout.splitlines() if line.strip())
+    assert shown["retried by"] == f"{retry_id}, {chosen['id']}"
+
+    cancelled_only = sluice(server, "batches", "retry", first["id"], "--outcome", "cancelled")
+    assert cancelled_only.returncode == 1 and "has no lines to retry (cancelled)" in cancelled_only.stderr
+    both = sluice(server, "batches", "retry", first["id"], "--outcome", "failed", "--custom-id", "q0")
+    assert both.returncode == 1 and "Give either outcomes or custom_ids" in both.stderr
+    unknown = sluice(server, "batches", "retry", first["id"], "--custom-id", "nope")
+    assert unknown.returncode == 1 and "has no line 'nope'" in unknown.stderr
+    usage = sluice(server, "batches", "retry", first["id"], "--outcome", "completed")
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+    for result in (cancelled_only, both, unknown, usage):
+        assert "Traceback" not in result.stderr

@@ -46,6 +46,8 @@ EXPECTED: dict[type[SluiceError], tuple[str, str, int | None]] = {
     errors.Unauthenticated: ("UNAUTHENTICATED", "authentication_error", None),
     errors.NotFound: ("NOT_FOUND", "not_found_error", None),
     errors.PermissionDenied: ("PERMISSION_DENIED", "authentication_error", None),
+    errors.IdempotencyKeyReused: ("INVALID_ARGUMENT", "invalid_request_error", 422),
+    errors.InsufficientQuota: ("RESOURCE_EXHAUSTED", "insufficient_quota", 429),
 }
 
 # errors.proto's ErrorType comments: which gRPC codes (and HTTP overrides) each type may use.
@@ -58,6 +60,7 @@ CONTRACT: dict[str, set[tuple[str, int | None]]] = {
     "provider_error": {("UNAVAILABLE", 502)},
     "server_error": {("INTERNAL", None)},
     "not_implemented_error": {("UNIMPLEMENTED", None)},
+    "insufficient_quota": {("RESOURCE_EXHAUSTED", 429)},
 }
 
 
@@ -116,7 +119,7 @@ def test_error_class_maps_to_code_envelope_and_error_info(cls: type[SluiceError]
     assert dict(info.metadata) == {k: v for k, v in envelope["error"].items() if k != "message" and v}
 
     assert meta.get("x-http-status") == (str(err.http_status) if err.http_status else None)
-    assert meta.get("x-should-retry") == ("false" if err.http_status == 409 else None)
+    assert meta.get("x-should-retry") == ("false" if err.http_status in (409, 429) else None)
 
 
 def test_optional_param_and_code_are_null_in_the_envelope() -> None:

@@ -79,7 +79,8 @@ def test_any_path_segment_is_a_clean_answer(http: httpx.Client, a_batch: str, va
     seg = segment(value)
     for method, path in [("GET", f"/v1/batches/{seg}"), ("POST", f"/v1/batches/{seg}/cancel"),
                          ("GET", f"/v1/batches/{seg}/results"), ("GET", f"/v1/batches/{a_batch}/{seg}"),
-                         ("GET", f"/v1/batches/{a_batch}/results/{seg}"), ("GET", f"/v1/files/{seg}"),
+                         ("GET", f"/v1/batches/{a_batch}/results/{seg}"), ("POST", f"/v1/batches/{seg}/retry"),
+                         ("GET", f"/v1/batches/{a_batch}/{seg}/attempts"), ("GET", f"/v1/files/{seg}"),
                          ("GET", f"/v1/files/{seg}/content"), ("DELETE", f"/v1/files/{seg}")]:
         r = http.request(method, path)
         error = assert_clean(r, 200, 400, 404)
@@ -140,6 +141,26 @@ def test_create_parameters_are_checked_by_name_and_type(http: httpx.Client, body
 def test_a_create_body_that_is_not_declared_json_is_400(http: httpx.Client, content_type: str) -> None:
     body = json.dumps({"input_file_id": "file-x", "endpoint": CHAT, "completion_window": "24h"}).encode()
     r = http.post("/v1/batches", content=body, headers={"content-type": content_type})
+    error = assert_clean(r, 400)
+    assert error is not None and error["code"] == "invalid_content_type"
+
+
+@pytest.mark.parametrize(("path", "body", "code", "param"), [
+    ("/v1/batches/estimate", {"endpoint": CHAT, "completion_windw": "24h"}, "unknown_parameter", "completion_windw"),
+    ("/v1/batches/estimate", {"endpoint": CHAT, "requests": {"custom_id": "a"}}, "invalid_type", "requests"),
+    ("/v1/batches/{batch}/retry", {"custom_id": ["one"]}, "unknown_parameter", "custom_id"),
+    ("/v1/batches/{batch}/retry", {"outcomes": "failed"}, "invalid_type", "outcomes"),
+    ("/v1/batches/{batch}/retry", {"model": ["sim/x"]}, "invalid_type", "model"),
+])
+def test_estimate_and_retry_parameters_are_checked_by_name_and_type(http: httpx.Client, a_batch: str, path: str,
+                                                                     body: dict[str, Any], code: str,
+                                                                     param: str) -> None:
+    """Like create's: a misspelt key is refused, never silently dropped (a retry of `custom_id`
+    would otherwise retry every failed line instead of the one named)."""
+    target = path.format(batch=a_batch)
+    error = assert_clean(http.post(target, json=body), 400)
+    assert error is not None and (error["code"], error["param"]) == (code, param), error
+    r = http.post(target, content=json.dumps(body).encode(), headers={"content-type": "text/plain"})
     error = assert_clean(r, 400)
     assert error is not None and error["code"] == "invalid_content_type"
 

@@ -49,19 +49,34 @@ def test_a_second_model_for_a_one_model_provider_is_refused() -> None:
     assert (problem.value.code, problem.value.field) == ("mixed_models", "body.model")
 
 
-def test_the_providers_line_and_byte_limits_hold() -> None:
+def test_a_providers_line_and_byte_limits_split_the_batch_into_parts() -> None:
+    """More lines (or bytes) than the provider takes in one batch are not refused: they make
+    several parts, each one provider batch within the limits."""
     v = validator()
-    for i in range(3):
-        v.check(line(f"r{i}"), size=10)
-    with pytest.raises(LineProblem) as problem:
-        v.check(line("r3"), size=10)
-    assert problem.value.code == "too_many_requests"
+    assert [v.check(line(f"r{i}"), size=10).part_no for i in range(7)] == [0, 0, 0, 1, 1, 1, 2]
+    assert [(p.part_no, p.provider, p.provider_model, p.total) for p in v.parts] == [
+        (0, "limited", "m1", 3), (1, "limited", "m1", 3), (2, "limited", "m1", 1)]
+    assert v.provider == "limited" and v.lines == 7
 
     v = validator()
-    v.check(line("a"), size=600)
+    assert [v.check(line(f"b{i}"), size=400).part_no for i in range(5)] == [0, 0, 1, 1, 2]
+    assert [p.bytes for p in v.parts] == [800, 800, 400]
+    # One request larger than a whole provider batch fits in no part.
     with pytest.raises(LineProblem) as problem:
-        v.check(line("b"), size=600)
+        v.check(line("huge"), size=1001)
     assert problem.value.code == "batch_too_large"
+    assert "b5" not in v.seen and v.lines == 5
+
+
+def test_lines_for_several_providers_make_one_part_per_provider() -> None:
+    v = validator()
+    placed = [v.check(line(cid, model)) for cid, model in
+              (("a", "limited/m1"), ("b", "sim/x"), ("c", "limited/m1"), ("d", "sim/y"))]
+    assert [(r.provider, r.part_no) for r in placed] == [("limited", 0), (SIM, 1), ("limited", 0), (SIM, 1)]
+    assert [(p.part_no, p.provider, p.provider_model, p.total) for p in v.parts] == [
+        (0, "limited", "m1", 2), (1, SIM, None, 2)]
+    assert v.provider == "mixed" and v.provider_model is None and v.model is None
+    assert [v.part_of(n) for n in range(4)] == [0, 1, 0, 1]
 
 
 def test_the_sim_provider_takes_any_endpoint_and_mixed_models() -> None:

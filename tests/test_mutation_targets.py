@@ -227,9 +227,6 @@ LINE_PROBLEMS: list[tuple[Any, str, str | None, str]] = [
     ({**CHAT, "body": {"model": 3}}, "missing_model", "body.model", "body.model is required"),
     ({**CHAT, "body": {"model": "nope"}}, "model_not_found", "body.model",
      "model 'nope' is not served by any configured provider"),
-    ({**CHAT, "body": {"model": "sim/x"}}, "mixed_providers", "body.model",
-     "all lines of a batch must go to one provider; this batch needs local (e.g. 'local-model'), "
-     "sim (e.g. 'sim/x'): split it into one batch per provider"),
 ]
 
 
@@ -522,11 +519,11 @@ async def test_named_updates_and_transition_stamps(store: Store) -> None:
     from tests.test_store import new_batch
 
     batch_id = await new_batch(store, 1, project="p")
-    await store.record_provider_batch_id(batch_id, "pb-1")
-    assert await store.record_poll_failure(batch_id) == 1
-    assert await store.record_poll_failure(batch_id) == 2
-    row = await store.get_batch("p", batch_id)
-    assert (row.provider_batch_id, row.poll_failures) == ("pb-1", 2)
+    await store.record_provider_batch_id(batch_id, 0, "pb-1")
+    assert await store.record_poll_failure(batch_id, 0) == 1
+    assert await store.record_poll_failure(batch_id, 0) == 2
+    (part,) = (await store.get_batch("p", batch_id)).parts
+    assert (part.provider_batch_id, part.poll_failures) == ("pb-1", 2)
     why = BatchError(code="provider_error", message="gone")
     assert await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.FAILED, errors=[why])
     row = await store.engine_batch(batch_id)

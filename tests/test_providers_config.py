@@ -73,9 +73,38 @@ async def test_only_providers_with_keys_are_active_and_sim_stays_reachable(monke
     ("providers:\n  sim: {kind: openai, base_url: http://h}", "reserved"),
     ("providers:\n  openai: {kind: openai}", "base_url is required"),
     ("providers: {", "cannot read providers file"),
+    ("providers:\n  o: {kind: openai, base_url: http://h, capacity: {concurrency: 0}}",
+     "capacity.concurrency must be a positive integer"),
+    ("providers:\n  o: {kind: openai, base_url: http://h, capacity: {parallel: 2}}",
+     "capacity takes concurrency, requests_per_minute, tokens_per_minute"),
+    ("providers:\n  o: {kind: openai, base_url: http://h, batch_limits: {max_lines: many}}",
+     "batch_limits.max_lines must be a positive integer"),
 ])
 def test_bad_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "providers.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_entries(path, {})
+
+
+def test_batch_limits_lower_and_capacity_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "providers.yaml"
+    path.write_text("""
+providers:
+  openai:
+    kind: openai
+    base_url: http://h
+    batch_limits: {max_lines: 1000, max_bytes: 999999999999}
+  local:
+    kind: openai_compatible
+    base_url: http://l/v1
+    capacity: {concurrency: 4, requests_per_minute: 600, tokens_per_minute: 100000}
+""")
+    entries = load_entries(path, {})
+    caps = entries["openai"].capabilities
+    # A configured limit can only lower what the adapter declares (OpenAI: 50,000 lines, 200 MB).
+    assert (caps.max_lines, caps.max_bytes) == (1000, 200 * 2**20)
+    assert entries["local"].capabilities.max_lines is None and entries["openai"].capacity is None
+    capacity = entries["local"].capacity
+    assert capacity is not None
+    assert (capacity.concurrency, capacity.requests_per_minute, capacity.tokens_per_minute) == (4, 600, 100_000)

@@ -67,11 +67,13 @@ def test_every_rebuilt_path_is_legal() -> None:
 
 def test_as_of_hides_what_came_later() -> None:
     done = batch_pb2.Batch(id="b", status="completed", in_progress_at=10, finalizing_at=20, completed_at=21,
-                           output_file_id="file-output-b", request_counts=batch_pb2.BatchRequestCounts(total=2))
+                           output_file_id="file-output-b", merged_output_file_id="file-merged-b",
+                           request_counts=batch_pb2.BatchRequestCounts(total=2))
     finalizing = as_of(done, S.FINALIZING)
     assert finalizing.status == "finalizing"
     assert finalizing.in_progress_at == 10 and finalizing.finalizing_at == 20
     assert not finalizing.HasField("completed_at") and not finalizing.HasField("output_file_id")
+    assert not finalizing.HasField("merged_output_file_id")  # a retry's merged file is written as it ends
     assert finalizing.request_counts.total == 2 and done.status == "completed"  # a copy
 
 

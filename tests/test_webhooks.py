@@ -272,15 +272,17 @@ async def test_progress_events_are_written_with_the_counts_that_pass_a_threshold
     assert all(e.type == "batch.progress" for e in events)
 
     native = await store.create_batch(batch_row(), requests(4))
-    await store.record_provider_batch_id(native.id, "pb-1")
-    await store.record_provider_status(native.id, "in_progress", 0, 0)
+    await store.record_provider_batch_id(native.id, 0, "pb-1")
+    await store.record_provider_status(native.id, 0, "in_progress", 0, 0)
     assert await outbox(store, native.id) == ([], [])
-    await store.record_provider_status(native.id, "in_progress", 2, 0)
-    await store.record_provider_status(native.id, "in_progress", 2, 0)  # the same counts, polled again
+    await store.record_provider_status(native.id, 0, "in_progress", 2, 0)
+    await store.record_provider_status(native.id, 0, "in_progress", 2, 0)  # the same counts, polled again
     assert progress(await outbox(store, native.id)) == {25: ["quarters"], 50: ["halves", "quarters"]}
-    # Its results, stored when the provider's batch ended, are not progress a second time.
-    await store.store_results(native.id, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {}) for i in range(4)])
-    assert progress(await outbox(store, native.id)) == {25: ["quarters"], 50: ["halves", "quarters"]}
+    # Its results, stored when the provider's batch ended: thresholds already sent are not sent again.
+    await store.store_results(native.id, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {}) for i in range(4)],
+                              part_no=0)
+    assert progress(await outbox(store, native.id)) == {25: ["quarters"], 50: ["halves", "quarters"],
+                                                        75: ["quarters"]}
 
 
 async def test_no_event_without_the_status_and_no_status_without_the_event(store: Store) -> None:

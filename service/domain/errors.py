@@ -72,6 +72,23 @@ class Conflict(InvalidRequest):
     http_status = 409
 
 
+class IdempotencyKeyReused(InvalidRequest):
+    """An `Idempotency-Key` already used, within 24 hours, for a request with a different body: HTTP 422
+    (the IETF Idempotency-Key draft's status for a reused key), never retried by the SDKs."""
+
+    http_status = 422
+
+
+class InsufficientQuota(SluiceError):
+    """The project's spend limit for the month would be passed: HTTP 429 with OpenAI's
+    `insufficient_quota` type. Unlike a rate limit, waiting a few seconds does not help, so the
+    boundary also sends `x-should-retry: false`."""
+
+    error_type = "insufficient_quota"
+    grpc_code = "RESOURCE_EXHAUSTED"
+    http_status = 429
+
+
 class Unauthenticated(SluiceError):
     error_type = "authentication_error"
     grpc_code = "UNAUTHENTICATED"

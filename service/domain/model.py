@@ -6,6 +6,7 @@ No I/O here: storage, the engine and the API all speak these types.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -82,6 +83,11 @@ class ResultStatus(StrEnum):
     EXPIRED = "expired"
 
 
+# What `RetryBatch` retries when the caller names no outcomes, and what it may retry at all.
+DEFAULT_RETRY_OUTCOMES = frozenset({ResultStatus.FAILED, ResultStatus.EXPIRED})
+RETRYABLE_OUTCOMES = frozenset({ResultStatus.FAILED, ResultStatus.EXPIRED, ResultStatus.CANCELLED})
+
+
 class FileStatus(StrEnum):
     """A stored file's status. `uploading` files are invisible to the API until the upload ends."""
 
@@ -103,7 +109,11 @@ class BatchError:
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+# Sluice's own per-batch limits (OpenAI's). They are defaults: `Limits` carries the configured ones
+# (SLUICE_MAX_BATCH_REQUESTS, SLUICE_MAX_FILE_BYTES); a provider's smaller per-batch limit only
+# makes Sluice submit a batch as several provider batches.
 MAX_REQUESTS = 50_000
+MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
@@ -119,8 +129,47 @@ MAX_MODEL_LEN = 256  # batch_requests.model, batches.model
 MAX_OBJECT_ID_LEN = 64  # batch_..., file-... ids
 
 
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sluice's own limits on one batch and one uploaded file, as configured."""
+
+    max_requests: int = MAX_REQUESTS
+    max_file_bytes: int = MAX_FILE_BYTES
+
+
+DEFAULT_LIMITS = Limits()
+
+
 def now() -> int:
     return int(time.time())
+
+
+def month_of(timestamp: int) -> str:
+    """The calendar month (UTC) a spend belongs to, e.g. `2025-07`: budgets are per month."""
+    return time.strftime("%Y-%m", time.gmtime(timestamp))
+
+
+def final_status(parts: Sequence[BatchStatus]) -> BatchStatus:
+    """The status a batch ends with once every one of its parts (one provider batch, or the lines
+    Sluice runs itself on one provider) has ended.
+
+    Every part failed: `failed` (nothing ran). Otherwise a part that expired makes the batch
+    `expired`, a cancelled one `cancelled`; a batch whose parts all completed is `completed` even if
+    a cancel was asked for (the providers finished first: the cancel race). A part that failed
+    while others ran leaves the batch `completed` (or expired/cancelled): its lines carry the
+    failure, and the batch's `errors` say why."""
+    ended = [p for p in parts if p.terminal]
+    if len(ended) != len(parts):
+        raise ValueError("a batch ends only once all its parts have ended")
+    if all(p is BatchStatus.FAILED for p in parts):
+        return BatchStatus.FAILED
+    if BatchStatus.EXPIRED in parts:
+        return BatchStatus.EXPIRED
+    if BatchStatus.CANCELLED in parts:
+        return BatchStatus.CANCELLED
+    return BatchStatus.COMPLETED
 
 
 @dataclass(frozen=True)

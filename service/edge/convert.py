@@ -8,13 +8,14 @@ turns integral doubles back into integers before a body is stored or sent anywhe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
 from service.domain.json_values import plain_json
 from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage, request_counts
-from service.storage.tables import BatchRow, RequestRow, ResultRow
+from service.storage.tables import BatchRow, PartRow, RequestRow, ResultRow
 from sluice.v1 import batch_pb2
 
 
@@ -25,31 +26,51 @@ def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
 
 def _usage(usage: Usage) -> batch_pb2.BatchUsage:
     return batch_pb2.BatchUsage(
-        input_tokens=_u32(usage.input_tokens),
-        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=_u32(usage.cached_tokens)),
-        output_tokens=_u32(usage.output_tokens),
-        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=_u32(usage.reasoning_tokens)),
-        total_tokens=_u32(usage.total_tokens),
+        input_tokens=u32(usage.input_tokens),
+        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=u32(usage.cached_tokens)),
+        output_tokens=u32(usage.output_tokens),
+        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=u32(usage.reasoning_tokens)),
+        total_tokens=u32(usage.total_tokens),
         input_cost=usage.input_cost, output_cost=usage.output_cost, total_cost=usage.total_cost,
     )
 
 
-def _u32(value: int | None) -> int:
+def u32(value: int | None) -> int:
     """Saturate: a uint32 token count of 4.29 billion is the API's documented ceiling."""
     return min(max(value or 0, 0), 2**32 - 1)
 
 
 def _request_counts(row: BatchRow) -> batch_pb2.BatchRequestCounts:
-    completed, failed = request_counts(row.status, row.total, row.completed, row.failed, row.provider_completed,
-                                       row.provider_failed)
+    """While native parts run, their results are stored only at the end: each part shows the
+    larger of its stored and its provider's live counts, and the batch their sum."""
+    live_completed = sum(max(p.completed, p.provider_completed or 0) for p in row.parts)
+    live_failed = sum(max(p.failed, p.provider_failed or 0) for p in row.parts)
+    completed, failed = request_counts(row.status, row.total, row.completed, row.failed, live_completed,
+                                       live_failed)
     return batch_pb2.BatchRequestCounts(total=row.total, completed=completed, failed=failed)
 
 
-def batch_message(row: BatchRow) -> batch_pb2.Batch:
+def _part(part: PartRow) -> batch_pb2.BatchPart:
+    completed, failed = request_counts(part.status, part.total, part.completed, part.failed,
+                                       part.provider_completed, part.provider_failed)
+    msg = batch_pb2.BatchPart(part=part.part_no, provider=part.provider, status=part.status,
+                              request_counts=batch_pb2.BatchRequestCounts(total=part.total, completed=completed,
+                                                                          failed=failed))
+    for name, value in (("model", part.provider_model), ("provider_batch_id", part.provider_batch_id),
+                        ("provider_status", part.provider_status)):
+        if value:
+            setattr(msg, name, value)
+    if part.errors:
+        msg.errors.object = "list"
+        msg.errors.data.extend(_batch_error(e) for e in part.errors)
+    return msg
+
+
+def batch_message(row: BatchRow, retries: Sequence[str] = ()) -> batch_pb2.Batch:
     msg = batch_pb2.Batch(
         id=row.id, object="batch", endpoint=row.endpoint, input_file_id=row.input_file_id or "",
-        completion_window=row.completion_window, status=row.status, created_at=_u32(row.created_at),
-        expires_at=_u32(row.expires_at), provider=row.provider,
+        completion_window=row.completion_window, status=row.status, created_at=u32(row.created_at),
+        expires_at=u32(row.expires_at), provider=row.provider,
         request_counts=_request_counts(row),
         usage=_usage(row.usage),
     )
@@ -57,11 +78,16 @@ def batch_message(row: BatchRow) -> batch_pb2.Batch:
                  "cancelling_at", "cancelled_at"):
         value = getattr(row, name)
         if value is not None:
-            setattr(msg, name, _u32(value))
-    for name in ("model", "output_file_id", "error_file_id", "provider_batch_id"):
+            setattr(msg, name, u32(value))
+    for name in ("model", "output_file_id", "error_file_id", "retry_of", "merged_output_file_id",
+                 "merged_error_file_id"):
         value = getattr(row, name)
         if value:
             setattr(msg, name, value)
+    if len(row.parts) == 1 and row.parts[0].provider_batch_id:
+        msg.provider_batch_id = row.parts[0].provider_batch_id
+    msg.parts.extend(_part(p) for p in row.parts)
+    msg.retries.extend(retries)
     if row.metadata_json:
         msg.metadata.update(json.loads(row.metadata_json))
     if row.errors:
@@ -79,9 +105,11 @@ def _batch_error(error: BatchError) -> batch_pb2.BatchError:
     return msg
 
 
-def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None) -> batch_pb2.BatchResult:
+def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None,
+                   attempt: int = 1) -> batch_pb2.BatchResult:
     msg = batch_pb2.BatchResult(custom_id=req.custom_id, index=req.idx, model=req.model,
-                                provider=batch.provider, url=batch.endpoint)
+                                provider=req.provider or batch.provider, url=batch.endpoint, batch_id=batch.id,
+                                attempt=attempt)
     if res is None:
         msg.status = (ResultStatus.RUNNING if batch.status is BatchStatus.IN_PROGRESS else ResultStatus.PENDING).value
         return msg

@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 from google.api import httpbody_pb2
 
 from service.domain.errors import Internal, InvalidRequest, NotFound, PayloadTooLarge, clip
-from service.domain.model import FileStatus, now
+from service.domain.model import DEFAULT_LIMITS, FileStatus, Limits, now
 from service.edge import lookups
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
@@ -29,7 +29,6 @@ from sluice.v1 import file_pb2, file_pb2_grpc
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 
-MAX_FILE_BYTES = 200 * 1024 * 1024
 BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI: batch files expire after 30 days by default
 ACCEPTED_PURPOSES = ("batch",)
 MIN_EXPIRY, MAX_EXPIRY = 3600, 30 * 24 * 3600  # OpenAI's expires_after[seconds] range
@@ -80,9 +79,10 @@ class _Upload:
     """One upload in progress: stores the file part as `uploading` while counting bytes and
     checking lines. Nothing is visible until `finish_upload`, after the whole form was read."""
 
-    def __init__(self, store: Store, row: FileRow) -> None:
+    def __init__(self, store: Store, row: FileRow, max_bytes: int) -> None:
         self.store = store
         self.row = row
+        self.max_bytes = max_bytes
         self.size = 0
         self.seq = 0
 
@@ -90,8 +90,8 @@ class _Upload:
         """Store each chunk as it passes through to the line checker."""
         async for chunk in part:
             self.size += len(chunk)
-            if self.size > MAX_FILE_BYTES:
-                raise PayloadTooLarge(f"File is larger than the {MAX_FILE_BYTES // 2**20} MB limit.",
+            if self.size > self.max_bytes:
+                raise PayloadTooLarge(f"File is larger than the {self.max_bytes // 2**20} MB limit.",
                                       param="file", code="file_too_large")
             try:
                 await self.store.add_upload_chunk(self.row.id, self.seq, chunk)
@@ -118,9 +118,10 @@ class _Form:
 
 @translate_errors
 class FileServicer(file_pb2_grpc.FileServiceServicer):
-    def __init__(self, store: Store, auth: Authenticator) -> None:
+    def __init__(self, store: Store, auth: Authenticator, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.auth = auth
+        self.limits = limits
 
     async def UploadFile(self, request_iterator: AsyncIterator[file_pb2.UploadFileRequest],
                          context: Context) -> file_pb2.File:
@@ -188,9 +189,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                                purpose=form.purpose, bytes=0, line_count=0, status=FileStatus.UPLOADING, created_at=t,
                                expires_at=t + BATCH_FILE_TTL, updated_at=t)
             await self.store.begin_file(form.row)
-            form.upload = _Upload(self.store, form.row)
+            form.upload = _Upload(self.store, form.row, self.limits.max_file_bytes)
             form.count, form.problems = await check_lines(split_lines(form.upload.chunks(aiter(part))),
-                                                          LineValidator(endpoint=None))
+                                                          LineValidator(endpoint=None), self.limits.max_requests)
         elif part.name == "expires_after[anchor]":
             form.expires_anchor = await _text_field(part, 32)
         elif part.name == "expires_after[seconds]":

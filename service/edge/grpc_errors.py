@@ -45,7 +45,8 @@ def status_parts(err: SluiceError) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     ]
     if err.http_status is not None:
         metadata.append(("x-http-status", str(err.http_status)))
-    if err.http_status == 409:
+    if err.http_status == 409 or (err.http_status == 429 and not err.retryable):
+        # The SDKs retry 409 and 429 by default; these two are not worth repeating.
         metadata.append(("x-should-retry", "false"))
     return code, err.message, tuple(metadata)
 

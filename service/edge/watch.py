@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # Statuses in the order a batch can enter them, and the fields a `status` event for an earlier
 # status must not show yet.
 _LATER_FIELDS = ("in_progress_at", "finalizing_at", "cancelling_at", "completed_at", "failed_at", "expired_at",
-                 "cancelled_at", "output_file_id", "error_file_id")
+                 "cancelled_at", "output_file_id", "error_file_id", "merged_output_file_id", "merged_error_file_id")
 
 
 def _visited(row: BatchRow) -> set[BatchStatus]:
@@ -50,12 +50,17 @@ def as_of(batch: batch_pb2.Batch, status: BatchStatus) -> batch_pb2.Batch:
     return out
 
 
+async def batch_with_retries(store: Store, row: BatchRow) -> batch_pb2.Batch:
+    """The batch as every read shows it: with its parts and the batches that retry it."""
+    return convert.batch_message(row, (await store.retries_of([row.id])).get(row.id, ()))
+
+
 async def watch_batch(store: Store, project: str, batch_id: str, poll_seconds: float,
                       closing: asyncio.Event) -> AsyncIterator[tuple[WatchEvent, batch_pb2.Batch]]:
     """The events of one batch of `project`. Raises NotFound before the first event; ends after a
     terminal status, or early when the server is closing (`closing` is set)."""
     row = await store.get_batch(project, batch_id)
-    last = convert.batch_message(row)
+    last = await batch_with_retries(store, row)
     yield WatchEvent.SNAPSHOT, last
     while not BatchStatus(last.status).terminal:
         with contextlib.suppress(TimeoutError):
@@ -69,7 +74,7 @@ async def watch_batch(store: Store, project: str, batch_id: str, poll_seconds: f
         except Exception:  # a database hiccup: the stream goes on at the next look
             log.warning("watch %s: reading the batch failed; retrying", batch_id, exc_info=True)
             continue
-        batch = convert.batch_message(row)
+        batch = await batch_with_retries(store, row)
         if batch.status != last.status:
             path = statuses_between(BatchStatus(last.status), BatchStatus(batch.status), _visited(row))
             for missed in path[:-1]:

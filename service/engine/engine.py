@@ -30,7 +30,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from adapters.base import (
@@ -45,10 +45,21 @@ from adapters.base import (
 )
 from adapters.base import LineError as AdapterLineError
 from service.domain import telemetry
-from service.domain.model import BatchError, BatchStatus, LineOutcome, Price, ResultError, ResultStatus, Usage, now
+from service.domain.model import (
+    BatchError,
+    BatchStatus,
+    LineOutcome,
+    Price,
+    ResultError,
+    ResultStatus,
+    Usage,
+    final_status,
+    now,
+)
+from service.engine.capacity import Capacity, Unlimited
 from service.providers.routing import Router, UnknownModel
 from service.storage.repository import OutputFileIds, Store
-from service.storage.tables import BatchRow, RequestRow
+from service.storage.tables import BatchRow, PartRow, RequestRow
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +106,12 @@ def outcome(result: LineResult, custom_id: str, status: ResultStatus, price: Pri
 
 class Engine:
     def __init__(self, store: Store, router: Router, settings: EngineSettings,
-                 finalizer: Finalizer = _no_files) -> None:
+                 finalizer: Finalizer = _no_files, capacity: Capacity | None = None) -> None:
         self.store = store
         self.router = router
         self.settings = settings
         self.finalizer = finalizer
+        self.capacity = capacity or Unlimited()
         self._wake = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -155,17 +167,9 @@ class Engine:
                 return
             batch = await self.store.engine_batch(batch_id)
             with telemetry.current().batch_work(batch.id, batch.trace_parent):
-                entry = self.router.entry(batch.provider)
-                if isinstance(entry.provider, LineExecutor):
-                    await self._run_executor(batch, entry.provider)
-                elif isinstance(entry.provider, NativeBatchAdapter):
-                    next_poll = await self._step_native(batch, entry.provider)
+                next_poll = await self._advance(batch)
         except asyncio.CancelledError:
             raise
-        except UnknownModel as exc:
-            log.warning("batch %s needs provider or model %r, which is not configured now (is its API key set?); "
-                        "it waits until a replica that has it picks it up", batch_id, str(exc))
-            next_poll = time.time() + UNROUTABLE_RETRY_SECONDS
         except Exception:
             log.exception("engine: batch %s step failed; retrying later", batch_id)
             next_poll = time.time() + self.settings.poll_seconds
@@ -187,112 +191,234 @@ class Engine:
             if not await self.store.renew(batch_id, self.settings.replica_id, self.settings.lease_seconds):
                 log.warning("engine: lost the lease on %s", batch_id)
 
+    # --- one batch: its parts, concurrently ---------------------------------------------------
+
+    async def _advance(self, batch: BatchRow) -> float | None:
+        """Drive every part of the batch that has not ended, at once: executor parts run their lines
+        (until done, cancelled, expired or the engine stops) while native parts are stepped whenever
+        they are due. Once every part has ended, the batch ends. Returns when to look again."""
+        if batch.status.terminal:
+            return None
+        executors: list[tuple[PartRow, LineExecutor]] = []
+        natives: dict[int, NativeBatchAdapter] = {}
+        waiting: float | None = None
+        for part in batch.parts:
+            if part.status.terminal:
+                continue
+            try:
+                provider = self.router.entry(part.provider).provider
+            except UnknownModel:
+                log.warning("batch %s needs provider %r, which is not configured now (is its API key set?); its "
+                            "part %d waits until a replica that has it picks it up", batch.id, part.provider,
+                            part.part_no)
+                waiting = time.time() + UNROUTABLE_RETRY_SECONDS
+                continue
+            if isinstance(provider, LineExecutor):
+                executors.append((part, provider))
+            elif isinstance(provider, NativeBatchAdapter):
+                natives[part.part_no] = provider
+        tasks = {asyncio.create_task(self._run_executor_part(batch, part, provider)) for part, provider in executors}
+        next_at: dict[int, float | None] = {}
+        try:
+            while True:
+                if natives and not self._stopping:
+                    batch = await self.store.engine_batch(batch.id)
+                    await self._step_due_parts(batch, natives, next_at)
+                if not tasks:
+                    break  # a stopping engine lets executor parts reach a stored state (they see it)
+                due = [t for t in next_at.values() if t is not None]
+                timeout = max(min([*due, time.time() + CHECK_SECONDS]) - time.time(), 0.01)
+                done, tasks = await asyncio.wait(tasks, timeout=min(timeout, CHECK_SECONDS),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if not task.cancelled() and (exc := task.exception()) is not None:
+                        log.error("engine: batch %s: running a part failed; retrying later", batch.id,
+                                  exc_info=exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._stopping:
+            return None
+        fresh = await self.store.engine_batch(batch.id)
+        if all(part.status.terminal for part in fresh.parts):
+            await self._finalize(fresh)
+            return None
+        later = [t for t in (*next_at.values(), waiting) if t is not None]
+        later += [p.next_poll_at or time.time() for p in fresh.parts
+                  if not p.status.terminal and p.part_no in natives and p.part_no not in next_at]
+        return min(later) if later else time.time() + self.settings.poll_seconds
+
+    async def _step_due_parts(self, batch: BatchRow, natives: dict[int, NativeBatchAdapter],
+                              next_at: dict[int, float | None]) -> None:
+        """Step each native part that is due (a cancel not yet sent makes a part due at once)."""
+        t = time.time()
+        steps = []
+        for part in batch.parts:
+            adapter = natives.get(part.part_no)
+            if part.status.terminal:
+                next_at.pop(part.part_no, None)
+                continue
+            if adapter is None:
+                continue
+            when = next_at.get(part.part_no, part.next_poll_at)
+            cancel_due = batch.status is BatchStatus.CANCELLING and part.cancel_sent_at is None
+            if when is None or when <= t or cancel_due:
+                steps.append((part, adapter))
+        results = await asyncio.gather(*(self._step_native(batch, part, adapter) for part, adapter in steps))
+        for (part, _), at in zip(steps, results, strict=True):
+            next_at[part.part_no] = at
+            if at is not None:
+                await self.store.schedule_part(batch.id, part.part_no, at)
+
+    async def _finalize(self, batch: BatchRow) -> None:
+        """Every part has ended: end the batch, once, with the status its parts give it (see
+        `final_status`). Lines of a part that failed while others ran get a failed result each, so
+        every line has an outcome (and can be retried); the output and error files are written
+        before the batch is marked ended, and a batch that has ended is never finalized again."""
+        if batch.status.terminal:
+            return
+        parts = batch.parts
+        dst = final_status([p.status for p in parts]) if parts else BatchStatus.COMPLETED
+        errors = self._part_errors(batch)
+        src = batch.status
+        if dst is BatchStatus.FAILED:
+            # Like OpenAI: a batch that failed as a whole has no per-request results and no files.
+            if await self.store.transition(batch.id, src, dst, errors=errors):
+                log.warning("batch %s failed: %s", batch.id, "; ".join(e.message for e in errors))
+            return
+        for part in parts:
+            if part.status is BatchStatus.FAILED:
+                reason = (part.errors or [BatchError("provider_error", f"{part.provider} failed this part")])[0]
+                await self._close_unfinished(batch, part, ResultStatus.FAILED, reason.code, reason.message)
+        if src in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS) and dst is not BatchStatus.EXPIRED:
+            if not await self.store.transition(batch.id, src, BatchStatus.FINALIZING):
+                return  # moved meanwhile (a cancel): decide again at the next step
+            src = BatchStatus.FINALIZING
+        fresh = await self.store.engine_batch(batch.id)
+        if fresh.status is not src:
+            return  # moved meanwhile (another replica finished it): never rewrite an ended batch's files
+        files = await self.finalizer(fresh)
+        if await self.store.transition(batch.id, src, dst, files=files, errors=errors):
+            log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,
+                     fresh.completed, fresh.failed, fresh.total)
+
+    @staticmethod
+    def _part_errors(batch: BatchRow) -> list[BatchError]:
+        """The batch's `errors`: each part's, naming the part when there are several."""
+        several = len(batch.parts) > 1
+        out = []
+        for part in batch.parts:
+            for e in part.errors or ():
+                param = e.param if e.param or not several else f"parts[{part.part_no}]"
+                out.append(BatchError(e.code, e.message, param, e.line))
+        return out
+
     # --- shared helpers ---------------------------------------------------------------------
+
+    def _provider_of(self, req: RequestRow, part: PartRow) -> str:
+        return req.provider or part.provider
 
     def _provider_model(self, req: RequestRow) -> str:
         """The provider model intake resolved; rows stored before routes were kept (migration 0002)
         are routed now, once more."""
         return req.provider_model or self.router.resolve(req.model).model
 
-    def _price(self, batch: BatchRow, req: RequestRow) -> Price:
-        return self.router.entry(batch.provider).price(self._provider_model(req))
+    def _price(self, req: RequestRow, part: PartRow) -> Price:
+        return self.router.entry(self._provider_of(req, part)).price(self._provider_model(req))
 
     def _line(self, req: RequestRow, batch: BatchRow) -> RequestLine:
         body = json.loads(req.body_json)
         body["model"] = self._provider_model(req)
         return RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
 
-    async def _close_unfinished(self, batch: BatchRow, status: ResultStatus, code: str, message: str) -> None:
-        """Give every line without a result an explicit error result (cancelled/expired/lost)."""
-        while pending := await self.store.pending_requests(batch.id, STORE_CHUNK):
+    async def _close_unfinished(self, batch: BatchRow, part: PartRow, status: ResultStatus, code: str,
+                                message: str) -> None:
+        """Give every line of the part without a result an explicit error result (cancelled/expired/lost)."""
+        while pending := await self.store.pending_requests(batch.id, STORE_CHUNK, part_no=part.part_no):
             await self.store.store_results(batch.id, [
                 LineOutcome(r.idx, r.custom_id, status, error=ResultError(code, message, type="batch_error"))
-                for r in pending])
+                for r in pending], part_no=part.part_no)
 
-    async def _finish(self, batch: BatchRow, src: BatchStatus, dst: BatchStatus,
-                      errors: Sequence[BatchError] = ()) -> None:
-        fresh = await self.store.engine_batch(batch.id)
-        if src.terminal or fresh.status is not src:
-            return  # ended or moved meanwhile: an ended batch's files are never touched again
-        files = await self.finalizer(fresh)
-        if await self.store.transition(batch.id, src, dst, files=files, errors=errors):
-            log.info("batch %s %s: %d completed, %d failed of %d", batch.id, dst.value,
-                     fresh.completed, fresh.failed, fresh.total)
+    async def _start(self, batch: BatchRow, part: PartRow) -> None:
+        """The part runs (submitted, or its lines started): so does the batch."""
+        await self.store.start_part(batch.id, part.part_no)
+        await self.store.transition(batch.id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
 
-    async def _end_early(self, batch: BatchRow, status: BatchStatus) -> bool:
-        """Handle cancel and expiry; True when the batch is done."""
-        if status is BatchStatus.CANCELLING:
-            await self._close_unfinished(batch, ResultStatus.CANCELLED, "batch_cancelled",
+    async def _end_part_early(self, batch: BatchRow, part: PartRow) -> bool:
+        """A part that cannot run any more (the batch is cancelling, or its window has passed):
+        its lines without a result are closed and the part ends. True when it ended."""
+        if batch.status is BatchStatus.CANCELLING:
+            await self._close_unfinished(batch, part, ResultStatus.CANCELLED, "batch_cancelled",
                                          "The batch was cancelled before this request ran.")
-            await self._finish(batch, BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+            await self.store.end_part(batch.id, part.part_no, BatchStatus.CANCELLED)
             return True
-        if now() >= batch.expires_at and status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
-            await self._close_unfinished(batch, ResultStatus.EXPIRED, "batch_expired",
+        if now() >= batch.expires_at:
+            await self._close_unfinished(batch, part, ResultStatus.EXPIRED, "batch_expired",
                                          "The batch expired before this request ran.")
-            await self._finish(batch, status, BatchStatus.EXPIRED)
+            await self.store.end_part(batch.id, part.part_no, BatchStatus.EXPIRED)
             return True
         return False
 
     # --- executor providers -------------------------------------------------------------------
 
-    async def _run_executor(self, batch: BatchRow, provider: LineExecutor) -> None:
-        status = BatchStatus(batch.status)
-        if status is BatchStatus.VALIDATING:
-            await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
-            status = BatchStatus.IN_PROGRESS
-        if status is BatchStatus.IN_PROGRESS and not await self._end_early(batch, status):
-            if not await self._execute_pending(batch, provider):
-                status = (await self.store.engine_batch(batch.id)).status
-            elif await self.store.transition(batch.id, status, BatchStatus.FINALIZING):
-                status = BatchStatus.FINALIZING
+    async def _run_executor_part(self, batch: BatchRow, part: PartRow, provider: LineExecutor) -> None:
+        """Run the part's lines that have no result yet; end the part when all have one, or when the
+        batch is cancelled or expires (the rest are closed). A stopping engine leaves it as it is."""
+        if batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS) and now() < batch.expires_at:
+            await self._start(batch, part)
+            if await self._execute_pending(batch, part, provider):
+                await self.store.end_part(batch.id, part.part_no, BatchStatus.COMPLETED)
+                return
         if self._stopping:
             return
-        if status is BatchStatus.FINALIZING:
-            await self._finish(batch, status, BatchStatus.COMPLETED)
-        elif not status.terminal:
-            await self._end_early(batch, status)
+        await self._end_part_early(await self.store.engine_batch(batch.id), part)
 
-    async def _pending_lines(self, batch_id: str) -> AsyncIterator[RequestRow]:
+    async def _pending_lines(self, batch_id: str, part_no: int) -> AsyncIterator[RequestRow]:
         after = -1
-        while page := await self.store.pending_requests(batch_id, STORE_CHUNK, after):
+        while page := await self.store.pending_requests(batch_id, STORE_CHUNK, after, part_no=part_no):
             for req in page:
                 yield req
             after = page[-1].idx
 
-    async def _execute_one(self, batch: BatchRow, provider: LineExecutor, req: RequestRow) -> LineOutcome:
-        result = await self._execute_with_retries(provider, self._line(req, batch))
+    async def _execute_one(self, batch: BatchRow, part: PartRow, provider: LineExecutor,
+                           req: RequestRow) -> LineOutcome:
+        result = await self._execute_with_retries(batch, provider, self._line(req, batch))
         status = ResultStatus.COMPLETED if result.ok else ResultStatus.FAILED
-        return outcome(result, req.custom_id, status, self._price(batch, req))
+        return outcome(result, req.custom_id, status, self._price(req, part))
 
-    async def _execute_pending(self, batch: BatchRow, provider: LineExecutor) -> bool:
-        """Run every line without a result, `provider.concurrency` at a time, starting the next
-        line as soon as one finishes (a slow line never holds the others back). Results are stored
-        in groups, at least every `CHECK_SECONDS`. Returns False if it stopped early: the batch
-        left in_progress meanwhile (a cancel, from any replica) or the engine is shutting down;
-        lines still running then stay pending and run again later."""
-        lines = self._pending_lines(batch.id)
+    async def _execute_pending(self, batch: BatchRow, part: PartRow, provider: LineExecutor) -> bool:
+        """Run every line of the part without a result, `provider.concurrency` at a time (within
+        the provider's shared capacity), starting the next line as soon as one finishes (a slow
+        line never holds the others back). Results are stored in groups, at least every
+        `CHECK_SECONDS`. Returns False if it stopped early: the batch left in_progress meanwhile (a
+        cancel, from any replica), its window passed, or the engine is shutting down; lines still
+        running then stay pending and run again later."""
+        lines = self._pending_lines(batch.id, part.part_no)
         running: set[asyncio.Task[LineOutcome]] = set()
         finished: list[LineOutcome] = []
         more = True
         last_check = last_log = time.monotonic()
+        width = await self.capacity.width(provider, batch.project)
         try:
             while more or running:
-                while more and len(running) < provider.concurrency:
+                while more and len(running) < width:
                     req = await anext(lines, None)
                     if req is None:
                         more = False
                     else:
-                        running.add(asyncio.create_task(self._execute_one(batch, provider, req)))
+                        running.add(asyncio.create_task(self._execute_one(batch, part, provider, req)))
                 if running:
                     done, running = await asyncio.wait(running, timeout=CHECK_SECONDS,
                                                        return_when=asyncio.FIRST_COMPLETED)
                     finished.extend(task.result() for task in done)
                 checking = time.monotonic() - last_check >= CHECK_SECONDS
                 if len(finished) >= STORE_CHUNK or checking:
-                    await self.store.store_results(batch.id, finished)
+                    await self.store.store_results(batch.id, finished, part_no=part.part_no)
                     finished = []
                 if checking:
                     last_check = time.monotonic()
+                    width = await self.capacity.width(provider, batch.project)
                     fresh = await self.store.engine_batch(batch.id)
                     if self._stopping or fresh.status != BatchStatus.IN_PROGRESS or now() >= fresh.expires_at:
                         return False
@@ -306,12 +432,15 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
             finished.extend(t.result() for t in running if not t.cancelled() and t.exception() is None)
-            await self.store.store_results(batch.id, finished)
+            await self.store.store_results(batch.id, finished, part_no=part.part_no)
 
-    async def _execute_with_retries(self, provider: LineExecutor, line: RequestLine) -> LineResult:
+    async def _execute_with_retries(self, batch: BatchRow, provider: LineExecutor, line: RequestLine) -> LineResult:
         for attempt in range(EXECUTOR_RETRIES + 1):
             try:
-                return await provider.execute(line)
+                async with self.capacity.request(provider, batch.project, line) as ticket:
+                    result = await provider.execute(line)
+                    ticket.used(result.usage.total_tokens)
+                    return result
             except ProviderError as exc:
                 if not exc.retryable or attempt == EXECUTOR_RETRIES:
                     return LineResult(index=line.index, status_code=exc.status_code or 0,
@@ -333,149 +462,143 @@ class Engine:
     def _deadline(self, batch: BatchRow) -> float:
         return batch.expires_at + self.settings.expiry_grace_seconds
 
-    async def _step_native(self, batch: BatchRow, adapter: NativeBatchAdapter) -> float | None:
-        """One step under the one retry policy; returns when to look at the batch again (None: done)."""
+    async def _step_native(self, batch: BatchRow, part: PartRow, adapter: NativeBatchAdapter) -> float | None:
+        """One step of one part under the one retry policy; returns when to look at the part again
+        (None: it ended)."""
         if time.time() >= self._deadline(batch):
-            await self._give_up(batch, adapter, BatchStatus.EXPIRED, BatchError(
+            await self._give_up(batch, part, adapter, BatchStatus.EXPIRED, BatchError(
                 "batch_expired", f"{adapter.name} did not report the end of this batch within its completion "
                 f"window and {self.settings.expiry_grace_seconds:.0f} s of grace (last status: "
-                f"{batch.provider_status or 'none'}); Sluice asked {adapter.name} to cancel it and kept what was "
+                f"{part.provider_status or 'none'}); Sluice asked {adapter.name} to cancel it and kept what was "
                 "done."))
             return None
         try:
-            return await self._advance_native(batch, adapter)
+            return await self._advance_native(batch, part, adapter)
         except ProviderError as exc:
             if not exc.retryable:
-                await self._give_up(batch, adapter, BatchStatus.FAILED,
+                await self._give_up(batch, part, adapter, BatchStatus.FAILED,
                                     BatchError(exc.code or "provider_error", f"{adapter.name}: {exc.message}"))
                 return None
-            return await self._retry_later(batch, f"{adapter.name} answered {exc.status_code or 'nothing'} "
-                                                  f"({exc.message})", exc.retry_after)
+            return await self._retry_later(batch, part, f"{adapter.name} answered {exc.status_code or 'nothing'} "
+                                                        f"({exc.message})", exc.retry_after)
         except Exception as exc:  # a body the adapter could not read, a database hiccup: retry, bounded
-            log.exception("engine: batch %s step failed", batch.id)
-            return await self._retry_later(batch, f"{type(exc).__name__}: {exc}", None)
+            log.exception("engine: batch %s part %d step failed", batch.id, part.part_no)
+            return await self._retry_later(batch, part, f"{type(exc).__name__}: {exc}", None)
 
-    async def _retry_later(self, batch: BatchRow, reason: str, retry_after: float | None) -> float:
+    async def _retry_later(self, batch: BatchRow, part: PartRow, reason: str, retry_after: float | None) -> float:
         """Back off after a failure, but look again by the watchdog's deadline at the latest."""
-        failures = await self.store.record_poll_failure(batch.id)
+        failures = await self.store.record_poll_failure(batch.id, part.part_no)
         delay = self._backoff(failures, retry_after)
-        telemetry.current().retry(batch.provider, "step", delay)
-        log.warning("batch %s: %s; next try in %.1fs", batch.id, reason, delay)
+        telemetry.current().retry(part.provider, "step", delay)
+        log.warning("batch %s part %d: %s; next try in %.1fs", batch.id, part.part_no, reason, delay)
         return min(time.time() + delay, max(self._deadline(batch), time.time() + self.settings.tick_seconds))
 
-    async def _give_up(self, batch: BatchRow, adapter: NativeBatchAdapter, dst: BatchStatus,
+    async def _give_up(self, batch: BatchRow, part: PartRow, adapter: NativeBatchAdapter, dst: BatchStatus,
                        error: BatchError) -> None:
-        """End a batch Sluice can no longer drive: first ask the provider to cancel what it was sent
-        (best effort, once), then end the batch with the reason. An expired batch keeps its stored
-        results and gets its output files; its other lines are expired."""
-        if batch.provider_batch_id and batch.cancel_sent_at is None:
+        """End a part Sluice can no longer drive: first ask the provider to cancel what it was sent
+        (best effort, once), then end the part with the reason. An expired part keeps its stored
+        results; its other lines are expired."""
+        if part.provider_batch_id and part.cancel_sent_at is None:
             try:
-                await adapter.cancel(batch.provider_batch_id)
-                await self.store.mark_cancel_sent(batch.id)
-                log.info("batch %s: giving up; cancel sent to %s", batch.id, adapter.name)
-            except Exception as exc:  # the batch ends anyway; say what is left at the provider
-                log.warning("batch %s: giving up; could not cancel %s at %s (%s): cancel it there by hand",
-                            batch.id, batch.provider_batch_id, adapter.name, exc)
-        status = (await self.store.engine_batch(batch.id)).status
-        if status.terminal:
-            return
-        if dst is BatchStatus.FAILED:
-            await self._fail(batch, status, error.code, error.message)
-            return
-        await self._close_unfinished(batch, ResultStatus.EXPIRED, "batch_expired",
-                                     "The batch expired before this request ran.")
-        await self._finish(batch, status, dst, errors=[error])
+                await adapter.cancel(part.provider_batch_id)
+                await self.store.mark_cancel_sent(batch.id, part.part_no)
+                log.info("batch %s part %d: giving up; cancel sent to %s", batch.id, part.part_no, adapter.name)
+            except Exception as exc:  # the part ends anyway; say what is left at the provider
+                log.warning("batch %s part %d: giving up; could not cancel %s at %s (%s): cancel it there by hand",
+                            batch.id, part.part_no, part.provider_batch_id, adapter.name, exc)
+        if dst is BatchStatus.EXPIRED:
+            await self._close_unfinished(batch, part, ResultStatus.EXPIRED, "batch_expired",
+                                         "The batch expired before this request ran.")
+        await self.store.end_part(batch.id, part.part_no, dst, [error])
 
-    async def _advance_native(self, batch: BatchRow, adapter: NativeBatchAdapter) -> float | None:
-        status = batch.status
-        if batch.provider_batch_id is None:
-            if await self._end_early(batch, status):
+    async def _advance_native(self, batch: BatchRow, part: PartRow, adapter: NativeBatchAdapter) -> float | None:
+        if part.provider_batch_id is None:
+            if await self._end_part_early(batch, part):
                 return None
-            await self._submit(batch, adapter)
+            await self._submit(batch, part, adapter)
             return time.time() + self.settings.poll_seconds
-        if status is BatchStatus.CANCELLING and batch.cancel_sent_at is None:
-            await adapter.cancel(batch.provider_batch_id)
-            await self.store.mark_cancel_sent(batch.id)
-            log.info("batch %s: cancel sent to %s", batch.id, adapter.name)
-        state = await adapter.poll(batch.provider_batch_id)
-        if state.raw_status != batch.provider_status:
-            log.info("batch %s: %s reports %s (%s of %s requests done)", batch.id, adapter.name, state.raw_status,
-                     (state.completed or 0) + (state.failed or 0), state.total if state.total is not None else "?")
-        await self.store.record_provider_status(batch.id, state.raw_status, state.completed, state.failed)
+        if batch.status is BatchStatus.CANCELLING and part.cancel_sent_at is None:
+            await adapter.cancel(part.provider_batch_id)
+            await self.store.mark_cancel_sent(batch.id, part.part_no)
+            log.info("batch %s part %d: cancel sent to %s", batch.id, part.part_no, adapter.name)
+        state = await adapter.poll(part.provider_batch_id)
+        if state.raw_status != part.provider_status:
+            log.info("batch %s part %d: %s reports %s (%s of %s requests done)", batch.id, part.part_no, adapter.name,
+                     state.raw_status, (state.completed or 0) + (state.failed or 0),
+                     state.total if state.total is not None else "?")
+        await self.store.record_provider_status(batch.id, part.part_no, state.raw_status, state.completed,
+                                                state.failed)
         if not state.ended:
-            if status is BatchStatus.VALIDATING and state.status is not ProviderState.VALIDATING:
-                await self.store.transition(batch.id, status, BatchStatus.IN_PROGRESS)
+            if part.status is BatchStatus.VALIDATING and state.status is not ProviderState.VALIDATING:
+                await self._start(batch, part)
             return time.time() + self.settings.poll_seconds
-        await self._collect(batch, adapter, status, state)
+        await self._collect(batch, part, adapter, state)
         return None
 
-    async def _submit(self, batch: BatchRow, adapter: NativeBatchAdapter) -> None:
+    async def _submit(self, batch: BatchRow, part: PartRow, adapter: NativeBatchAdapter) -> None:
         provider_id = None
-        job = BatchJob(batch_id=batch.id, endpoint=batch.endpoint, model=batch.provider_model or "",
-                       completion_window=batch.completion_window, line_count=batch.total)
-        if batch.submit_started_at is not None:
-            provider_id = await adapter.find_submitted(batch.id, job=job, since=batch.submit_started_at)
+        job = BatchJob(batch_id=part.job_id, endpoint=batch.endpoint, model=part.provider_model or "",
+                       completion_window=batch.completion_window, line_count=part.total)
+        if part.submit_started_at is not None:
+            provider_id = await adapter.find_submitted(part.job_id, job=job, since=part.submit_started_at)
             if provider_id:
-                log.info("batch %s: found earlier submission %s at %s", batch.id, provider_id, adapter.name)
+                log.info("batch %s part %d: found earlier submission %s at %s", batch.id, part.part_no, provider_id,
+                         adapter.name)
         if provider_id is None:
-            await self.store.mark_submit_started(batch.id)
-            provider_id = await adapter.submit(job, self._lines(batch))
-            log.info("batch %s: submitted to %s as %s (%d lines)", batch.id, adapter.name, provider_id, batch.total)
-        await self.store.record_provider_batch_id(batch.id, provider_id)
+            await self.store.mark_submit_started(batch.id, part.part_no)
+            provider_id = await adapter.submit(job, self._lines(batch, part))
+            log.info("batch %s part %d: submitted to %s as %s (%d lines)", batch.id, part.part_no, adapter.name,
+                     provider_id, part.total)
+        await self.store.record_provider_batch_id(batch.id, part.part_no, provider_id)
         await self.store.transition(batch.id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
 
-    async def _lines(self, batch: BatchRow) -> AsyncIterator[RequestLine]:
-        async for req in self.store.iter_requests(batch.id):
+    async def _lines(self, batch: BatchRow, part: PartRow) -> AsyncIterator[RequestLine]:
+        async for req in self.store.iter_requests(batch.id, part_no=part.part_no):
             yield self._line(req, batch)
 
-    async def _fail(self, batch: BatchRow, status: BatchStatus, code: str, message: str,
-                    errors: Sequence[BatchError] = ()) -> None:
-        errors = errors or [BatchError(code, message)]
-        if not status.terminal and await self.store.transition(batch.id, status, BatchStatus.FAILED, errors=errors):
-            log.warning("batch %s failed: %s", batch.id, message)
-
-    async def _collect(self, batch: BatchRow, adapter: NativeBatchAdapter, status: BatchStatus,
+    async def _collect(self, batch: BatchRow, part: PartRow, adapter: NativeBatchAdapter,
                        state: ProviderStatus) -> None:
-        """The provider says the batch ended: store every result, then mark it terminal."""
-        assert batch.provider_batch_id is not None
+        """The provider says the part ended: store every result, then end the part. While the
+        results of the batch's last running part are stored, the batch shows `finalizing`."""
+        assert part.provider_batch_id is not None
         if state.status is ProviderState.FAILED:
-            await self._fail(batch, status, "provider_error", f"{adapter.name} rejected the batch",
-                             [BatchError(e.code, e.message, e.param, e.line) for e in state.errors])
+            errors = [BatchError(e.code, e.message, e.param, e.line) for e in state.errors]
+            await self.store.end_part(batch.id, part.part_no, BatchStatus.FAILED,
+                                      errors or [BatchError("provider_error", f"{adapter.name} rejected the batch")])
             return
         final = BatchStatus(state.status.value)  # completed, expired or cancelled
-        early = status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
-        if early and final in (BatchStatus.COMPLETED, BatchStatus.CANCELLED):
-            step = BatchStatus.FINALIZING if final is BatchStatus.COMPLETED else BatchStatus.CANCELLING
-            if not await self.store.transition(batch.id, status, step):
-                return  # moved meanwhile (a cancel): decide again at the next step
-            status = step
+        await self.store.part_finalizing(batch.id, part.part_no)
+        others_done = all(p.status.terminal or p.status is BatchStatus.FINALIZING
+                          for p in batch.parts if p.part_no != part.part_no)
+        if others_done and batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+            await self.store.transition(batch.id, batch.status, BatchStatus.FINALIZING)
         buffer: list[LineResult] = []
-        async for result in adapter.results(batch.provider_batch_id):
+        async for result in adapter.results(part.provider_batch_id):
             buffer.append(result)
             if len(buffer) >= STORE_CHUNK:
-                await self._store_native(batch, buffer)
+                await self._store_native(batch, part, buffer)
                 buffer = []
-        await self._store_native(batch, buffer)
+        await self._store_native(batch, part, buffer)
         code, result_status = {
             BatchStatus.EXPIRED: ("batch_expired", ResultStatus.EXPIRED),
             BatchStatus.CANCELLED: ("batch_cancelled", ResultStatus.CANCELLED),
         }.get(final, ("missing_result", ResultStatus.FAILED))
-        await self._close_unfinished(batch, result_status, code,
+        await self._close_unfinished(batch, part, result_status, code,
                                      f"{adapter.name} returned no result for this request ({state.raw_status}).")
-        await self._finish(batch, status, final)
+        await self.store.end_part(batch.id, part.part_no, final)
 
-    async def _store_native(self, batch: BatchRow, results: list[LineResult]) -> None:
+    async def _store_native(self, batch: BatchRow, part: PartRow, results: list[LineResult]) -> None:
         if not results:
             return
         keys = await self.store.request_keys(batch.id, [r.index for r in results])
         stored = []
         for r in results:
-            if r.index not in keys:
-                log.warning("batch %s: %s returned a result for unknown line %d; ignored",
-                            batch.id, batch.provider, r.index)
+            req = keys.get(r.index)
+            if req is None or req.part_no != part.part_no:
+                log.warning("batch %s part %d: %s returned a result for unknown line %d; ignored",
+                            batch.id, part.part_no, part.provider, r.index)
                 continue
-            req = keys[r.index]
             status = ResultStatus.COMPLETED if r.ok else _ENDED_BY_BATCH.get(
                 r.error.code if r.error else "", ResultStatus.FAILED)
-            stored.append(outcome(r, req.custom_id, status, self._price(batch, req)))
-        await self.store.store_results(batch.id, stored)
+            stored.append(outcome(r, req.custom_id, status, self._price(req, part)))
+        await self.store.store_results(batch.id, stored, part_no=part.part_no)

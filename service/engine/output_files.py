@@ -19,6 +19,7 @@ from service.storage.tables import BatchRow, FileRow, ResultRow
 
 CHUNK_BYTES = 1024 * 1024
 OUTPUT_TTL = 30 * 24 * 3600
+MERGE_PAGE = 1000
 
 
 def output_line(batch_id: str, row: ResultRow) -> dict[str, Any]:
@@ -89,7 +90,28 @@ class OutputFiles:
         errors = _FileWriter(self.store, self._row(batch, "error"))
         async for row in self._results(batch.id):
             await (output if _succeeded(row) else errors).add(output_line(batch.id, row))
-        return OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
+        files = OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
+        if batch.chain_id is None:
+            return files
+        merged_output, merged_errors = await self._merged(batch)
+        return OutputFileIds(files.output_file_id, files.error_file_id, merged_output, merged_errors)
+
+    async def _merged(self, batch: BatchRow) -> tuple[str | None, str | None]:
+        """A retry's merged files: every line of the chain's first batch, in its order, from the
+        latest batch of the chain that ran it (this one included, as it ends)."""
+        output = _FileWriter(self.store, self._row(batch, "merged-output"))
+        errors = _FileWriter(self.store, self._row(batch, "merged-error"))
+        chain = await self.store.chain(batch.project, batch.id)
+        after = ""
+        while True:
+            attempts, more = await self.store.latest_attempts(chain, after, MERGE_PAGE)
+            for attempt in attempts:
+                if attempt.result is not None:
+                    line = output_line(attempt.batch.id, attempt.result)
+                    await (output if _succeeded(attempt.result) else errors).add(line)
+            if not more or not attempts:
+                return await output.close(), await errors.close()
+            after = attempts[-1].request.custom_id
 
     def _results(self, batch_id: str) -> AsyncIterator[ResultRow]:
         return self.store.iter_results(batch_id)

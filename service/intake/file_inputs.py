@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.domain.errors import InvalidRequest, NotFound, clip
-from service.domain.model import BatchError, BatchStatus, now
+from service.domain.model import DEFAULT_LIMITS, BatchError, BatchStatus, Limits, now
 from service.intake.jsonl import check_lines, parse_line, split_lines
 from service.intake.validation import LineValidator
 from service.storage.repository import NewRequest, Store
@@ -27,8 +27,9 @@ class BatchInputs:
     batch in status `failed` with OpenAI's `errors` list, line numbers included, as OpenAI does.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
+        self.limits = limits
 
     async def prepare(self, project: str, file_id: str, validator: LineValidator,
                       row: BatchRow) -> AsyncIterator[NewRequest] | None:
@@ -41,7 +42,7 @@ class BatchInputs:
             raise InvalidRequest(f"File {file_id} has purpose {clip(file.purpose)}; a batch input needs 'batch'.",
                                  param="input_file_id", code="invalid_file_purpose")
         content = _Measured(self.store.iter_file_chunks(file_id))
-        count, problems = await check_lines(split_lines(content), validator)
+        count, problems = await check_lines(split_lines(content), validator, self.limits.max_requests)
         if content.size != file.bytes:
             raise _gone(file_id)
         if count == 0 or problems:
@@ -57,10 +58,8 @@ class BatchInputs:
         count = 0
         async for _, raw in split_lines(self.store.iter_file_chunks(file_id)):
             line: Any = parse_line(raw)
-            model = line["body"]["model"]
+            yield validator.again(count, line["custom_id"], line["body"])
             count += 1
-            yield NewRequest(custom_id=line["custom_id"], model=model, body=line["body"],
-                             provider_model=validator.route_of(model).model)
         if count != expected:
             raise _gone(file_id)
 

@@ -105,15 +105,15 @@ def parse_line(raw: bytes) -> object:
         raise LineProblem("invalid_json_line", f"is not valid JSON ({str(exc)[:200]})") from None
 
 
-async def check_lines(lines: AsyncIterable[tuple[int, bytes]],
-                      validator: LineValidator) -> tuple[int, list[NumberedProblem]]:
+async def check_lines(lines: AsyncIterable[tuple[int, bytes]], validator: LineValidator,
+                      max_requests: int = MAX_REQUESTS) -> tuple[int, list[NumberedProblem]]:
     """Validate every line; returns the line count and the first problems found."""
     count = 0
     problems: list[NumberedProblem] = []
     async for number, raw in lines:
         count += 1
-        if count > MAX_REQUESTS:
-            raise PayloadTooLarge(f"The file has more than {MAX_REQUESTS} requests (line {number}).",
+        if count > max_requests:
+            raise PayloadTooLarge(f"The file has more than {max_requests} requests (line {number}).",
                                   param="file", code="too_many_requests")
         try:
             validator.check(parse_line(raw), len(raw))

@@ -6,14 +6,16 @@ for inline, `line 4` for files).
 
 Routing happens here, once: each line's model is resolved to a provider and the provider's own
 model name, which is stored with the line, and the line is checked against what that provider
-declares it can take (`adapters.base.Capabilities`: endpoints, one model per job, per-batch
-limits). A batch the provider cannot run is refused now, naming the line, rather than accepted
-and failed at submit.
+declares it can take (`adapters.base.Capabilities`: endpoints, one model per job). A batch a
+provider cannot run is refused now, naming the line, rather than accepted and failed at submit.
+A batch's lines may go to several providers, and more lines than a provider takes in one batch
+are fine: intake plans the parts (one provider batch each) the engine runs.
 """
 
 from __future__ import annotations
 
 import re
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +32,14 @@ from service.domain.model import (
     MAX_OBJECT_ID_LEN,
     SUPPORTED_ENDPOINTS,
 )
+from service.intake.estimate import Estimator
 from service.providers.routing import Route, Router, UnknownModel
-from service.storage.repository import NewRequest
+from service.storage.repository import NewPart, NewRequest
 
 __all__ = ["MAX_CUSTOM_ID_LEN", "LineProblem", "LineValidator", "check_completion_window", "check_endpoint",
            "check_metadata", "is_object_id", "is_text", "json_shape_problem"]
 
+MIXED = "mixed"  # the `provider` of a batch whose lines go to several providers
 _OBJECT_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_OBJECT_ID_LEN}}}")
 
 
@@ -130,9 +134,23 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
 
 
 @dataclass
+class _OpenPart:
+    """The part a provider's next line goes into, while intake fills it."""
+
+    part_no: int
+    provider: str
+    lines: int = 0
+    size: int = 0
+    models: set[str] = field(default_factory=set)
+
+
+@dataclass
 class LineValidator:
     """Validates lines one at a time (so files can stream) and remembers what it needs across
-    lines: custom_ids seen, providers the models route to."""
+    lines: custom_ids seen, the providers the models route to, and the parts the batch splits
+    into. A batch may mix providers: each provider's lines form their own part(s), each checked
+    against that provider's capabilities; a provider's per-batch line and byte limits start a new
+    part instead of refusing the batch."""
 
     endpoint: str | None  # None: the first line's url sets it (uploads, before any batch exists)
     router: Router | None = None  # None: models are not routed (uploads)
@@ -140,9 +158,13 @@ class LineValidator:
     providers: dict[str, str] = field(default_factory=dict)  # provider -> first model routed there
     models: set[str] = field(default_factory=set)
     routes: dict[str, Route] = field(default_factory=dict)  # model -> where it goes, resolved once
-    provider_models: set[str] = field(default_factory=set)
+    provider_models: dict[str, set[str]] = field(default_factory=dict)  # provider -> its models
     lines: int = 0
     size: int = 0
+    open_parts: dict[str, _OpenPart] = field(default_factory=dict)  # provider -> the part it fills now
+    closed_parts: list[_OpenPart] = field(default_factory=list)
+    line_parts: array[int] = field(default_factory=lambda: array("i"))  # part of each checked line
+    estimator: Estimator | None = None  # tallies tokens and cost per part, when set
 
     def check(self, raw: Any, size: int = 0) -> NewRequest:
         """Validate one line (`size`: its encoded length, for the provider's byte limit)."""
@@ -187,14 +209,31 @@ class LineValidator:
             raise LineProblem("line_too_complex" if "values" in shape else "invalid_json_line",
                               f"the request line {shape}", "body")
         route = self._route(self.router, model, url, size) if self.router is not None else None
+        part_no = self._place(route, size) if route is not None else 0
+        if self.estimator is not None and route is not None:
+            self.estimator.add(part_no, route, url, body)
         self.seen.add(custom_id)
         self.models.add(model)
         return NewRequest(custom_id=custom_id, model=model, body=body,
-                          provider_model=route.model if route else None)
+                          provider_model=route.model if route else None,
+                          provider=route.provider if route else None, part_no=part_no)
 
     def route_of(self, model: str) -> Route:
         """The route a checked line's model was resolved to (for a second pass over a file)."""
         return self.routes[model]
+
+    def part_of(self, line: int) -> int:
+        """The part the `line`-th checked line (0-based) went into (for a second pass over a file)."""
+        return self.line_parts[line]
+
+    def again(self, line: int, custom_id: str, body: dict[str, Any]) -> NewRequest:
+        """The `line`-th checked line (0-based) as the store takes it, routed and placed in its part
+        exactly as `check` did: a second pass over a file or a message need not keep every checked
+        line in memory."""
+        model = body["model"]
+        route = self.routes[model]
+        return NewRequest(custom_id=custom_id, model=model, body=body, provider_model=route.model,
+                          provider=route.provider, part_no=self.line_parts[line])
 
     def _route(self, router: Router, model: str, url: str, size: int) -> Route:
         route = self.routes.get(model)
@@ -204,36 +243,60 @@ class LineValidator:
             except UnknownModel:
                 raise LineProblem("model_not_found", f"model {clip(model)} is not served by any configured provider",
                                   "body.model") from None
-        self.providers.setdefault(route.provider, model)
-        if len(self.providers) > 1:
-            found = ", ".join(f"{p} (e.g. {clip(m)})" for p, m in self.providers.items())
-            raise LineProblem("mixed_providers", "all lines of a batch must go to one provider; "
-                              f"this batch needs {found}: split it into one batch per provider", "body.model")
         self._check_capabilities(router, route, url, size)
-        self.provider_models.add(route.model)
+        self.providers.setdefault(route.provider, model)
+        self.provider_models.setdefault(route.provider, set()).add(route.model)
         return route
 
     def _check_capabilities(self, router: Router, route: Route, url: str, size: int) -> None:
-        caps = router.entry(route.provider).provider.capabilities
+        caps = router.entry(route.provider).capabilities
         if url not in caps.endpoints:
             raise LineProblem("unsupported_endpoint", f"provider {route.provider!r} cannot batch {url} (it serves "
                               f"{', '.join(sorted(caps.endpoints))})", "url")
-        if caps.one_model_per_job and self.provider_models and route.model not in self.provider_models:
-            other = next(iter(self.provider_models))
+        models = self.provider_models.get(route.provider, set())
+        if caps.one_model_per_job and models and route.model not in models:
+            other = next(iter(models))
             raise LineProblem("mixed_models", f"provider {route.provider!r} runs one model per batch; this line "
                               f"uses {route.model!r} and an earlier one {other!r}: split the batch by model",
                               "body.model")
+        if caps.max_bytes is not None and size > caps.max_bytes:
+            raise LineProblem("batch_too_large", f"this request alone is larger than the {caps.max_bytes // 2**20} MB "
+                              f"provider {route.provider!r} takes per batch", None)
+
+    def _place(self, route: Route, size: int) -> int:
+        """The part this line goes into: the provider's current one, or a new one when the line
+        would take that past the provider's per-batch line or byte limit."""
+        assert self.router is not None
+        caps = self.router.entry(route.provider).capabilities
+        part = self.open_parts.get(route.provider)
+        full = part is not None and (
+            (caps.max_lines is not None and part.lines + 1 > caps.max_lines)
+            or (caps.max_bytes is not None and part.size + size > caps.max_bytes))
+        if part is None or full:
+            if part is not None:
+                self.closed_parts.append(part)
+            number = len(self.closed_parts) + len(self.open_parts) - (1 if part is not None else 0)
+            part = self.open_parts[route.provider] = _OpenPart(number, route.provider)
+        part.lines += 1
+        part.size += size
+        part.models.add(route.model)
         self.lines += 1
         self.size += size
-        if caps.max_lines is not None and self.lines > caps.max_lines:
-            raise LineProblem("too_many_requests", f"provider {route.provider!r} takes at most {caps.max_lines} "
-                              "requests per batch: split the batch", None)
-        if caps.max_bytes is not None and self.size > caps.max_bytes:
-            raise LineProblem("batch_too_large", f"provider {route.provider!r} takes at most "
-                              f"{caps.max_bytes // 2**20} MB per batch: split the batch", None)
+        self.line_parts.append(part.part_no)
+        return part.part_no
+
+    @property
+    def parts(self) -> list[NewPart]:
+        """The parts the checked lines make, in order."""
+        every = sorted([*self.closed_parts, *self.open_parts.values()], key=lambda p: p.part_no)
+        return [NewPart(p.part_no, p.provider, next(iter(p.models)) if len(p.models) == 1 else None, p.lines, p.size)
+                for p in every]
 
     @property
     def provider(self) -> str:
+        """The batch's `provider`: its one provider, or `mixed` when its lines go to several."""
+        if len(self.providers) > 1:
+            return MIXED
         return next(iter(self.providers), "")
 
     @property
@@ -244,4 +307,5 @@ class LineValidator:
     @property
     def provider_model(self) -> str | None:
         """The provider's model name when every line resolves to the same one."""
-        return next(iter(self.provider_models)) if len(self.provider_models) == 1 else None
+        every = set().union(*self.provider_models.values()) if self.provider_models else set()
+        return next(iter(every)) if len(every) == 1 and len(self.providers) == 1 else None

@@ -18,7 +18,7 @@ import yaml
 from adapters.base import Provider
 from adapters.sim import SimProvider
 from service.domain.model import Price
-from service.providers.routing import DEFAULT_SIM_PRICE, SIM, ProviderEntry, Router
+from service.providers.routing import DEFAULT_SIM_PRICE, SIM, CapacityLimits, ProviderEntry, Router
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,22 @@ def _price(raw: Any, discount: float) -> Price:
                  batch_discount=float(raw.get("batch_discount", discount)))
 
 
+def _limit(path: Path, name: str, section: str, raw: Any, key: str) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{path}: provider {name!r}: {section}.{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _section(path: Path, name: str, spec: dict[str, Any], section: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    raw = spec.get(section) or {}
+    if not isinstance(raw, dict) or set(raw) - set(keys):
+        raise ConfigError(f"{path}: provider {name!r}: {section} takes {', '.join(keys)}")
+    return raw
+
+
 def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str, ProviderEntry]:
     env = os.environ if environ is None else environ
     try:
@@ -84,10 +100,17 @@ def load_entries(path: Path, environ: dict[str, str] | None = None) -> dict[str,
             models = {m: None for m in models}
         adapter = _adapter_class(kind)(name, base_url=spec["base_url"], api_key=api_key,
                                        options=spec.get("options") or {})
+        limits = _section(path, name, spec, "batch_limits", ("max_lines", "max_bytes"))
+        cap = _section(path, name, spec, "capacity", ("concurrency", "requests_per_minute", "tokens_per_minute"))
+        capacity = CapacityLimits(*(_limit(path, name, "capacity", cap, k)
+                                    for k in ("concurrency", "requests_per_minute", "tokens_per_minute")))
         entries[name] = ProviderEntry(
             provider=adapter, models=set(models), aliases=dict(spec.get("aliases") or {}),
             prices={m: _price(p, discount) for m, p in models.items()},
             default_price=_price(spec.get("default_price"), discount),
+            max_lines=_limit(path, name, "batch_limits", limits, "max_lines"),
+            max_bytes=_limit(path, name, "batch_limits", limits, "max_bytes"),
+            capacity=capacity if cap else None,
         )
         log.info("provider %s (%s) at %s: %d models", name, kind, spec["base_url"], len(models))
     return entries

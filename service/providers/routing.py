@@ -7,9 +7,9 @@ every model goes to the built-in `sim` provider (and `sim/...` always does).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from adapters.base import Provider
+from adapters.base import Capabilities, Provider
 from service.domain.model import Price
 
 SIM = "sim"
@@ -29,9 +29,36 @@ class ProviderEntry:
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> provider model
     prices: dict[str, Price] = field(default_factory=dict)  # provider model -> price
     default_price: Price = field(default_factory=Price)
+    # Lower per-batch limits than the adapter declares (the providers file's `batch_limits`), e.g.
+    # for an account tier that takes less.
+    max_lines: int | None = None
+    max_bytes: int | None = None
+    # Shared limits on what Sluice sends an executor provider (the providers file's `capacity`).
+    capacity: CapacityLimits | None = None
 
     def price(self, model: str) -> Price:
         return self.prices.get(model, self.default_price)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What one provider batch can hold: the adapter's declaration, with the configured limits."""
+        caps = self.provider.capabilities
+        return replace(caps, max_lines=_lowest(caps.max_lines, self.max_lines),
+                       max_bytes=_lowest(caps.max_bytes, self.max_bytes))
+
+
+@dataclass(frozen=True)
+class CapacityLimits:
+    """What all replicas together may send one executor provider: requests at once, and requests
+    and tokens per minute (None: no limit)."""
+
+    concurrency: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
+def _lowest(a: int | None, b: int | None) -> int | None:
+    return min(x for x in (a, b) if x is not None) if a is not None or b is not None else None
 
 
 @dataclass(frozen=True)

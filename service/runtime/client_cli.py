@@ -40,7 +40,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from service.domain.json_values import plain_json
-from service.domain.model import SUPPORTED_ENDPOINTS, TERMINAL
+from service.domain.model import RETRYABLE_OUTCOMES, SUPPORTED_ENDPOINTS, TERMINAL
 from service.runtime.config import ClientSettings
 from sluice.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 
@@ -48,6 +48,7 @@ UPLOAD_CHUNK = 1024 * 1024  # Envoy's and the server's piece size
 RESULTS_PAGE = 1000
 RPC_TIMEOUT = 120.0
 RECONNECTS = 30
+RETRYABLE = sorted(o.value for o in RETRYABLE_OUTCOMES)
 
 CLIENT_HELP = """environment:
   SLUICE_ADDRESS   the server's gRPC address: host:port (127.0.0.1:50051) or https://host[:port]
@@ -214,6 +215,16 @@ class Out:
             ("error file", batch.error_file_id if batch.HasField("error_file_id") else ""),
             ("created", _when(batch.created_at)),
         ]
+        if batch.HasField("retry_of"):
+            rows.append(("retry of", batch.retry_of))
+        if batch.retries:
+            rows.append(("retried by", ", ".join(batch.retries)))
+        if len(batch.parts) > 1:
+            for part in batch.parts:
+                pc = part.request_counts
+                where = f" as {part.provider_batch_id}" if part.HasField("provider_batch_id") else ""
+                rows.append((f"part {part.part}", f"{part.provider}{where}: {part.status}, "
+                             f"{pc.completed + pc.failed}/{pc.total} done, {pc.failed} failed"))
         for stamp in ("in_progress_at", "completed_at", "failed_at", "expired_at", "cancelled_at"):
             if batch.HasField(stamp):
                 rows.append((stamp.removesuffix("_at").replace("_", " "), _when(getattr(batch, stamp))))
@@ -285,11 +296,27 @@ def cmd_batches_create(api: Api, out: Out, args: argparse.Namespace) -> int:
     uploaded = _upload(api, out, path)
     request = batch_pb2.CreateBatchRequest(input_file_id=uploaded.id, endpoint=endpoint,
                                            completion_window=args.completion_window)
+    return _create(api, out, api.batches.CreateBatch, request, args,
+                   lambda batch: f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
+
+
+def cmd_batches_retry(api: Api, out: Out, args: argparse.Namespace) -> int:
+    """RetryBatch: a new batch of the lines of an ended batch that did not succeed."""
+    request = batch_pb2.RetryBatchRequest(id=args.id, outcomes=args.outcome, custom_ids=args.custom_id,
+                                          model=args.model or "")
+    return _create(api, out, api.batches.RetryBatch, request, args,
+                   lambda batch: f"created batch {batch.id} retrying {args.id} ({batch.request_counts.total} lines)")
+
+
+def _create(api: Api, out: Out, rpc: Callable[..., Any], request: Any, args: argparse.Namespace,
+            announce: Callable[[Any], str]) -> int:
+    """Make a batch (with the `--metadata` given), say so on stderr, then follow it to its end
+    (`--watch`) or show it as it is."""
     if args.metadata:
         request.metadata.update(_metadata(args.metadata))
-    batch = api.call(api.batches.CreateBatch, request)
+    batch = api.call(rpc, request)
     if not out.json:
-        out.say(f"uploaded {path.name} as {uploaded.id}\ncreated batch {batch.id}")
+        out.say(announce(batch))
     if args.watch:
         return _watch(api, out, batch.id)
     out.batch(batch)
@@ -445,17 +472,28 @@ def add_commands(sub: Any) -> None:
     batches = sub.add_parser("batches", help="create, watch, list, cancel batches and fetch their results",
                              epilog=CLIENT_HELP, formatter_class=fmt)
     bsub = batches.add_subparsers(dest="action", required=True)
-    create = bsub.add_parser("create", parents=[common], epilog=CLIENT_HELP, formatter_class=fmt,
+    making = argparse.ArgumentParser(add_help=False)  # the commands that make a batch
+    making.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                        help="metadata of the new batch (repeatable)")
+    making.add_argument("--watch", action="store_true",
+                        help="show live progress until the new batch ends; exit 1 unless it completed")
+    create = bsub.add_parser("create", parents=[common, making], epilog=CLIENT_HELP, formatter_class=fmt,
                              help="upload a JSONL file of requests and create a batch from it")
     create.add_argument("file", metavar="FILE.jsonl", help="OpenAI batch input lines")
     create.add_argument("--endpoint", choices=SUPPORTED_ENDPOINTS,
                         help="the endpoint of every line (default: the first line's url)")
     create.add_argument("--completion-window", default="24h", help="24h (the only window)")
-    create.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                        help="batch metadata (repeatable)")
-    create.add_argument("--watch", action="store_true",
-                        help="show live progress until the batch ends; exit 1 unless it completed")
     create.set_defaults(handler=cmd_batches_create)
+    retry = bsub.add_parser("retry", parents=[common, making], epilog=CLIENT_HELP, formatter_class=fmt,
+                            help="create a batch of an ended batch's lines that did not succeed (default: "
+                            "the failed and expired ones; --metadata default: the retried batch's)")
+    retry.add_argument("id", metavar="BATCH_ID", help="the ended batch")
+    retry.add_argument("--outcome", action="append", default=[], choices=RETRYABLE,
+                       help="retry the lines that ended so (repeatable; default: failed and expired)")
+    retry.add_argument("--custom-id", action="append", default=[], metavar="CUSTOM_ID",
+                       help="retry exactly this line, whatever its outcome (repeatable; not with --outcome)")
+    retry.add_argument("--model", help="run the retried lines on this model instead of their own")
+    retry.set_defaults(handler=cmd_batches_retry)
     for name, handler, text in (("get", cmd_batches_get, "show one batch"),
                                 ("cancel", cmd_batches_cancel, "cancel a batch (finished results are kept)"),
                                 ("watch", cmd_batches_watch,

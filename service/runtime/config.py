@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.domain.model import MAX_INLINE_BYTES
+from service.domain.model import MAX_FILE_BYTES, MAX_INLINE_BYTES, MAX_REQUESTS, Limits
 from service.edge.auth import hash_key
 from service.providers.registry import ConfigError
 
@@ -48,6 +48,13 @@ def _bool(name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _positive(name: str, default: int) -> int:
+    value = _int(name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be a positive number, got {value}")
+    return value
+
+
 def parse_api_keys(raw: str) -> dict[str, str]:
     """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
     keys: dict[str, str] = {}
@@ -69,6 +76,21 @@ def admin_key_digest(raw: str) -> str:
     if len(key) < 16:
         raise ConfigError("SLUICE_ADMIN_KEY must be at least 16 characters (use a long random string)")
     return hash_key(key)
+
+
+def parse_budgets(raw: str) -> dict[str, float]:
+    """`project=amount,other=amount2` (US dollars per calendar month) → {project: amount}."""
+    budgets: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        project, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not project.strip() or not value >= 0:
+            raise ConfigError(f"SLUICE_BUDGETS entries look like project=dollars (e.g. default=25), got {item!r}")
+        budgets[project.strip()] = value
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,15 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = ""  # default: grpc_host
     metrics_public: bool = False
+    # Sluice's own limits on a batch and an uploaded file (OpenAI's by default).
+    max_batch_requests: int = MAX_REQUESTS
+    max_file_bytes: int = MAX_FILE_BYTES
+    # project -> spend limit in US dollars per calendar month (UTC)
+    budgets: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_requests=self.max_batch_requests, max_file_bytes=self.max_file_bytes)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -143,6 +174,9 @@ class Settings:
             metrics_port=_port("SLUICE_METRICS_PORT"),
             metrics_host=os.environ.get("SLUICE_METRICS_HOST", "").strip(),
             metrics_public=_bool("SLUICE_METRICS_PUBLIC", False),
+            max_batch_requests=_positive("SLUICE_MAX_BATCH_REQUESTS", MAX_REQUESTS),
+            max_file_bytes=_positive("SLUICE_MAX_FILE_BYTES", MAX_FILE_BYTES),
+            budgets=parse_budgets(os.environ.get("SLUICE_BUDGETS", "")),
         )
 
 

@@ -21,6 +21,7 @@ from service.edge.batch_service import BatchServicer
 from service.edge.file_service import FileServicer
 from service.edge.grpc_errors import add_servicer
 from service.edge.webhook_service import WebhookServicer
+from service.engine.capacity import SharedCapacity
 from service.engine.engine import Engine, EngineSettings
 from service.engine.output_files import OutputFiles
 from service.engine.webhooks import (
@@ -69,6 +70,7 @@ class App:
     router: Router
     health: health.aio.HealthServicer
     port: int
+    capacity: SharedCapacity
     sweeper: FileSweeper | None = None
     webhooks: WebhookDispatcher | None = None
     # Set first thing on stop: watch streams end rather than hold the shutdown for `grace`.
@@ -86,6 +88,7 @@ class App:
         await self.engine.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
+        await self.capacity.aclose()
         await self.router.aclose()
         self.observability.stop()
         await self.store.close()
@@ -118,10 +121,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     router = router or build_router(settings.providers_file, sim_latency_ms=settings.sim_latency_ms,
                                     sim_failure_rate=settings.sim_failure_rate,
                                     executor_concurrency=settings.executor_concurrency)
+    capacity = SharedCapacity(store, router, settings.replica_id, settings.lease_seconds)
     engine = Engine(store, router, EngineSettings(
         replica_id=settings.replica_id, tick_seconds=settings.engine_tick_seconds,
         lease_seconds=settings.lease_seconds, poll_seconds=settings.poll_seconds,
-        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store))
+        expiry_grace_seconds=settings.expiry_grace_seconds), finalizer=OutputFiles(store), capacity=capacity)
 
     observability = start_observability(settings, store, router)
     server = grpc.aio.server(interceptors=observability.interceptors, options=[
@@ -140,9 +144,11 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     ])
     closing = asyncio.Event()
     add_servicer(batch_pb2_grpc.add_BatchServiceServicer_to_server,
-                 BatchServicer(store, auth, router, engine.wake, BatchInputs(store),
-                               watch_poll_seconds=settings.watch_poll_seconds, closing=closing), server)
-    add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth), server)
+                 BatchServicer(store, auth, router, engine.wake, BatchInputs(store, settings.limits), settings.limits,
+                               settings.budgets, watch_poll_seconds=settings.watch_poll_seconds, closing=closing,
+                               admin=admin_store),
+                 server)
+    add_servicer(file_pb2_grpc.add_FileServiceServicer_to_server, FileServicer(store, auth, settings.limits), server)
     add_servicer(webhook_pb2_grpc.add_WebhookServiceServicer_to_server, WebhookServicer(webhook_store, auth), server)
     add_servicer(admin_pb2_grpc.add_AdminServiceServicer_to_server,
                  AdminServicer(admin_store, AdminGate(settings.admin_key_sha256, auth),
@@ -169,7 +175,7 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     if observability.metrics_port is not None:
         log.info("sluice metrics on http://%s:%d/metrics", settings.metrics_host or settings.grpc_host,
                  observability.metrics_port)
-    return App(server, store, engine, router, health_servicer, port, sweeper, dispatcher, closing,
+    return App(server, store, engine, router, health_servicer, port, capacity, sweeper, dispatcher, closing,
                observability=observability)
 
 

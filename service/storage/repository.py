@@ -23,11 +23,12 @@ from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import defer
 
 from service.domain import telemetry
-from service.domain.errors import Conflict, NotFound
+from service.domain.errors import Conflict, InsufficientQuota, NotFound
 from service.domain.model import (
     CANCELLABLE,
     TERMINAL,
@@ -38,10 +39,26 @@ from service.domain.model import (
     ResultStatus,
     Usage,
     can_transition,
+    month_of,
     now,
 )
 from service.storage.db import Sessions
-from service.storage.tables import ApiKeyRow, BatchRow, FileChunkRow, FileRow, ProjectRow, RequestRow, ResultRow
+from service.storage.tables import (
+    ApiKeyRow,
+    BatchRow,
+    CapacitySlotRow,
+    CapacityStateRow,
+    CapacityWindowRow,
+    ChargeRow,
+    FileChunkRow,
+    FileRow,
+    IdempotencyRow,
+    PartRow,
+    ProjectRow,
+    RequestRow,
+    ResultRow,
+    SpendRow,
+)
 from service.storage.webhooks import record_batch_ended, record_progress
 
 INSERT_CHUNK = 500
@@ -63,20 +80,82 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
 
 
+IDEMPOTENCY_TTL = 24 * 3600
+
+
 @dataclass(frozen=True)
 class NewRequest:
-    """A validated request line, with the provider model intake resolved it to."""
+    """A validated request line, with the route intake resolved it to: the provider, its model
+    name, and the part (provider batch) the line goes into. `origin_idx`: on a retry, the line's
+    index in the first batch of the chain."""
 
     custom_id: str
     model: str
     body: dict[str, Any]
     provider_model: str | None = None
+    provider: str | None = None
+    part_no: int = 0
+    origin_idx: int | None = None
+
+
+@dataclass(frozen=True)
+class NewPart:
+    """A part as intake planned it: the lines of one provider batch (or of one executor provider)."""
+
+    part_no: int
+    provider: str
+    provider_model: str | None
+    total: int
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    """CreateBatch's `Idempotency-Key` and a digest of the request it came with."""
+
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What a new batch may cost at most (USD), against the project's monthly limit (None: none)."""
+
+    amount: float
+    limit: float | None
+
+
+class KeyTaken(Exception):
+    """The idempotency key was recorded by another request meanwhile (it committed first)."""
+
+
+@dataclass(frozen=True)
+class Spend:
+    """A project's spend in one month: reservations of running batches, cost of ended ones."""
+
+    project: str
+    month: str
+    reserved: float = 0.0
+    spent: float = 0.0
 
 
 @dataclass(frozen=True)
 class OutputFileIds:
     output_file_id: str | None = None
     error_file_id: str | None = None
+    merged_output_file_id: str | None = None
+    merged_error_file_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a line: the batch of the retry chain that ran it, its request and result (None
+    while it has not finished), and which attempt it is (1: the first batch)."""
+
+    batch: BatchRow
+    request: RequestRow
+    result: ResultRow | None
+    number: int
 
 
 def usage_values(usage: Usage) -> dict[str, Any]:
@@ -159,11 +238,24 @@ class Store:
     # --- batches: API side ----------------------------------------------------------------
 
     async def create_batch(self, batch: BatchRow,
-                           requests: Iterable[NewRequest] | AsyncIterable[NewRequest]) -> BatchRow:
-        """Insert the batch and its lines in one transaction: all or nothing. `requests` may be
-        an async iterable (lines streamed from a file), inserted 500 at a time."""
+                           requests: Iterable[NewRequest] | AsyncIterable[NewRequest],
+                           parts: Sequence[NewPart] | None = None, *,
+                           idempotency: IdempotencyClaim | None = None,
+                           reservation: Reservation | None = None) -> BatchRow:
+        """Insert the batch, its parts and its lines in one transaction: all or nothing. `requests`
+        may be an async iterable (lines streamed from a file), inserted 500 at a time. Without
+        `parts`, a batch with lines gets one part on its own provider.
+
+        `idempotency` is recorded in the same transaction, first: a concurrent create with the same
+        key waits on it (PostgreSQL's unique index; SQLite's single writer) and then raises
+        `KeyTaken`. `reservation` moves the project's spend for the month by a conditional UPDATE in
+        the same transaction, and raises `InsufficientQuota` (nothing stored) if it would pass the
+        limit."""
         batch.trace_parent = batch.trace_parent or telemetry.current().trace_parent()
         async with self.sessions.begin() as s:
+            if idempotency is not None:
+                await self._claim_key(s, batch, idempotency)
+            batch.parts = []  # a new collection: appending to it below loads nothing
             s.add(batch)
             await s.flush()
             chunk: list[dict[str, Any]] = []
@@ -171,7 +263,9 @@ class Store:
             async for req in _aiter(requests):
                 body_json = json.dumps(req.body, separators=(",", ":"))
                 chunk.append({"batch_id": batch.id, "idx": count, "custom_id": req.custom_id,
-                              "model": req.model, "provider_model": req.provider_model, "body_json": body_json})
+                              "model": req.model, "provider_model": req.provider_model,
+                              "provider": req.provider, "part_no": req.part_no, "origin_idx": req.origin_idx,
+                              "body_json": body_json})
                 count += 1
                 chunk_bytes += len(body_json)
                 if len(chunk) >= INSERT_CHUNK or chunk_bytes >= INSERT_CHUNK_BYTES:
@@ -180,9 +274,62 @@ class Store:
             if chunk:
                 await s.execute(self._insert(RequestRow), chunk)
             batch.total = count
+            if parts is None and count:
+                parts = [NewPart(0, batch.provider, batch.provider_model, count)]
+            for part in parts or ():
+                batch.parts.append(PartRow(
+                    batch_id=batch.id, part_no=part.part_no, provider=part.provider,
+                    provider_model=part.provider_model, status=BatchStatus.VALIDATING, total=part.total,
+                    completed=0, failed=0, bytes=part.bytes, poll_failures=0))
+            if reservation is not None and count:
+                await self._reserve(s, batch, reservation)
             if BatchStatus(batch.status).terminal:  # failed at creation: its webhook event, atomically
                 await record_batch_ended(s, batch.id, BatchStatus(batch.status))
         return batch
+
+    async def _claim_key(self, s: AsyncSession, batch: BatchRow, claim: IdempotencyClaim) -> None:
+        t = now()
+        # An expired key may be used again: drop it first (in this transaction).
+        await s.execute(delete(IdempotencyRow).where(
+            IdempotencyRow.project == batch.project, IdempotencyRow.key == claim.key,
+            IdempotencyRow.created_at <= t - IDEMPOTENCY_TTL))
+        try:
+            async with s.begin_nested():
+                await s.execute(self._insert(IdempotencyRow).values(
+                    project=batch.project, key=claim.key, request_hash=claim.request_hash, batch_id=batch.id,
+                    created_at=t))
+        except IntegrityError:
+            raise KeyTaken(claim.key) from None
+
+    async def find_idempotency_key(self, project: str, key: str) -> IdempotencyRow | None:
+        """The batch a project's key named within the last 24 hours, if any."""
+        async with self.sessions() as s:
+            return await s.scalar(select(IdempotencyRow).where(
+                IdempotencyRow.project == project, IdempotencyRow.key == key,
+                IdempotencyRow.created_at > now() - IDEMPOTENCY_TTL))
+
+    async def _reserve(self, s: AsyncSession, batch: BatchRow, reservation: Reservation) -> None:
+        month = month_of(batch.created_at)
+        await s.execute(self._insert(SpendRow).values(project=batch.project, month=month, reserved=0.0, spent=0.0)
+                        .on_conflict_do_nothing(index_elements=["project", "month"]))
+        query = update(SpendRow).where(SpendRow.project == batch.project, SpendRow.month == month)
+        if reservation.limit is not None:
+            query = query.where(SpendRow.reserved + SpendRow.spent + reservation.amount <= reservation.limit)
+        res = await s.execute(query.values(reserved=SpendRow.reserved + reservation.amount))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            spend = await s.scalar(select(SpendRow).where(SpendRow.project == batch.project, SpendRow.month == month))
+            used = (spend.reserved + spend.spent) if spend else 0.0
+            raise InsufficientQuota(
+                f"This batch could cost up to ${reservation.amount:.4f}, and project '{batch.project}' has "
+                f"${max((reservation.limit or 0.0) - used, 0.0):.4f} left of its ${reservation.limit:.2f} limit for "
+                f"{month} (${used:.4f} spent or reserved by running batches). Lower max_tokens, split the batch, "
+                "or wait for running batches to end.", code="insufficient_quota")
+        s.add(ChargeRow(batch_id=batch.id, project=batch.project, month=month, reserved=reservation.amount))
+
+    async def spend(self, project: str, month: str) -> Spend:
+        async with self.sessions() as s:
+            row = await s.scalar(select(SpendRow).where(SpendRow.project == project, SpendRow.month == month))
+        return Spend(project, month, row.reserved, row.spent) if row else Spend(project, month)
 
     async def get_batch(self, project: str, batch_id: str) -> BatchRow:
         """A tenant's batch: another project's is not found, exactly like an unknown id."""
@@ -278,6 +425,131 @@ class Store:
                 return
             last = rows[-1].idx
 
+    # --- retries -----------------------------------------------------------------------------
+
+    async def retries_of(self, batch_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The batches that retry each given batch, oldest first."""
+        if not batch_ids:
+            return {}
+        async with self.sessions() as s:
+            rows = (await s.execute(select(BatchRow.retry_of, BatchRow.id).where(BatchRow.retry_of.in_(list(batch_ids)))
+                                    .order_by(BatchRow.created_at, BatchRow.id))).all()
+        out: dict[str, list[str]] = {}
+        for source, batch_id in rows:
+            out.setdefault(str(source), []).append(batch_id)
+        return out
+
+    async def chain(self, project: str, batch_id: str) -> list[BatchRow]:
+        """Every batch of the retry chain `batch_id` belongs to (the caller's project only), the
+        first batch first, then its retries in the order they were made."""
+        batch = await self.get_batch(project, batch_id)
+        root = batch.chain_id or batch.id
+        async with self.sessions() as s:
+            rows = list((await s.scalars(select(BatchRow).where(
+                BatchRow.project == project, or_(BatchRow.id == root, BatchRow.chain_id == root))
+                .order_by(BatchRow.created_at, BatchRow.id))).all())
+        rows.sort(key=lambda b: (b.id != root, b.created_at, b.id))
+        return rows
+
+    async def iter_retry_lines(self, batch: BatchRow, outcomes: frozenset[ResultStatus],
+                               custom_ids: frozenset[str] | None, page: int = 1000) -> AsyncIterator[RequestRow]:
+        """The lines of an ended batch to run again: those whose outcome is in `outcomes` (a line
+        of a batch that failed as a whole has no result: it counts as failed), or exactly the
+        `custom_ids` given."""
+        last = -1
+        while True:
+            query = (select(RequestRow, ResultRow.status)
+                     .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
+                                                ResultRow.idx == RequestRow.idx))
+                     .where(RequestRow.batch_id == batch.id, RequestRow.idx > last))
+            async with self.sessions() as s:
+                rows = (await s.execute(query.order_by(RequestRow.idx).limit(page))).all()
+            for req, status in rows:
+                outcome = status if status is not None else (
+                    ResultStatus.FAILED if batch.status is BatchStatus.FAILED else None)
+                if (req.custom_id in custom_ids) if custom_ids is not None else (outcome in outcomes):
+                    yield req
+            if len(rows) < page:
+                return
+            last = rows[-1][0].idx
+
+    async def known_custom_ids(self, batch_id: str, custom_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(custom_ids)
+        for start in range(0, len(ids), INSERT_CHUNK):
+            async with self.sessions() as s:
+                found.update((await s.scalars(select(RequestRow.custom_id).where(
+                    RequestRow.batch_id == batch_id, RequestRow.custom_id.in_(ids[start:start + INSERT_CHUNK])))).all())
+        return found
+
+    async def latest_attempts(self, chain: Sequence[BatchRow], after: str, limit: int) -> tuple[list[Attempt], bool]:
+        """One page of the chain's lines (the first batch's, in order, after the custom_id
+        `after`), each with its latest attempt: the newest batch of the chain that ran it."""
+        root = chain[0]
+        async with self.sessions() as s:
+            query = select(RequestRow).where(RequestRow.batch_id == root.id)
+            if after:
+                anchor = await s.scalar(select(RequestRow.idx).where(RequestRow.batch_id == root.id,
+                                                                     RequestRow.custom_id == after))
+                if anchor is None:
+                    raise NotFound(f"No request with custom_id '{after}' in batch '{root.id}'.",
+                                   param="after", code="cursor_not_found")
+                query = query.where(RequestRow.idx > anchor)
+            firsts = list((await s.scalars(query.order_by(RequestRow.idx).limit(limit + 1))).all())
+        page = firsts[:limit]
+        attempts = await self._attempts(chain, {r.idx: [(root, r)] for r in page})
+        return [runs[-1] for runs in attempts.values()], len(firsts) > limit
+
+    async def line_attempts(self, chain: Sequence[BatchRow], custom_id: str) -> list[Attempt]:
+        """Every attempt of one line across the chain, oldest first."""
+        root = chain[0]
+        async with self.sessions() as s:
+            first = await s.scalar(select(RequestRow).where(RequestRow.batch_id == root.id,
+                                                            RequestRow.custom_id == custom_id))
+        if first is None:
+            raise NotFound(f"No request with custom_id '{custom_id}' in batch '{root.id}'.",
+                           param="custom_id", code="result_not_found")
+        return (await self._attempts(chain, {first.idx: [(root, first)]}))[first.idx]
+
+    async def attempt_numbers(self, chain: Sequence[BatchRow], batch: BatchRow,
+                              requests: Sequence[RequestRow]) -> dict[int, int]:
+        """idx -> the attempt a line of `batch` is, across the chain (1 on the first batch)."""
+        earlier = [b.id for b in chain[1:chain.index(batch)]] if batch in chain else []
+        origins = {r.idx: r.origin_idx if r.origin_idx is not None else r.idx for r in requests}
+        if batch.chain_id is None:
+            return dict.fromkeys(origins, 1)
+        counts: dict[int, int] = {}
+        if earlier and origins:
+            async with self.sessions() as s:
+                counts = {int(origin or 0): int(n) for origin, n in (await s.execute(
+                    select(RequestRow.origin_idx, func.count()).where(
+                        RequestRow.batch_id.in_(earlier), RequestRow.origin_idx.in_(list(set(origins.values()))))
+                    .group_by(RequestRow.origin_idx))).all()}
+        return {idx: 2 + counts.get(origin, 0) for idx, origin in origins.items()}
+
+    async def _attempts(self, chain: Sequence[BatchRow],
+                        runs: dict[int, list[tuple[BatchRow, RequestRow]]]) -> dict[int, list[Attempt]]:
+        order = {b.id: n for n, b in enumerate(chain)}
+        by_id = {b.id: b for b in chain}
+        retries = [b.id for b in chain[1:]]
+        async with self.sessions() as s:
+            if retries and runs:
+                for retried in (await s.scalars(select(RequestRow).where(
+                        RequestRow.batch_id.in_(retries), RequestRow.origin_idx.in_(list(runs))))).all():
+                    runs[retried.origin_idx or 0].append((by_id[retried.batch_id], retried))
+            wanted: dict[str, list[int]] = {}
+            for attempts in runs.values():
+                attempts.sort(key=lambda a: order[a[0].id])
+                for batch, req in attempts:
+                    wanted.setdefault(batch.id, []).append(req.idx)
+            results: dict[tuple[str, int], ResultRow] = {}
+            for batch_id, idxs in wanted.items():
+                for result in (await s.scalars(select(ResultRow).where(ResultRow.batch_id == batch_id,
+                                                                       ResultRow.idx.in_(idxs)))).all():
+                    results[(batch_id, result.idx)] = result
+        return {origin: [Attempt(batch, req, results.get((batch.id, req.idx)), n + 1)
+                         for n, (batch, req) in enumerate(attempts)] for origin, attempts in runs.items()}
+
     # --- engine side ------------------------------------------------------------------------
 
     async def claim(self, owner: str, lease_seconds: float, limit: int) -> list[str]:
@@ -319,7 +591,8 @@ class Store:
                          errors: Sequence[BatchError] = (), files: OutputFileIds | None = None) -> bool:
         """Move `src → dst` if the batch is still in `src`; stamps `<dst>_at`, and records why it
         failed (`errors`) or the files it ended with. False if it moved meanwhile (another replica,
-        or a cancel): the caller re-reads and decides again."""
+        or a cancel): the caller re-reads and decides again. The move that ends a batch also settles
+        its spend reservation to what it cost, in the same transaction: exactly once."""
         if not can_transition(src, dst):
             raise ValueError(f"illegal batch transition {src} -> {dst}")
         stamp = dst.timestamp_field
@@ -328,75 +601,122 @@ class Store:
             values["errors"] = list(errors)
         if files is not None:
             values.update(output_file_id=files.output_file_id, error_file_id=files.error_file_id)
+            if files.merged_output_file_id or files.merged_error_file_id:
+                values.update(merged_output_file_id=files.merged_output_file_id,
+                              merged_error_file_id=files.merged_error_file_id)
         async with self.sessions.begin() as s:
             res = await s.execute(update(BatchRow).where(BatchRow.id == batch_id, BatchRow.status == src)
                                   .values(**values))
-            if res.rowcount == 1 and dst.terminal:  # type: ignore[attr-defined]
+            moved = bool(res.rowcount == 1)  # type: ignore[attr-defined]
+            if moved and dst.terminal:
+                await self._settle(s, batch_id)
                 await record_batch_ended(s, batch_id, dst)  # the webhook outbox, in the same transaction
+        return moved
+
+    async def _settle(self, s: AsyncSession, batch_id: str) -> None:
+        """Replace an ended batch's reservation by its actual cost (the batch's usage, which only
+        stored results move). The charge row's settled_at is the compare-and-set."""
+        charge = await s.scalar(select(ChargeRow).where(ChargeRow.batch_id == batch_id,
+                                                        ChargeRow.settled_at.is_(None)))
+        if charge is None:
+            return
+        cost = float(await s.scalar(select(BatchRow.input_cost + BatchRow.output_cost)
+                                    .where(BatchRow.id == batch_id)) or 0.0)
+        res = await s.execute(update(ChargeRow).where(ChargeRow.batch_id == batch_id, ChargeRow.settled_at.is_(None))
+                              .values(actual=cost, settled_at=now()))
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            await s.execute(update(SpendRow).where(SpendRow.project == charge.project, SpendRow.month == charge.month)
+                            .values(reserved=SpendRow.reserved - charge.reserved, spent=SpendRow.spent + cost))
+
+    async def _update_part(self, batch_id: str, part_no: int, *where: Any, **values: Any) -> bool:
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no,
+                                                        *where).values(**values))
         return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
-    async def _update(self, batch_id: str, **values: Any) -> None:
-        async with self.sessions.begin() as s:
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(**values))
-
     async def make_due(self, batch_id: str) -> None:
-        """Look at this batch at the engine's next tick, whatever backoff it was in (a cancel)."""
-        await self._update(batch_id, next_poll_at=None)
+        """Look at this batch, and each of its parts, at the engine's next tick, whatever backoff it
+        was in (a cancel)."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(next_poll_at=None))
+            await s.execute(update(PartRow).where(PartRow.batch_id == batch_id).values(next_poll_at=None))
 
-    async def mark_submit_started(self, batch_id: str) -> None:
+    async def schedule_part(self, batch_id: str, part_no: int, at: float | None) -> None:
+        """When the engine looks at this part again (after a poll, or a backoff)."""
+        await self._update_part(batch_id, part_no, next_poll_at=at)
+
+    async def mark_submit_started(self, batch_id: str, part_no: int = 0) -> None:
         """Persisted before the provider is called: after a crash, `find_submitted` is asked first."""
-        await self._update(batch_id, submit_started_at=now())
+        await self._update_part(batch_id, part_no, submit_started_at=now())
 
-    async def record_provider_batch_id(self, batch_id: str, provider_batch_id: str) -> None:
-        await self._update(batch_id, provider_batch_id=provider_batch_id)
+    async def record_provider_batch_id(self, batch_id: str, part_no: int, provider_batch_id: str) -> None:
+        """The provider has the part: it runs there from now on."""
+        await self._update_part(batch_id, part_no, provider_batch_id=provider_batch_id)
+        await self.start_part(batch_id, part_no)
 
-    async def mark_cancel_sent(self, batch_id: str) -> None:
-        await self._update(batch_id, cancel_sent_at=now())
+    async def start_part(self, batch_id: str, part_no: int) -> None:
+        """validating → in_progress (submitted, or its lines started running)."""
+        await self._update_part(batch_id, part_no, PartRow.status == BatchStatus.VALIDATING,
+                                status=BatchStatus.IN_PROGRESS)
 
-    async def record_poll_failure(self, batch_id: str) -> int:
+    async def mark_cancel_sent(self, batch_id: str, part_no: int = 0) -> None:
+        await self._update_part(batch_id, part_no, cancel_sent_at=now())
+
+    async def record_poll_failure(self, batch_id: str, part_no: int = 0) -> int:
         """Count one more failed provider call in a row; returns the count (for the backoff)."""
         async with self.sessions.begin() as s:
-            count = await s.scalar(update(BatchRow).where(BatchRow.id == batch_id)
-                                   .values(poll_failures=BatchRow.poll_failures + 1)
-                                   .returning(BatchRow.poll_failures))
+            count = await s.scalar(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no)
+                                   .values(poll_failures=PartRow.poll_failures + 1)
+                                   .returning(PartRow.poll_failures))
         return int(count or 0)
 
-    async def record_provider_status(self, batch_id: str, raw_status: str, completed: int | None,
+    async def record_provider_status(self, batch_id: str, part_no: int, raw_status: str, completed: int | None,
                                      failed: int | None) -> None:
-        """What the provider last said about a native batch; a successful poll ends a failure streak.
-        Progress thresholds its counts passed become webhook events in the same transaction."""
+        """What the provider last said about a part; a successful poll ends a failure streak."""
         async with self.sessions.begin() as s:
-            before = (await s.execute(select(BatchRow.project, BatchRow.total, BatchRow.provider_completed,
-                                             BatchRow.provider_failed).where(BatchRow.id == batch_id))).first()
-            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
+            await s.execute(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no).values(
                 poll_failures=0, provider_status=raw_status, provider_completed=completed, provider_failed=failed))
-            if before is not None and (completed or failed):
-                project, total, was_completed, was_failed = before
-                await record_progress(s, batch_id, project, (was_completed or 0) + (was_failed or 0),
-                                      (completed or 0) + (failed or 0), total)
+            await record_progress(s, batch_id)  # thresholds its counts passed: webhook events, atomically
+
+    async def part_finalizing(self, batch_id: str, part_no: int) -> None:
+        """The provider ended the part; its results are being stored."""
+        await self._update_part(batch_id, part_no, PartRow.status.not_in(TERMINAL), status=BatchStatus.FINALIZING)
+
+    async def end_part(self, batch_id: str, part_no: int, status: BatchStatus,
+                       errors: Sequence[BatchError] = ()) -> bool:
+        """The part's end, once (compare-and-set on a status that has not ended)."""
+        values: dict[str, Any] = {"status": status, "ended_at": now()}
+        if errors:
+            values["errors"] = list(errors)
+        return await self._update_part(batch_id, part_no, PartRow.status.not_in(TERMINAL), **values)
 
     async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
-                               max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
-        """Lines with no stored result yet, in order: at most `limit`, and no more bodies than
-        `max_bytes` (at least one line), so 500 lines of 500 KB are never loaded at once."""
+                               part_no: int | None = None, max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
+        """Lines with no stored result yet, in order (of one part, or of the whole batch): at most
+        `limit`, and no more bodies than `max_bytes` (at least one line), so 500 lines of 500 KB are
+        never loaded at once."""
         async with self.sessions() as s:
-            sizes = (await s.execute(
-                select(RequestRow.idx, func.length(RequestRow.body_json))
-                .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id, ResultRow.idx == RequestRow.idx))
-                .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None))
-                .order_by(RequestRow.idx).limit(limit))).all()
+            query = (select(RequestRow.idx, func.length(RequestRow.body_json))
+                     .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
+                                                ResultRow.idx == RequestRow.idx))
+                     .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None)))
+            if part_no is not None:
+                query = query.where(RequestRow.part_no == part_no)
+            sizes = (await s.execute(query.order_by(RequestRow.idx).limit(limit))).all()
             return await _rows_within(s, batch_id, sizes, max_bytes)
 
-    async def iter_requests(self, batch_id: str, page: int = 1000,
+    async def iter_requests(self, batch_id: str, page: int = 1000, part_no: int | None = None,
                             max_bytes: int = PAGE_BYTES) -> AsyncIterator[RequestRow]:
-        """Every line in order, a page at a time (at most `page` lines and `max_bytes` of bodies)."""
+        """Every line in order (of one part, or of the whole batch), a page at a time (at most
+        `page` lines and `max_bytes` of bodies)."""
         last = -1
         while True:
+            query = (select(RequestRow.idx, func.length(RequestRow.body_json))
+                     .where(RequestRow.batch_id == batch_id, RequestRow.idx > last))
+            if part_no is not None:
+                query = query.where(RequestRow.part_no == part_no)
             async with self.sessions() as s:
-                sizes = (await s.execute(
-                    select(RequestRow.idx, func.length(RequestRow.body_json))
-                    .where(RequestRow.batch_id == batch_id, RequestRow.idx > last)
-                    .order_by(RequestRow.idx).limit(page))).all()
+                sizes = (await s.execute(query.order_by(RequestRow.idx).limit(page))).all()
                 rows = await _rows_within(s, batch_id, sizes, max_bytes)
             for row in rows:
                 yield row
@@ -411,9 +731,9 @@ class Store:
                 RequestRow.batch_id == batch_id, RequestRow.idx.in_(list(indexes))))).all()
         return {row.idx: row for row in rows}
 
-    async def store_results(self, batch_id: str, results: Sequence[LineOutcome]) -> int:
-        """Insert results not stored yet and add them to the batch's counts and usage, in one
-        transaction. Returns how many were new."""
+    async def store_results(self, batch_id: str, results: Sequence[LineOutcome], part_no: int | None = None) -> int:
+        """Insert results not stored yet and add them to the batch's counts and usage (and to the
+        part's counts, when they are all of one part), in one transaction. Returns how many were new."""
         if not results:
             return 0
         t = now()
@@ -429,17 +749,115 @@ class Store:
             added = {column: getattr(BatchRow, column) + value for column, value in usage_values(usage).items()}
             completed = sum(1 for r in new if r.status is ResultStatus.COMPLETED)
             failed = sum(1 for r in new if r.status is ResultStatus.FAILED)
-            counted = (await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
-                completed=BatchRow.completed + completed, failed=BatchRow.failed + failed, **added,
-            ).returning(BatchRow.project, BatchRow.completed + BatchRow.failed, BatchRow.total,
-                        BatchRow.provider_batch_id))).one()
-            project, ended, total, provider_batch_id = counted
-            if provider_batch_id is None:  # a native batch's progress is what its provider reports
-                await record_progress(s, batch_id, project, ended - completed - failed, ended, total)
+            await s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(
+                completed=BatchRow.completed + completed, failed=BatchRow.failed + failed, **added))
+            if part_no is not None:
+                await s.execute(update(PartRow).where(PartRow.batch_id == batch_id, PartRow.part_no == part_no)
+                                .values(completed=PartRow.completed + completed, failed=PartRow.failed + failed))
+            await record_progress(s, batch_id)  # thresholds these results passed: webhook events, atomically
             labelled = await _with_models(s, batch_id, new) if telemetry.current().counts_results else None
-        if labelled is not None:
-            telemetry.current().results_stored(*labelled)
+        for provider, stored in (labelled or {}).items():
+            telemetry.current().results_stored(provider, stored)
         return len(inserted)
+
+    # --- executor capacity (service/engine/capacity.py) -------------------------------------
+
+    async def ensure_capacity(self, provider: str, slots: int, limit: float) -> None:
+        """The provider's slot rows 0..slots-1 and its adaptive limit, created once (by any replica)."""
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(CapacitySlotRow).on_conflict_do_nothing(index_elements=["provider", "slot"]),
+                            [{"provider": provider, "slot": n, "holder": None, "until": None} for n in range(slots)])
+            await s.execute(self._insert(CapacityStateRow).values(provider=provider, limit=limit, backed_off_at=0.0)
+                            .on_conflict_do_nothing(index_elements=["provider"]))
+
+    async def take_slot(self, provider: str, below: int, holder: str, until: float) -> int | None:
+        """One free slot (never held, or its holder's lease ran out) under `below`, for `holder`;
+        None when all are taken. Compare-and-set per slot, so two replicas never share one."""
+        t = time.time()
+        free = or_(CapacitySlotRow.holder.is_(None), CapacitySlotRow.until < t)
+        async with self.sessions() as s:
+            candidates = list((await s.scalars(select(CapacitySlotRow.slot).where(
+                CapacitySlotRow.provider == provider, CapacitySlotRow.slot < below, free)
+                .order_by(CapacitySlotRow.slot).limit(4))).all())
+        for slot in candidates:
+            async with self.sessions.begin() as s:
+                res = await s.execute(update(CapacitySlotRow).where(
+                    CapacitySlotRow.provider == provider, CapacitySlotRow.slot == slot, free)
+                    .values(holder=holder, until=until))
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                return slot
+        return None
+
+    async def free_slot(self, provider: str, holder: str) -> None:
+        """Hand back the slot `holder` took, if it took one."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(CapacitySlotRow).where(
+                CapacitySlotRow.provider == provider, CapacitySlotRow.holder == holder).values(holder=None, until=None))
+
+    async def renew_slots(self, holders: Sequence[str], until: float) -> None:
+        """Keep slots held by requests still running (a replica that dies lets them run out)."""
+        if holders:
+            async with self.sessions.begin() as s:
+                await s.execute(update(CapacitySlotRow).where(CapacitySlotRow.holder.in_(list(holders)))
+                                .values(until=until))
+
+    async def capacity_limit(self, provider: str) -> float | None:
+        async with self.sessions() as s:
+            return await s.scalar(select(CapacityStateRow.limit).where(CapacityStateRow.provider == provider))
+
+    async def back_off(self, provider: str, factor: float, floor: float, cooldown: float) -> bool:
+        """Lower the provider's limit after a 429/5xx/timeout, at most once per `cooldown` seconds
+        across all replicas (one overload is one backoff, however many requests saw it)."""
+        t = time.time()
+        async with self.sessions.begin() as s:
+            res = await s.execute(update(CapacityStateRow).where(
+                CapacityStateRow.provider == provider, CapacityStateRow.backed_off_at < t - cooldown)
+                .values(limit=func.max(CapacityStateRow.limit * factor, floor) if self._dialect == "sqlite"
+                        else func.greatest(CapacityStateRow.limit * factor, floor), backed_off_at=t))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def recover(self, provider: str, increment: float, ceiling: float) -> None:
+        """Raise the provider's limit after calls that went well, up to its configured concurrency."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(CapacityStateRow).where(CapacityStateRow.provider == provider).values(
+                limit=func.min(CapacityStateRow.limit + increment, ceiling) if self._dialect == "sqlite"
+                else func.least(CapacityStateRow.limit + increment, ceiling)))
+
+    async def count_request(self, provider: str, minute: int, tokens: int, rpm: int | None, tpm: int | None) -> bool:
+        """Count one request (and its tokens) in this minute's window if it stays within both limits."""
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(CapacityWindowRow).values(provider=provider, minute=minute, requests=0,
+                                                                   tokens=0)
+                            .on_conflict_do_nothing(index_elements=["provider", "minute"]))
+            query = update(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                    CapacityWindowRow.minute == minute)
+            if rpm is not None:
+                query = query.where(CapacityWindowRow.requests + 1 <= rpm)
+            if tpm is not None:
+                # A request larger than the whole budget still goes, alone in its window.
+                query = query.where(or_(CapacityWindowRow.tokens + tokens <= tpm, CapacityWindowRow.tokens == 0))
+            res = await s.execute(query.values(requests=CapacityWindowRow.requests + 1,
+                                               tokens=CapacityWindowRow.tokens + tokens))
+            await s.execute(delete(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                            CapacityWindowRow.minute < minute - 1))
+        return bool(res.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def correct_tokens(self, provider: str, minute: int, delta: int) -> None:
+        """The tokens a request really used, once known, instead of what was counted before it ran."""
+        if delta:
+            async with self.sessions.begin() as s:
+                await s.execute(update(CapacityWindowRow).where(CapacityWindowRow.provider == provider,
+                                                                CapacityWindowRow.minute == minute)
+                                .values(tokens=CapacityWindowRow.tokens + delta))
+
+    async def running_parts(self, provider: str) -> dict[str, int]:
+        """project -> how many of its parts run (or wait to run) on the provider now."""
+        async with self.sessions() as s:
+            rows = (await s.execute(select(BatchRow.project, func.count()).join(
+                PartRow, PartRow.batch_id == BatchRow.id).where(
+                PartRow.provider == provider, PartRow.status.in_([BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]),
+                BatchRow.status.not_in(TERMINAL)).group_by(BatchRow.project))).all()
+        return {str(project): int(n) for project, n in rows}
 
     # --- files ------------------------------------------------------------------------------
 
@@ -572,14 +990,18 @@ class Store:
 
 
 async def _with_models(s: Any, batch_id: str, outcomes: Sequence[LineOutcome]
-                       ) -> tuple[str, list[tuple[str, LineOutcome]]]:
-    """The batch's provider and each stored line's provider model, for metrics (read only when
-    metrics are on; one indexed query per stored chunk)."""
-    provider = (await s.scalar(select(BatchRow.provider).where(BatchRow.id == batch_id))) or ""
-    models = dict((await s.execute(
-        select(RequestRow.idx, func.coalesce(RequestRow.provider_model, RequestRow.model))
-        .where(RequestRow.batch_id == batch_id, RequestRow.idx.in_([o.index for o in outcomes])))).all())
-    return provider, [(models.get(o.index) or "", o) for o in outcomes]
+                       ) -> dict[str, list[tuple[str, LineOutcome]]]:
+    """Each stored line's provider (its part's) and provider model, grouped by provider, for
+    metrics (read only when metrics are on; one indexed query per stored chunk)."""
+    lines = {idx: (provider, model) for idx, provider, model in (await s.execute(
+        select(RequestRow.idx, PartRow.provider, func.coalesce(RequestRow.provider_model, RequestRow.model))
+        .join(PartRow, and_(PartRow.batch_id == RequestRow.batch_id, PartRow.part_no == RequestRow.part_no))
+        .where(RequestRow.batch_id == batch_id, RequestRow.idx.in_([o.index for o in outcomes])))).all()}
+    grouped: dict[str, list[tuple[str, LineOutcome]]] = {}
+    for o in outcomes:
+        provider, model = lines.get(o.index, ("", ""))
+        grouped.setdefault(provider, []).append((model or "", o))
+    return grouped
 
 
 def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:

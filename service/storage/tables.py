@@ -14,7 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Dialect, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, composite, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from service.domain.model import COMPLETION_WINDOWS, BatchError, BatchStatus, FileStatus, ResultStatus, Usage
@@ -146,25 +146,32 @@ class BatchRow(_UsageColumns, Base):
     usage: Mapped[Usage] = composite("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
                                      "input_cost", "output_cost")
 
-    # Engine bookkeeping, never shown to callers.
-    provider_batch_id: Mapped[str | None] = mapped_column(String(256))
-    provider_status: Mapped[str | None] = mapped_column(String(64))
-    # The provider's live counts while it runs (native batches store results only at the end).
-    provider_completed: Mapped[int | None] = mapped_column(Integer)
-    provider_failed: Mapped[int | None] = mapped_column(Integer)
-    submit_started_at: Mapped[int | None] = mapped_column(BigInteger)
-    cancel_sent_at: Mapped[int | None] = mapped_column(BigInteger)
+    # A retry (RetryBatch): the batch it retries, and the first batch of its chain (NULL on a
+    # batch that is not a retry: it heads its own chain).
+    retry_of: Mapped[str | None] = mapped_column(String(64))
+    chain_id: Mapped[str | None] = mapped_column(String(64))
+    # On a retry, once ended: the latest attempt of every line of the chain, as output/error files.
+    merged_output_file_id: Mapped[str | None] = mapped_column(String(64))
+    merged_error_file_id: Mapped[str | None] = mapped_column(String(64))
+
+    # Engine bookkeeping, never shown to callers. What a provider knows about the batch lives on
+    # its parts (`PartRow`); the lease and the next look are the batch's.
     next_poll_at: Mapped[float | None] = mapped_column(Float)
-    poll_failures: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[float | None] = mapped_column(Float)
     # W3C traceparent of the request that created the batch (traces on): the engine's work on the
     # batch joins that trace (service/runtime/tracing.py).
     trace_parent: Mapped[str | None] = mapped_column(String(64))
 
+    # One part per provider batch (or per provider Sluice runs itself), always loaded with the batch.
+    parts: Mapped[list[PartRow]] = relationship(lazy="selectin", order_by="PartRow.part_no",
+                                                cascade="all, delete-orphan")
+
     __table_args__ = (
         Index("ix_batches_project_created", "project", "created_at", "id"),
         Index("ix_batches_status", "status"),
+        Index("ix_batches_retry_of", "retry_of"),
+        Index("ix_batches_chain_id", "chain_id"),
     )
 
     @classmethod
@@ -177,7 +184,7 @@ class BatchRow(_UsageColumns, Base):
             completion_window=completion_window, input_file_id=input_file_id, provider="",
             metadata_json=json.dumps(metadata) if metadata else None, created_at=created_at,
             expires_at=created_at + COMPLETION_WINDOWS[completion_window],
-            total=0, completed=0, failed=0, usage=Usage(), poll_failures=0,
+            total=0, completed=0, failed=0, usage=Usage(),
         )
 
 
@@ -191,8 +198,55 @@ class RequestRow(Base):
     # migration 0002); a later edit of the providers file never re-routes an accepted line.
     provider_model: Mapped[str | None] = mapped_column(String(256))
     body_json: Mapped[str] = mapped_column(Text)
+    # The part (`PartRow.part_no`) that runs this line, and its provider (NULL on rows from before
+    # migration 0005: the batch's provider).
+    part_no: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    provider: Mapped[str | None] = mapped_column(String(64))
+    # On a retry: the line's index in the first batch of the chain, so every attempt of a line is
+    # found from any batch of the chain.
+    origin_idx: Mapped[int | None] = mapped_column(Integer)
 
-    __table_args__ = (Index("ux_batch_requests_custom_id", "batch_id", "custom_id", unique=True),)
+    __table_args__ = (Index("ux_batch_requests_custom_id", "batch_id", "custom_id", unique=True),
+                      Index("ix_batch_requests_part", "batch_id", "part_no", "idx"))
+
+
+class PartRow(Base):
+    """One part of a batch: the lines that go to one provider batch (a provider's per-batch limits
+    can make several parts of one provider), or that Sluice runs itself on one executor provider.
+    Everything a provider knows of the batch is kept here, per part, so submit, lost-submission
+    recovery, polling, cancel and expiry each hold per part. Only the engine writes it."""
+
+    __tablename__ = "batch_parts"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    part_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    # The provider's model name when every line of the part has the same one.
+    provider_model: Mapped[str | None] = mapped_column(String(256))
+    # validating (not submitted, or the provider is validating it), in_progress, finalizing (the
+    # provider ended it; results are being stored), then completed, failed, expired or cancelled.
+    status: Mapped[BatchStatus] = mapped_column(StatusType(BatchStatus))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[list[BatchError] | None] = mapped_column("errors_json", BatchErrorsType)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger)
+
+    provider_batch_id: Mapped[str | None] = mapped_column(String(256))
+    provider_status: Mapped[str | None] = mapped_column(String(64))
+    # The provider's live counts while it runs (native batches store results only at the end).
+    provider_completed: Mapped[int | None] = mapped_column(Integer)
+    provider_failed: Mapped[int | None] = mapped_column(Integer)
+    submit_started_at: Mapped[int | None] = mapped_column(BigInteger)
+    cancel_sent_at: Mapped[int | None] = mapped_column(BigInteger)
+    next_poll_at: Mapped[float | None] = mapped_column(Float)
+    poll_failures: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def job_id(self) -> str:
+        """Sluice's name for this part at the provider (metadata, file names): the batch id for the
+        first part, so batches submitted before parts existed are still recognised."""
+        return self.batch_id if self.part_no == 0 else f"{self.batch_id}-p{self.part_no}"
 
 
 class ResultRow(_UsageColumns, Base):
@@ -210,6 +264,73 @@ class ResultRow(_UsageColumns, Base):
     usage: Mapped[Usage] = composite("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens",
                                      "input_cost", "output_cost")
     created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdempotencyRow(Base):
+    """An `Idempotency-Key` a project used on CreateBatch: inserted in the transaction that inserts
+    the batch, so a key names at most one batch, on every replica. Kept 24 hours."""
+
+    __tablename__ = "idempotency_keys"
+    project: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    batch_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class SpendRow(Base):
+    """A project's spend in one calendar month (UTC): what batches still running have reserved (the
+    upper bound of their estimate) and what ended batches actually cost. Both move only in the
+    transactions that create a batch and end it, so nothing is counted twice."""
+
+    __tablename__ = "project_spend"
+    project: Mapped[str] = mapped_column(String(128), primary_key=True)
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    spent: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ChargeRow(Base):
+    """One batch's reservation, settled once (to what it cost) when the batch ends."""
+
+    __tablename__ = "batch_charges"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    project: Mapped[str] = mapped_column(String(128))
+    month: Mapped[str] = mapped_column(String(7))
+    reserved: Mapped[float] = mapped_column(Float, default=0.0)
+    actual: Mapped[float | None] = mapped_column(Float)
+    settled_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class CapacitySlotRow(Base):
+    """One concurrent request to an executor provider (its `capacity.concurrency`), held by one
+    replica until `until`: every replica running lines on the provider shares these rows."""
+
+    __tablename__ = "capacity_slots"
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(160))
+    until: Mapped[float | None] = mapped_column(Float)
+
+
+class CapacityWindowRow(Base):
+    """Requests and tokens sent to an executor provider in one minute (fixed windows)."""
+
+    __tablename__ = "capacity_windows"
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class CapacityStateRow(Base):
+    """The concurrency an executor provider is given now: lowered on 429/5xx/timeouts, raised back
+    on success, shared by every replica."""
+
+    __tablename__ = "capacity_state"
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    limit: Mapped[float] = mapped_column("current_limit", Float)
+    backed_off_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class FileRow(Base):

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, insert, literal, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -26,6 +26,7 @@ from service.domain.events import PROGRESS_EVENT_TYPE, WEBHOOK_EVENT_TYPES, thre
 from service.domain.model import BatchStatus, now
 from service.storage.tables import (
     BatchRow,
+    PartRow,
     WebhookAttemptRow,
     WebhookDeliveryRow,
     WebhookEndpointRow,
@@ -62,23 +63,31 @@ async def record_batch_ended(session: AsyncSession, batch_id: str, status: Batch
         ["event_id", "endpoint_id", "status", "attempts", "next_attempt_at", "created_at"], subscribed))
 
 
-async def record_progress(session: AsyncSession, batch_id: str, project: str, before: int, after: int,
-                          total: int) -> None:
-    """Add a `batch.progress` event for each threshold an endpoint of the project asked for that
-    the batch passed when its ended lines went from `before` to `after`, in the caller's
-    transaction (the one that counted those lines). One event per batch and threshold, shared by
-    the endpoints that asked for it; writing it again (a native batch's counts read twice) is a
-    no-op, so each endpoint gets each threshold once."""
-    if after <= before:
-        return
+async def record_progress(session: AsyncSession, batch_id: str) -> None:
+    """Add a `batch.progress` event for each threshold, asked for by an endpoint of the batch's
+    project, that the batch has passed, in the caller's transaction (the one that counted lines):
+    one event per batch and threshold, shared by the endpoints that asked for it, and writing it
+    again is a no-op, so each endpoint gets each threshold once, whatever the order of updates.
+
+    A line counts as ended when its result is stored, or, for a native part still running at its
+    provider, when the provider's own counts say so (whichever is more)."""
+    project, total, stored = (await session.execute(select(
+        BatchRow.project, BatchRow.total, BatchRow.completed + BatchRow.failed).where(BatchRow.id == batch_id))).one()
     endpoints = (await session.execute(select(WebhookEndpointRow.id, WebhookEndpointRow.progress_thresholds).where(
         WebhookEndpointRow.project == project, WebhookEndpointRow.enabled.is_(True),
         WebhookEndpointRow.event_types.contains(PROGRESS_EVENT_TYPE)))).all()
+    if not endpoints or not total:
+        return
+    part_stored = PartRow.completed + PartRow.failed
+    part_reported = func.coalesce(PartRow.provider_completed, 0) + func.coalesce(PartRow.provider_failed, 0)
+    by_parts = await session.scalar(select(func.sum(case((part_stored >= part_reported, part_stored),
+                                                         else_=part_reported))).where(PartRow.batch_id == batch_id))
+    ended = max(int(stored or 0), int(by_parts or 0))
     created = now()
     insert_ = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     for endpoint_id, thresholds in endpoints:
         wanted = [int(t) for t in thresholds.split(",") if t]
-        for threshold in thresholds_passed(before, after, total, wanted):
+        for threshold in thresholds_passed(0, ended, total, wanted):
             event_id = f"{event_id_for(batch_id)}_p{threshold}"
             await session.execute(insert_(WebhookEventRow).values(
                 id=event_id, project=project, type=PROGRESS_EVENT_TYPE, batch_id=batch_id, created_at=created,

@@ -70,6 +70,26 @@ class BatchServiceStub:
                 request_serializer=sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.FromString,
                 _registered_method=True)
+        self.RetryBatch = channel.unary_unary(
+                '/sluice.v1.BatchService/RetryBatch',
+                request_serializer=sluice_dot_v1_dot_batch__pb2.RetryBatchRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.Batch.FromString,
+                _registered_method=True)
+        self.ListResultAttempts = channel.unary_unary(
+                '/sluice.v1.BatchService/ListResultAttempts',
+                request_serializer=sluice_dot_v1_dot_batch__pb2.ListResultAttemptsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.ListResultAttemptsResponse.FromString,
+                _registered_method=True)
+        self.EstimateBatch = channel.unary_unary(
+                '/sluice.v1.BatchService/EstimateBatch',
+                request_serializer=sluice_dot_v1_dot_batch__pb2.EstimateBatchRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.EstimateBatchResponse.FromString,
+                _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/sluice.v1.BatchService/GetBudget',
+                request_serializer=sluice_dot_v1_dot_batch__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_batch__pb2.GetBudgetResponse.FromString,
+                _registered_method=True)
 
 
 class BatchServiceServicer:
@@ -148,6 +168,41 @@ class BatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryBatch(self, request, context):
+        """Creates a new batch of the lines of an ended batch that did not succeed (by default those
+        that failed or expired), optionally on another model. The new batch has `retry_of` set to
+        the batch it retries, which lists it in `retries`.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        REST returns the bare resource; Envoy cannot unwrap a non-HttpBody `response_body`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListResultAttempts(self, request, context):
+        """Every attempt of one line across a batch's retry chain, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EstimateBatch(self, request, context):
+        """Checks a batch exactly as CreateBatch would and estimates its tokens and cost, per part
+        (provider batch), without storing anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """The caller's project spend for a calendar month (UTC): its limit, what ended batches cost,
+        what running batches have reserved, and what is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +240,26 @@ def add_BatchServiceServicer_to_server(servicer, server):
                     servicer.WatchBatch,
                     request_deserializer=sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.SerializeToString,
+            ),
+            'RetryBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryBatch,
+                    request_deserializer=sluice_dot_v1_dot_batch__pb2.RetryBatchRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.Batch.SerializeToString,
+            ),
+            'ListResultAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListResultAttempts,
+                    request_deserializer=sluice_dot_v1_dot_batch__pb2.ListResultAttemptsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.ListResultAttemptsResponse.SerializeToString,
+            ),
+            'EstimateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateBatch,
+                    request_deserializer=sluice_dot_v1_dot_batch__pb2.EstimateBatchRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.EstimateBatchResponse.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=sluice_dot_v1_dot_batch__pb2.GetBudgetRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_batch__pb2.GetBudgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -377,6 +452,114 @@ class BatchService:
             '/sluice.v1.BatchService/WatchBatch',
             sluice_dot_v1_dot_batch__pb2.WatchBatchRequest.SerializeToString,
             sluice_dot_v1_dot_batch__pb2.WatchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.BatchService/RetryBatch',
+            sluice_dot_v1_dot_batch__pb2.RetryBatchRequest.SerializeToString,
+            sluice_dot_v1_dot_batch__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListResultAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.BatchService/ListResultAttempts',
+            sluice_dot_v1_dot_batch__pb2.ListResultAttemptsRequest.SerializeToString,
+            sluice_dot_v1_dot_batch__pb2.ListResultAttemptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.BatchService/EstimateBatch',
+            sluice_dot_v1_dot_batch__pb2.EstimateBatchRequest.SerializeToString,
+            sluice_dot_v1_dot_batch__pb2.EstimateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.BatchService/GetBudget',
+            sluice_dot_v1_dot_batch__pb2.GetBudgetRequest.SerializeToString,
+            sluice_dot_v1_dot_batch__pb2.GetBudgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

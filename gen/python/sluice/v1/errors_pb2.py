@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/errors.proto\x12\tsluice.v1\"0\n\rErrorResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.sluice.v1.Error\"`\n\x05\x45rror\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\x05param\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04\x63ode\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_paramB\x07\n\x05_code*\x95\x02\n\tErrorType\x12\x1a\n\x16\x45RROR_TYPE_UNSPECIFIED\x10\x00\x12$\n ERROR_TYPE_INVALID_REQUEST_ERROR\x10\x01\x12#\n\x1f\x45RROR_TYPE_AUTHENTICATION_ERROR\x10\x02\x12\x1e\n\x1a\x45RROR_TYPE_NOT_FOUND_ERROR\x10\x03\x12\x1f\n\x1b\x45RROR_TYPE_RATE_LIMIT_ERROR\x10\x04\x12\x1d\n\x19\x45RROR_TYPE_PROVIDER_ERROR\x10\x05\x12\x1b\n\x17\x45RROR_TYPE_SERVER_ERROR\x10\x06\x12$\n ERROR_TYPE_NOT_IMPLEMENTED_ERROR\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/errors.proto\x12\tsluice.v1\"0\n\rErrorResponse\x12\x1f\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x10.sluice.v1.Error\"`\n\x05\x45rror\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\x05param\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04\x63ode\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_paramB\x07\n\x05_code*\xb8\x02\n\tErrorType\x12\x1a\n\x16\x45RROR_TYPE_UNSPECIFIED\x10\x00\x12$\n ERROR_TYPE_INVALID_REQUEST_ERROR\x10\x01\x12#\n\x1f\x45RROR_TYPE_AUTHENTICATION_ERROR\x10\x02\x12\x1e\n\x1a\x45RROR_TYPE_NOT_FOUND_ERROR\x10\x03\x12\x1f\n\x1b\x45RROR_TYPE_RATE_LIMIT_ERROR\x10\x04\x12\x1d\n\x19\x45RROR_TYPE_PROVIDER_ERROR\x10\x05\x12\x1b\n\x17\x45RROR_TYPE_SERVER_ERROR\x10\x06\x12$\n ERROR_TYPE_NOT_IMPLEMENTED_ERROR\x10\x07\x12!\n\x1d\x45RROR_TYPE_INSUFFICIENT_QUOTA\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.errors_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORTYPE']._serialized_start=186
-  _globals['_ERRORTYPE']._serialized_end=463
+  _globals['_ERRORTYPE']._serialized_end=498
   _globals['_ERRORRESPONSE']._serialized_start=37
   _globals['_ERRORRESPONSE']._serialized_end=85
   _globals['_ERROR']._serialized_start=87

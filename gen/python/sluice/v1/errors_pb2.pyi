@@ -16,6 +16,7 @@ class ErrorType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_TYPE_PROVIDER_ERROR: _ClassVar[ErrorType]
     ERROR_TYPE_SERVER_ERROR: _ClassVar[ErrorType]
     ERROR_TYPE_NOT_IMPLEMENTED_ERROR: _ClassVar[ErrorType]
+    ERROR_TYPE_INSUFFICIENT_QUOTA: _ClassVar[ErrorType]
 ERROR_TYPE_UNSPECIFIED: ErrorType
 ERROR_TYPE_INVALID_REQUEST_ERROR: ErrorType
 ERROR_TYPE_AUTHENTICATION_ERROR: ErrorType
@@ -24,6 +25,7 @@ ERROR_TYPE_RATE_LIMIT_ERROR: ErrorType
 ERROR_TYPE_PROVIDER_ERROR: ErrorType
 ERROR_TYPE_SERVER_ERROR: ErrorType
 ERROR_TYPE_NOT_IMPLEMENTED_ERROR: ErrorType
+ERROR_TYPE_INSUFFICIENT_QUOTA: ErrorType
 
 class ErrorResponse(_message.Message):
     __slots__ = ("error",)

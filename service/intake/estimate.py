@@ -1,0 +1,59 @@
+"""Token and cost estimates of a batch before it runs (EstimateBatch, and budget reservations).
+
+Each line's tokens come from `service.domain.tokens` (how they are counted, and how exact that
+is, is said there); this module prices them at the line's batch price and sums them per part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.domain.model import Price, Usage
+from service.domain.tokens import DEFAULT_OUTPUT_BOUND, METHOD, line_tokens, whole_number
+from service.providers.routing import Route, Router
+
+__all__ = ["METHOD", "Estimator", "PartTally"]
+
+
+@dataclass
+class PartTally:
+    """The sums over one part's lines."""
+
+    lines: int = 0
+    input_min: int = 0
+    input_estimate: int = 0
+    input_max: int = 0
+    output_max: int = 0
+    unbounded: int = 0
+    cost_min: float = 0.0
+    cost_max: float = 0.0
+    prices: set[Price] = field(default_factory=set)
+
+
+@dataclass
+class Estimator:
+    """Tallies each checked line into its part (LineValidator calls `add`)."""
+
+    router: Router
+    parts: dict[int, PartTally] = field(default_factory=dict)
+
+    def add(self, part_no: int, route: Route, url: str, body: dict[str, Any]) -> None:
+        entry = self.router.entry(route.provider)
+        default = whole_number(entry.provider.options.get("default_max_tokens")) or DEFAULT_OUTPUT_BOUND
+        tokens = line_tokens(url, body, default)
+        price = entry.price(route.model)
+        tally = self.parts.setdefault(part_no, PartTally())
+        tally.lines += 1
+        tally.input_min += tokens.input_min
+        tally.input_estimate += tokens.input_estimate
+        tally.input_max += tokens.input_max
+        tally.output_max += tokens.output_max
+        tally.unbounded += 0 if tokens.bounded else 1
+        tally.cost_min += price.cost(Usage(input_tokens=tokens.input_min)).total_cost
+        tally.cost_max += price.cost(Usage(input_tokens=tokens.input_max, output_tokens=tokens.output_max)).total_cost
+        tally.prices.add(price)
+
+    @property
+    def cost_max(self) -> float:
+        return sum(t.cost_max for t in self.parts.values())
