@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.domain.model import FileStatus, now
+from service.storage.blobs import BlobWriter
 from service.storage.repository import OutputFileIds, Store
 from service.storage.tables import BatchRow, FileRow, ResultRow
 
 CHUNK_BYTES = 1024 * 1024
-OUTPUT_TTL = 30 * 24 * 3600
+OUTPUT_TTL = 30 * 24 * 3600  # default lifetime of output and error files, as OpenAI's
 
 
 def output_line(batch_id: str, row: ResultRow) -> dict[str, Any]:
@@ -36,37 +37,41 @@ def _succeeded(row: ResultRow) -> bool:
 
 
 class _FileWriter:
-    """Accumulates lines into ≤1 MiB chunks and stores them as they fill."""
+    """Accumulates lines into ≤1 MiB chunks and streams them to the blob store as they fill.
+    Nothing is created until the first line: a batch without failures has no error file."""
 
     def __init__(self, store: Store, row: FileRow) -> None:
         self.store, self.row = store, row
         self.buffer = bytearray()
-        self.seq = self.size = self.lines = 0
-        self.started = False
+        self.lines = 0
+        self.writer: BlobWriter | None = None
 
     async def add(self, line: dict[str, Any]) -> None:
-        if not self.started:
+        if self.writer is None:
             await self.store.discard_file(self.row.id)
             await self.store.begin_file(self.row)
-            self.started = True
+            self.writer = BlobWriter(self.store.blobs, self.row.id)
         self.buffer += json.dumps(line, separators=(",", ":")).encode() + b"\n"
         self.lines += 1
         if len(self.buffer) >= CHUNK_BYTES:
             await self._flush()
 
     async def _flush(self) -> None:
-        if self.buffer:
-            await self.store.add_file_chunk(self.row.id, self.seq, bytes(self.buffer))
-            self.seq += 1
-            self.size += len(self.buffer)
+        if self.buffer and self.writer is not None:
+            await self.writer.write(bytes(self.buffer))
             self.buffer.clear()
 
     async def close(self) -> str | None:
-        if not self.started:
+        if self.writer is None:
             return None
         await self._flush()
-        await self.store.finish_file(self.row.id, self.size, self.lines)
+        size = await self.writer.close()
+        await self.store.finish_file(self.row.id, size, self.lines)
         return self.row.id
+
+    async def abort(self) -> None:
+        if self.writer is not None:
+            await self.writer.abort()
 
 
 class OutputFiles:
@@ -79,7 +84,8 @@ class OutputFiles:
         t = now()
         return FileRow(id=f"file-{kind}-{batch.id.removeprefix('batch_')}", project=batch.project,
                        filename=f"{batch.id}_{kind}.jsonl", purpose="batch_output", bytes=0, line_count=0,
-                       status=FileStatus.UPLOADING, created_at=t, expires_at=t + OUTPUT_TTL)
+                       status=FileStatus.UPLOADING, created_at=t,
+                       expires_at=t + (batch.output_expires_after or OUTPUT_TTL))
 
     async def __call__(self, batch: BatchRow) -> OutputFileIds:
         current = await self.store.engine_batch(batch.id)
@@ -87,9 +93,14 @@ class OutputFiles:
             return OutputFileIds(output_file_id=current.output_file_id, error_file_id=current.error_file_id)
         output = _FileWriter(self.store, self._row(batch, "output"))
         errors = _FileWriter(self.store, self._row(batch, "error"))
-        async for row in self._results(batch.id):
-            await (output if _succeeded(row) else errors).add(output_line(batch.id, row))
-        return OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
+        try:
+            async for row in self._results(batch.id):
+                await (output if _succeeded(row) else errors).add(output_line(batch.id, row))
+            return OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
+        except BaseException:  # the rows stay `uploading` and are rewritten at the next finalization
+            await output.abort()
+            await errors.abort()
+            raise
 
     def _results(self, batch_id: str) -> AsyncIterator[ResultRow]:
         return self.store.iter_results(batch_id)

@@ -37,6 +37,15 @@ def _bool(name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def parse_blob_url(raw: str) -> str:
+    """`SLUICE_BLOB_URL`: empty (file content in the database) or `s3://bucket[/prefix]`."""
+    url = raw.strip()
+    if url and (not url.startswith("s3://") or not url.removeprefix("s3://").split("/", 1)[0]):
+        raise ConfigError(f"SLUICE_BLOB_URL must look like s3://bucket/prefix (or be empty for the database), "
+                          f"got {url[:100]!r}")
+    return url.rstrip("/")
+
+
 def parse_api_keys(raw: str) -> dict[str, str]:
     """`project=key,other=key2` → {key: project}. Keys never leave memory unhashed."""
     keys: dict[str, str] = {}
@@ -82,6 +91,7 @@ class Settings:
     upstream_timeout_seconds: float = 120.0  # Envoy: unary deadline, and idle limit of streams
     stale_upload_seconds: float = 900.0  # an upload with no chunk for this long is removed
     deleted_file_grace_seconds: float = 3600.0  # a deleted file's content is kept this long
+    blob_url: str = ""  # file content: "" for the database, or s3://bucket/prefix
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -111,6 +121,7 @@ class Settings:
             upstream_timeout_seconds=_float("SLUICE_UPSTREAM_TIMEOUT_SECONDS", 120.0),
             stale_upload_seconds=_float("SLUICE_STALE_UPLOAD_SECONDS", 900.0),
             deleted_file_grace_seconds=_float("SLUICE_DELETED_FILE_GRACE_SECONDS", 3600.0),
+            blob_url=parse_blob_url(os.environ.get("SLUICE_BLOB_URL", "")),
         )
 
 
