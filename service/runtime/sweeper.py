@@ -89,5 +89,5 @@ class FileSweeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            with contextlib.suppress(Exception):  # another replica takes over at once, not after the lease
-                await self.leases.release(LEASE, self.owner)
+        with contextlib.suppress(Exception):  # another replica takes over at once, not after the lease
+            await self.leases.release(LEASE, self.owner)
