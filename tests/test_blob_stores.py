@@ -18,7 +18,7 @@ from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
 from service.storage.s3_blobs import S3Blobs
 from service.storage.tables import BatchRow, FileChunkRow, FileRow
-from tests.s3_server import S3Bucket, s3_env, s3_server  # noqa: F401
+from tests.s3_server import S3Bucket
 
 MB = 1024 * 1024
 

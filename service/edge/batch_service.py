@@ -22,6 +22,7 @@ from service.intake.validation import (
     LineValidator,
     check_completion_window,
     check_endpoint,
+    check_expires_after,
     check_metadata,
 )
 from service.providers.routing import Router
@@ -105,9 +106,12 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         endpoint = check_endpoint(request.endpoint)
         window = check_completion_window(request.completion_window)
         metadata = check_metadata(convert.struct_to_dict(request.metadata) if request.HasField("metadata") else None)
+        output_ttl = check_expires_after(request.output_expires_after.anchor, request.output_expires_after.seconds,
+                                         "output_expires_after") if request.HasField("output_expires_after") else None
         validator = LineValidator(endpoint=endpoint, router=self.router)
         row = BatchRow.new(id=new_id("batch_"), project=project, endpoint=endpoint, completion_window=window,
                            created_at=now(), input_file_id=request.input_file_id, metadata=metadata)
+        row.output_expires_after = output_ttl
         requests: Iterable[NewRequest] | AsyncIterable[NewRequest]
         if request.input_file_id:
             lookups.file_id(request.input_file_id, param="input_file_id")

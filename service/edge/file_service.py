@@ -24,7 +24,7 @@ from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.multipart import MultipartError, Part, parse_multipart
 from service.intake.jsonl import NumberedProblem, check_lines, split_lines
-from service.intake.validation import LineValidator, is_text
+from service.intake.validation import LineValidator, check_expires_after, is_text
 from service.storage.blobs import BlobWriter, BlobWriterClosed
 from service.storage.repository import Store, UploadGone, new_id
 from service.storage.tables import FileRow
@@ -35,7 +35,6 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 MAX_FILE_BYTES = 200 * 1024 * 1024
 BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI: batch files expire after 30 days by default
 ACCEPTED_PURPOSES = ("batch",)
-MIN_EXPIRY, MAX_EXPIRY = 3600, 30 * 24 * 3600  # OpenAI's expires_after[seconds] range
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 10_000, 10_000
 CONTENT_TYPE = "application/jsonl"
 log = logging.getLogger(__name__)
@@ -240,17 +239,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
     def _expires_at(form: _Form, created_at: int) -> int:
         if form.expires_anchor is None and form.expires_seconds is None:
             return created_at + BATCH_FILE_TTL
-        if form.expires_anchor != "created_at":
-            raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor",
-                                 code="invalid_expires_after")
-        try:
-            seconds = int(form.expires_seconds or "")
-        except ValueError:
-            seconds = -1
-        if not MIN_EXPIRY <= seconds <= MAX_EXPIRY:
-            raise InvalidRequest(f"expires_after[seconds] must be an integer from {MIN_EXPIRY} to {MAX_EXPIRY}.",
-                                 param="expires_after.seconds", code="invalid_expires_after")
-        return created_at + seconds
+        return created_at + check_expires_after(form.expires_anchor, form.expires_seconds, "expires_after")
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:

@@ -13,8 +13,9 @@
 Every replica runs one, but a sweep needs the `file-sweeper` lease in the database, so one
 replica sweeps; its holder renews it every few seconds between sweeps, and a replica that dies
 loses it within `LEASE_SECONDS`, when another takes over. A sweep is a set of conditional
-claims, so even two sweeping at once (a holder that stalled past its lease) remove each file once. Each pass works in bounded
-chunks (`SWEEP_CHUNK` files a transaction) and logs what it removed: counts at INFO, ids at DEBUG.
+claims, so even two sweeping at once (a holder that stalled past its lease) remove each file
+once. Each pass works in bounded chunks (`SWEEP_CHUNK` files a transaction) and logs what it
+removed: counts at INFO, ids at DEBUG.
 """
 
 from __future__ import annotations
