@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.storage.tables import FileChunkRow
+from service.storage.tables import FileChunkRow, FileRow
 from tests.e2e import KEY_A, GeneratedFile, start_stack, vm_bytes
 from tests.load import reset_peak
 from tests.s3_server import S3Bucket
@@ -183,3 +183,67 @@ def test_a_200_mb_file_up_and_down_with_flat_server_memory(tmp_path: Path, s3_en
         assert chunk_rows(url) == 0
 
 
+
+
+def set_file_expiry(database_url: str, file_ids: list[str], expires_at: int) -> None:
+    """Simulate the passage of time for files (as tests/harness.py `move_expiry` does for batches)."""
+    async def run() -> None:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(update(FileRow).where(FileRow.id.in_(file_ids)).values(expires_at=expires_at))
+        finally:
+            await engine.dispose()
+    asyncio.run(run())
+
+
+def file_rows(database_url: str) -> set[str]:
+    async def run() -> set[str]:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return set((await conn.scalars(select(FileRow.id))).all())
+        finally:
+            await engine.dispose()
+    return asyncio.run(run())
+
+
+def until(what: str, check: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_sweeper_removes_expired_objects_but_keeps_a_running_batchs_input(tmp_path: Path,
+                                                                             s3_env: S3Bucket) -> None:
+    """A batch that runs until cancelled (each sim request takes 10 minutes) holds its input:
+    once every file has expired, the next sweeps remove the other expired file (row and object)
+    and keep the input (404 for the API, content kept); after the batch ends, the input goes."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/s3.db"
+    with start_stack(tmp_path / "stack", url, SLUICE_SIM_LATENCY_MS="600000", SLUICE_STALE_UPLOAD_SECONDS="4",
+                     **s3_env.env) as stack:
+        client = stack.sdk()
+        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(2))), purpose="batch")
+        other = client.files.create(file=("other.jsonl", io.BytesIO(jsonl(1))), purpose="batch")
+        kept = client.files.create(file=("kept.jsonl", io.BytesIO(jsonl(1))), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint=CHAT, completion_window="24h")
+        until("the batch to run", lambda: client.batches.retrieve(batch.id).status == "in_progress")
+
+        set_file_expiry(url, [source.id, other.id], int(time.time()) - 1)
+        for file_id in (source.id, other.id):
+            with pytest.raises(openai.NotFoundError):
+                client.files.retrieve(file_id)  # expired: 404 at once
+            with pytest.raises(openai.NotFoundError):
+                client.files.content(file_id)
+        until("the expired file to be swept", lambda: other.id not in s3_env.objects())
+        assert other.id not in file_rows(url)
+        assert set(s3_env.objects()) == {source.id, kept.id}  # the running batch's input stays
+        assert {source.id, kept.id} <= file_rows(url)
+
+        client.batches.cancel(batch.id)
+        ended = wait_done(client, batch.id)
+        assert ended.status == "cancelled" and ended.error_file_id  # its unrun lines, as OpenAI's
+        until("the ended batch's input to be swept", lambda: source.id not in s3_env.objects())
+        assert set(s3_env.objects()) == {kept.id, ended.error_file_id} and source.id not in file_rows(url)
+        assert client.files.content(kept.id).content == jsonl(1)
