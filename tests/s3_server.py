@@ -41,6 +41,10 @@ class S3Server:
                             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
                             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
+    def env(self, bucket: str, prefix: str = "sluice") -> dict[str, str]:
+        """What points Sluice (a child process) at `bucket`."""
+        return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint, "SLUICE_BLOB_URL": f"s3://{bucket}/{prefix}"}
+
     def keys(self, bucket: str) -> dict[str, int]:
         """Every object of `bucket`: key -> size."""
         out: dict[str, int] = {}
@@ -106,7 +110,7 @@ class S3Bucket:
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     bucket = f"sluice-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=bucket)
-    env = {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_server.endpoint, "SLUICE_BLOB_URL": f"s3://{bucket}/sluice"}
+    env = s3_server.env(bucket)
     for name, value in env.items():
         if name != "SLUICE_BLOB_URL":
             monkeypatch.setenv(name, value)
