@@ -12,6 +12,9 @@ import pytest
 from sqlalchemy import func, select, update
 
 from service.domain.model import BatchStatus, FileStatus, now
+from service.providers.registry import ConfigError
+from service.runtime.config import Settings, parse_blob_url
+from service.runtime.server import open_blobs
 from service.runtime.sweeper import FileSweeper
 from service.storage.blobs import CHUNK_BYTES, BlobWriter, BlobWriterClosed
 from service.storage.db import create_engine, migrate
@@ -212,3 +215,14 @@ async def test_an_expired_input_file_stays_until_its_batch_ends(store: Store) ->
     assert await store.transition(batch.id, BatchStatus.CANCELLING, BatchStatus.CANCELLED)
     assert (await sweeper.sweep()).expired == ["file-input"]  # type: ignore[union-attr]
     assert await state(store, ["file-input"]) == {"file-input": (None, False)}
+
+
+async def test_a_wrong_blob_url_stops_the_start_with_a_clear_message(s3_env: S3Bucket) -> None:
+    for raw in ("https://bucket/prefix", "s3://", "/var/files"):
+        with pytest.raises(ConfigError, match="SLUICE_BLOB_URL must look like s3://bucket/prefix"):
+            parse_blob_url(raw)
+    assert parse_blob_url(" s3://bucket/a/b/ ") == "s3://bucket/a/b" and parse_blob_url("") == ""
+    assert await open_blobs(Settings(blob_url="")) is None  # the database
+    assert (await open_blobs(Settings(blob_url=s3_env.url))) is not None
+    with pytest.raises(ConfigError, match="SLUICE_BLOB_URL s3://no-such-bucket/x: cannot use the object store"):
+        await open_blobs(Settings(blob_url="s3://no-such-bucket/x"))

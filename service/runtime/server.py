@@ -87,7 +87,7 @@ async def open_blobs(settings: Settings) -> BlobStore | None:
         return None
     try:
         blobs = S3Blobs(settings.blob_url)
-        await blobs.exists("sluice-start-check")
+        await blobs.check()
     except Exception as exc:
         raise ConfigError(f"SLUICE_BLOB_URL {settings.blob_url}: cannot use the object store ({exc})") from None
     log.info("file content in object storage at %s", settings.blob_url)

@@ -82,5 +82,14 @@ class S3Blobs:
             return False
         return True
 
+    async def check(self) -> None:
+        """Write, read and delete a small object: raises unless the bucket exists and these
+        credentials may use it (at start, so a mistake stops the server, not the first upload)."""
+        key = ".sluice-start-check"
+        await obstore.put_async(self._store, key, b"ok", use_multipart=False)
+        if bytes(await (await obstore.get_async(self._store, key)).bytes_async()) != b"ok":
+            raise OSError("the object read back differs from the one written")
+        await obstore.delete_async(self._store, key)
+
     async def close(self) -> None:
         return None
