@@ -201,6 +201,7 @@ local CREATE_FIELDS = {
   completion_window = { string = true },
   metadata = { object = true, null = true },
   requests = { array = true },
+  output_expires_after = { object = true },
 }
 -- RetryBatchRequest's (the id is in the path).
 local RETRY_FIELDS = {
@@ -292,10 +293,6 @@ local function check_body(s, fields)
     if i == nil then return nil end
     local field = fields[key]
     if field == nil then
-      if key == "output_expires_after" then
-        return { 400, "Sluice does not support 'output_expires_after' yet: output files expire after " ..
-                 "30 days.", key, "unsupported_parameter" }
-      end
       return { 400, "Unknown parameter: " .. clip(key) .. ".", key:sub(1, MAX_CLIP), "unknown_parameter" }
     end
     if seen[key] then

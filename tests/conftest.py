@@ -25,6 +25,7 @@ from service.storage.repository import Store
 from tests.harness import Client, gateway, make_settings
 from tests.pg_fixtures import postgres_server, postgres_url  # noqa: F401
 from tests.provider_fake.server import live_fakes
+from tests.s3_server import s3_env, s3_server  # noqa: F401
 
 WATCHED_LOGGERS = ("service", "adapters")
 # Fixtures that run Sluice in a child process (tests/e2e.py, test_restart.py): their logs are checked there.

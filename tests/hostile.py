@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.storage.tables import FileChunkRow, FileRow
 from tests.e2e import Stack, check, start_stack
 from tests.pg_server import PostgresServer
+from tests.s3_server import S3Server
 
 LEAKS = ("sluice.v1", "TYPE_", "<class", "google.protobuf", "Traceback", "oneof", "grpc", "DecodeError")
 
@@ -26,10 +27,32 @@ LEAKS = ("sluice.v1", "TYPE_", "<class", "google.protobuf", "Traceback", "oneof"
 @pytest.fixture(scope="module", params=["sqlite", "postgres"], name="backend_stack")
 def backend_stack_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The real stack (Envoy + server) on SQLite, then on a PostgreSQL database of its own."""
-    work = tmp_path_factory.mktemp(f"hostile-{request.param}")
+    yield from _backend_stack(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres", "sqlite+s3"], name="backend_stack")
+def file_backend_stack_fixture(request: pytest.FixtureRequest,
+                               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """For file tests: also on SQLite with the content in S3 (moto's server on loopback). After
+    the module, every object in the bucket belongs to a stored file: nothing a failure left."""
+    yield from _backend_stack(request, tmp_path_factory)
+
+
+def _backend_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp(f"hostile-{request.param.replace('+', '-')}")
     if request.param == "sqlite":
         with start_stack(work, f"sqlite+aiosqlite:///{work}/sluice.db") as s:
             yield s
+        return
+    if request.param == "sqlite+s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        bucket = f"hostile-{uuid.uuid4().hex[:12]}"
+        server.client().create_bucket(Bucket=bucket)
+        url = f"sqlite+aiosqlite:///{work}/sluice.db"
+        with start_stack(work, url, **server.env(bucket)) as s:
+            yield s
+        objects = {key.removeprefix("sluice/") for key in server.keys(bucket)}
+        assert objects <= stored_file_ids(url), f"objects without a stored file: {objects - stored_file_ids(url)}"
         return
     server: PostgresServer = request.getfixturevalue("postgres_server")
     name = f"hostile_{uuid.uuid4().hex[:12]}"
@@ -60,6 +83,19 @@ def assert_clean(r: httpx.Response, *allowed: int) -> dict[str, Any] | None:
     for leak in LEAKS:
         assert leak not in text, f"{leak!r} leaked: {text}"
     return dict(error)
+
+
+def stored_file_ids(database_url: str) -> set[str]:
+    """Ids of the files stored for good (published, or deleted and waiting for the sweeper)."""
+    async def ids() -> set[str]:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return set((await conn.scalars(select(FileRow.id).where(
+                    FileRow.status.in_(["processed", "deleted"])))).all())
+        finally:
+            await engine.dispose()
+    return asyncio.run(ids())
 
 
 def hidden_leftovers(database_url: str) -> tuple[int, int]:

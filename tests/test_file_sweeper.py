@@ -5,6 +5,7 @@ at once remove each file once."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select
@@ -21,8 +22,12 @@ async def add(store: Store, file_id: str, status: str = UPLOADING, updated_at: i
               chunks: int = 3) -> None:
     await store.begin_file(FileRow(id=file_id, project="p", filename="f", purpose="batch", bytes=0, line_count=0,
                                    status=status, created_at=NOW - 10_000, updated_at=updated_at))
-    for seq in range(chunks):
-        await store.add_file_chunk(file_id, seq, b"x" * 10)
+    await store.blobs.put(file_id, _pieces(chunks))
+
+
+async def _pieces(n: int) -> AsyncIterator[bytes]:
+    for _ in range(n):
+        yield b"x" * 10
 
 
 async def ids_and_chunks(store: Store) -> tuple[set[str], int]:
@@ -41,7 +46,7 @@ async def test_sweep_removes_only_what_no_one_will_finish_or_read(store: Store) 
     await add(store, "file-deleted-just-now", status="deleted", updated_at=NOW - 60)
 
     removed = await store.sweep_files(stale_upload_before=NOW - 900, deleted_before=NOW - 3600)
-    assert removed == 2
+    assert (removed.stale_uploads, removed.deleted, removed.expired) == (["file-stale"], ["file-deleted-long-ago"], [])
     ids, chunks = await ids_and_chunks(store)
     assert ids == {"file-live", "file-engine-output", "file-published", "file-deleted-just-now"}
     assert chunks == 4 * 3
@@ -56,7 +61,7 @@ async def test_two_replicas_sweeping_at_once_remove_each_file_once(store: Store,
                                       other.sweep_files(NOW - 900, NOW - 3600))
     finally:
         await other.close()
-    assert sum(counts) == 30
+    assert sum(c.total for c in counts) == 30
     assert await ids_and_chunks(store) == (set(), 0)
 
 
@@ -64,7 +69,7 @@ async def test_an_upload_swept_under_it_fails_cleanly_and_deletes_are_soft(store
     await add(store, "file-slow", updated_at=NOW - 1000, chunks=1)
     await store.sweep_files(NOW - 900, NOW - 3600)
     with pytest.raises(UploadGone):
-        await store.add_upload_chunk("file-slow", 1, b"late")
+        await store.touch_upload("file-slow", 14)
     with pytest.raises(UploadGone):
         await store.finish_upload("file-slow", size=4, line_count=1, purpose="batch", expires_at=None)
     assert await ids_and_chunks(store) == (set(), 0)
@@ -73,6 +78,6 @@ async def test_an_upload_swept_under_it_fails_cleanly_and_deletes_are_soft(store
     await store.mark_file_deleted("p", "file-kept")
     with pytest.raises(NotFound):
         await store.get_file("p", "file-kept")  # hidden at once
-    assert [c async for c in store.iter_file_chunks("file-kept")] == [b"x" * 10] * 3  # readers still read
+    assert [c async for c in store.blobs.get("file-kept")] == [b"x" * 10] * 3  # readers still read
     with pytest.raises(NotFound):
         await store.mark_file_deleted("p", "file-kept")  # a second delete is a 404

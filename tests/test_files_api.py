@@ -180,9 +180,9 @@ async def test_delete_file_removes_it_and_its_content(gw: tuple[App, Client]) ->
     listed = await c.files.ListFiles(file_pb2.ListFilesRequest(), metadata=md())
     assert f.id not in [x.id for x in listed.data]
     # Hidden at once; the content is kept for downloads in flight until the sweep after the grace period.
-    assert await app.store.sweep_files(stale_upload_before=0, deleted_before=0) == 0
+    assert (await app.store.sweep_files(stale_upload_before=0, deleted_before=0)).total == 0
     assert await file_counts(app) == (1, 1)
-    assert await app.store.sweep_files(stale_upload_before=0, deleted_before=now() + 1) == 1
+    assert (await app.store.sweep_files(stale_upload_before=0, deleted_before=now() + 1)).deleted == [f.id]
     assert await file_counts(app) == (0, 0)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import pytest
@@ -302,25 +302,28 @@ async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, mo
         for r in rows:
             r.batch_id, r.created_at = batch.id, now()
             s.add(r)
-    original_add = store.add_file_chunk
+    original_put = store.blobs.put
     invisible: list[bool] = []
 
-    async def add_while_checking(file_id: str, seq: int, data: bytes) -> None:
-        try:
-            await store.get_file("p", file_id)
-            invisible.append(False)
-        except NotFound:
-            invisible.append(True)
-        await original_add(file_id, seq, data)
+    async def put_while_checking(file_id: str, chunks: AsyncIterable[bytes]) -> int:
+        async def checked() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                try:
+                    await store.get_file("p", file_id)
+                    invisible.append(False)
+                except NotFound:
+                    invisible.append(True)
+                yield chunk
+        return await original_put(file_id, checked())
 
-    monkeypatch.setattr(store, "add_file_chunk", add_while_checking)
+    monkeypatch.setattr(store.blobs, "put", put_while_checking)
     fields = await OutputFiles(store)(batch)
     assert invisible and all(invisible), "a half-written output file was visible"
     out_id, err_id = f"file-output-{batch.id.removeprefix('batch_')}", f"file-error-{batch.id.removeprefix('batch_')}"
     assert fields == OutputFileIds(output_file_id=out_id, error_file_id=err_id)
     for file_id, codes in ((out_id, {200, 299}), (err_id, {199, 300, 404})):
         f = await store.get_file("p", file_id)
-        content = b"".join([c async for c in store.iter_file_chunks(file_id)])
+        content = b"".join([c async for c in store.blobs.get(file_id)])
         lines = [json.loads(x) for x in content.splitlines()]
         assert content.startswith(b'{"id":"batch_req_') and b'", "' not in content  # compact JSON lines
         for x in lines[:3]:
@@ -330,13 +333,13 @@ async def test_files_are_written_in_chunks_and_split_by_outcome(store: Store, mo
         assert (f.bytes, f.line_count, f.status, f.purpose) == (len(content), len(lines), "processed", "batch_output")
         assert f.filename == f"{batch.id}_{file_id.split('-')[1]}.jsonl"
         assert f.expires_at == f.created_at + OUTPUT_TTL and f.created_at >= batch.created_at
-        sizes = [len(c) async for c in store.iter_file_chunks(file_id)]
+        sizes = [len(c) async for c in store.blobs.get(file_id)]
         assert all(s >= chunk_bytes for s in sizes[:-1]) and all(s < chunk_bytes + 300 for s in sizes)
-        assert all(c.endswith(b"\n") for c in [c async for c in store.iter_file_chunks(file_id)])
+        assert all(c.endswith(b"\n") for c in [c async for c in store.blobs.get(file_id)])
         assert len(sizes) >= 2
     # Written again (a crash before the batch was marked ended): the same files, not doubled.
     assert await OutputFiles(store)(batch) == fields
-    again = b"".join([c async for c in store.iter_file_chunks(out_id)])
+    again = b"".join([c async for c in store.blobs.get(out_id)])
     assert len(again.splitlines()) == 400
     # Nothing to write: no file at all.
     empty = await store.create_batch(batch_row(project="p", id=new_id("batch_")), [])
@@ -465,12 +468,16 @@ async def test_results_pages_lookups_and_keys(store: Store) -> None:
     assert (batch.input_cost, batch.output_cost) == (0.5, 0.25)
 
 
+async def _pieces(*chunks: bytes) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
 async def test_files_list_order_purpose_cursor_and_delete(store: Store) -> None:
     async def add(file_id: str, purpose: str = "batch", project: str = "p", status: str = "processed") -> None:
         await store.begin_file(FileRow(id=file_id, project=project, filename=f"{file_id}.jsonl", purpose=purpose,
                                        bytes=0, line_count=0, status="uploading", created_at=now()))
-        await store.add_file_chunk(file_id, 0, b"a\n")
-        await store.add_file_chunk(file_id, 1, b"b\n")
+        await store.blobs.put(file_id, _pieces(b"a\n", b"b\n"))
         if status != "uploading":
             done = await store.finish_file(file_id, 4, 2)
             assert (done.bytes, done.line_count, done.status) == (4, 2, status)
@@ -492,7 +499,7 @@ async def test_files_list_order_purpose_cursor_and_delete(store: Store) -> None:
     assert ids(rows) == ["f2", "f1"] and not more
     with pytest.raises(NotFound):
         await store.list_files("p", "", 2, "x1", ascending=False)
-    assert b"".join([c async for c in store.iter_file_chunks("f1")]) == b"a\nb\n"
+    assert b"".join([c async for c in store.blobs.get("f1")]) == b"a\nb\n"
     with pytest.raises(NotFound) as info:
         await store.get_file("p", "u1")  # still uploading
     assert (info.value.param, info.value.code) == ("id", "file_not_found") and "u1" in info.value.message
@@ -506,12 +513,12 @@ async def test_files_list_order_purpose_cursor_and_delete(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.mark_file_deleted("p", "x1")  # another project's
     assert (await store.get_file("other", "x1")).id == "x1"
-    assert b"".join([c async for c in store.iter_file_chunks("f1")]) == b"a\nb\n"  # kept for readers in flight
-    assert await store.sweep_files(stale_upload_before=0, deleted_before=now() + 1) == 1
-    assert [c async for c in store.iter_file_chunks("f1")] == []
+    assert b"".join([c async for c in store.blobs.get("f1")]) == b"a\nb\n"  # kept for readers in flight
+    assert (await store.sweep_files(stale_upload_before=0, deleted_before=now() + 1)).deleted == ["f1"]
+    assert [c async for c in store.blobs.get("f1")] == []
     assert (await store.get_file("other", "x1")).id == "x1"
     await store.discard_file("u1")
-    assert [c async for c in store.iter_file_chunks("u1")] == []
+    assert [c async for c in store.blobs.get("u1")] == []
 
 
 async def test_named_updates_and_transition_stamps(store: Store) -> None:

@@ -1,4 +1,5 @@
-"""Uploads and downloads under failure, through the real stack on SQLite and PostgreSQL.
+"""Uploads and downloads under failure, through the real stack on SQLite, PostgreSQL, and SQLite
+with the content in S3 (moto on loopback).
 
 A 400 means nothing was stored (checked in the database, rows and chunks); an interrupted upload
 (client gone, server killed) leaves nothing once swept; form fields come in any order; a download
@@ -21,7 +22,7 @@ import pytest
 from tests.e2e import KEY_A, Stack, pid_alive, start_stack
 from tests.hostile import (
     assert_clean,
-    backend_stack_fixture,  # noqa: F401  (the fixture `backend_stack`)
+    file_backend_stack_fixture,  # noqa: F401  (the fixture `backend_stack`, also with content in S3)
     hidden_leftovers,
     jsonl_line,
     multipart,

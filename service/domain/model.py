@@ -94,6 +94,7 @@ class FileStatus(StrEnum):
     UPLOADING = "uploading"
     PROCESSED = "processed"
     DELETED = "deleted"  # hidden at once; its content is kept a grace period for readers in flight
+    PURGING = "purging"  # claimed by a sweep that is removing its content, then its row
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from service.intake.validation import (
     LineValidator,
     check_completion_window,
     check_endpoint,
+    check_expires_after,
     check_metadata,
 )
 from service.providers.routing import Router
@@ -155,6 +156,9 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         validator = LineValidator(endpoint=endpoint, router=self.router, estimator=Estimator(self.router))
         row = BatchRow.new(id=new_id("batch_"), project=project, endpoint=endpoint, completion_window=window,
                            created_at=now(), input_file_id=request.input_file_id, metadata=metadata)
+        if isinstance(request, batch_pb2.CreateBatchRequest) and request.HasField("output_expires_after"):
+            row.output_expires_after = check_expires_after(
+                request.output_expires_after.anchor, request.output_expires_after.seconds, "output_expires_after")
         return row, validator
 
     async def _lines(self, project: str, request: CreateLike, validator: LineValidator,

@@ -9,6 +9,8 @@ the whole form was read and found valid; a rejected or interrupted upload leaves
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -22,7 +24,8 @@ from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.multipart import MultipartError, Part, parse_multipart
 from service.intake.jsonl import NumberedProblem, check_lines, split_lines
-from service.intake.validation import LineValidator, is_text
+from service.intake.validation import LineValidator, check_expires_after, is_text
+from service.storage.blobs import BlobWriter, BlobWriterClosed
 from service.storage.repository import Store, UploadGone, new_id
 from service.storage.tables import FileRow
 from sluice.v1 import file_pb2, file_pb2_grpc
@@ -31,9 +34,10 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext: grpcio ships no type stubs
 
 BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI: batch files expire after 30 days by default
 ACCEPTED_PURPOSES = ("batch",)
-MIN_EXPIRY, MAX_EXPIRY = 3600, 30 * 24 * 3600  # OpenAI's expires_after[seconds] range
 DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 10_000, 10_000
 CONTENT_TYPE = "application/jsonl"
+log = logging.getLogger(__name__)
+TOUCH_SECONDS = 0.25  # an upload marks itself alive at most this often (the sweeper's stale bound is ≥ 1 s)
 
 
 def file_message(row: FileRow) -> file_pb2.File:
@@ -75,16 +79,28 @@ async def _text_field(part: Part, limit: int) -> str:
     return text
 
 
+def _upload_expired() -> InvalidRequest:
+    return InvalidRequest("The upload stalled for too long and was discarded; send the file again.",
+                          param="file", code="upload_expired")
+
+
+def _storage_failed(exc: BlobWriterClosed) -> Internal:
+    log.error("upload: the blob store failed: %r", exc.__cause__)
+    return Internal("The file could not be stored; try again.", param="file", code="storage_error")
+
+
 class _Upload:
-    """One upload in progress: stores the file part as `uploading` while counting bytes and
-    checking lines. Nothing is visible until `finish_upload`, after the whole form was read."""
+    """One upload in progress: streams the file part to the blob store (row `uploading`) while
+    counting bytes and checking lines. Nothing is visible until `finish_upload`, after the whole
+    form was read and the blob store has all of the content."""
 
     def __init__(self, store: Store, row: FileRow, max_bytes: int) -> None:
         self.store = store
         self.row = row
         self.max_bytes = max_bytes
         self.size = 0
-        self.seq = 0
+        self.touched = 0.0
+        self.writer = BlobWriter(store.blobs, row.id)
 
     async def chunks(self, part: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Store each chunk as it passes through to the line checker."""
@@ -93,13 +109,27 @@ class _Upload:
             if self.size > self.max_bytes:
                 raise PayloadTooLarge(f"File is larger than the {self.max_bytes // 2**20} MB limit.",
                                       param="file", code="file_too_large")
+            if time.monotonic() - self.touched >= TOUCH_SECONDS:  # alive: not an orphan for the sweeper
+                try:
+                    await self.store.touch_upload(self.row.id, self.size)
+                except UploadGone:
+                    raise _upload_expired() from None
+                self.touched = time.monotonic()
             try:
-                await self.store.add_upload_chunk(self.row.id, self.seq, chunk)
-            except UploadGone:
-                raise InvalidRequest("The upload stalled for too long and was discarded; send the file again.",
-                                     param="file", code="upload_expired") from None
-            self.seq += 1
+                await self.writer.write(chunk)
+            except BlobWriterClosed as exc:
+                raise _storage_failed(exc) from exc
             yield chunk
+
+    async def finish(self) -> int:
+        """Wait until the blob store has all of it (S3: the multipart upload completes)."""
+        try:
+            return await self.writer.close()
+        except BlobWriterClosed as exc:
+            raise _storage_failed(exc) from exc
+
+    async def abort(self) -> None:
+        await self.writer.abort()
 
 
 @dataclass
@@ -156,17 +186,23 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                     f"The file has invalid lines: {shown}{f'; and {more} more' if more > 0 else ''}.",
                     param="file", code=form.problems[0].problem.code)
             try:
-                stored = await self.store.finish_upload(form.row.id, size=form.upload.size, line_count=form.count,
+                size = await form.upload.finish()
+                stored = await self.store.finish_upload(form.row.id, size=size, line_count=form.count,
                                                         purpose=form.purpose, expires_at=expires_at)
             except UploadGone:
-                raise InvalidRequest("The upload stalled for too long and was discarded; send the file again.",
-                                     param="file", code="upload_expired") from None
+                raise _upload_expired() from None
             published = True
             return file_message(stored)
         finally:
             if form.row is not None and not published:
-                # Shielded: a cancelled upload (client gone, shutdown) still removes its chunks.
-                await asyncio.shield(self.store.discard_file(form.row.id))
+                # Shielded: a cancelled upload (client gone, shutdown) still removes its content.
+                await asyncio.shield(self._discard(form))
+
+    async def _discard(self, form: _Form) -> None:
+        if form.upload is not None:
+            await form.upload.abort()
+        if form.row is not None:
+            await self.store.discard_file(form.row.id)
 
     async def _part(self, project: str, form: _Form, part: Part) -> None:
         if part.name == "purpose":
@@ -204,17 +240,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
     def _expires_at(form: _Form, created_at: int) -> int:
         if form.expires_anchor is None and form.expires_seconds is None:
             return created_at + BATCH_FILE_TTL
-        if form.expires_anchor != "created_at":
-            raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor",
-                                 code="invalid_expires_after")
-        try:
-            seconds = int(form.expires_seconds or "")
-        except ValueError:
-            seconds = -1
-        if not MIN_EXPIRY <= seconds <= MAX_EXPIRY:
-            raise InvalidRequest(f"expires_after[seconds] must be an integer from {MIN_EXPIRY} to {MAX_EXPIRY}.",
-                                 param="expires_after.seconds", code="invalid_expires_after")
-        return created_at + seconds
+        return created_at + check_expires_after(form.expires_anchor, form.expires_seconds, "expires_after")
 
     @staticmethod
     def _check_purpose(purpose: str) -> None:
@@ -264,7 +290,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
         project = await self.auth.project(context.invocation_metadata())
         row = await self.store.get_file(project, lookups.file_id(request.id))  # 404 before the first message
         first, sent = True, 0
-        async for chunk in self.store.iter_file_chunks(row.id):
+        async for chunk in self.store.blobs.get(row.id):
             yield httpbody_pb2.HttpBody(content_type=CONTENT_TYPE if first else "", data=chunk)
             first, sent = False, sent + len(chunk)
         if first:  # an empty file still answers with its content type

@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.domain.model import FileStatus, now
+from service.storage.blobs import BlobWriter
 from service.storage.repository import OutputFileIds, Store
 from service.storage.tables import BatchRow, FileRow, ResultRow
 
 CHUNK_BYTES = 1024 * 1024
-OUTPUT_TTL = 30 * 24 * 3600
+OUTPUT_TTL = 30 * 24 * 3600  # default lifetime of output and error files, as OpenAI's
 MERGE_PAGE = 1000
 
 
@@ -37,37 +38,41 @@ def _succeeded(row: ResultRow) -> bool:
 
 
 class _FileWriter:
-    """Accumulates lines into ≤1 MiB chunks and stores them as they fill."""
+    """Accumulates lines into ≤1 MiB chunks and streams them to the blob store as they fill.
+    Nothing is created until the first line: a batch without failures has no error file."""
 
     def __init__(self, store: Store, row: FileRow) -> None:
         self.store, self.row = store, row
         self.buffer = bytearray()
-        self.seq = self.size = self.lines = 0
-        self.started = False
+        self.lines = 0
+        self.writer: BlobWriter | None = None
 
     async def add(self, line: dict[str, Any]) -> None:
-        if not self.started:
+        if self.writer is None:
             await self.store.discard_file(self.row.id)
             await self.store.begin_file(self.row)
-            self.started = True
+            self.writer = BlobWriter(self.store.blobs, self.row.id)
         self.buffer += json.dumps(line, separators=(",", ":")).encode() + b"\n"
         self.lines += 1
         if len(self.buffer) >= CHUNK_BYTES:
             await self._flush()
 
     async def _flush(self) -> None:
-        if self.buffer:
-            await self.store.add_file_chunk(self.row.id, self.seq, bytes(self.buffer))
-            self.seq += 1
-            self.size += len(self.buffer)
+        if self.buffer and self.writer is not None:
+            await self.writer.write(bytes(self.buffer))
             self.buffer.clear()
 
     async def close(self) -> str | None:
-        if not self.started:
+        if self.writer is None:
             return None
         await self._flush()
-        await self.store.finish_file(self.row.id, self.size, self.lines)
+        size = await self.writer.close()
+        await self.store.finish_file(self.row.id, size, self.lines)
         return self.row.id
+
+    async def abort(self) -> None:
+        if self.writer is not None:
+            await self.writer.abort()
 
 
 class OutputFiles:
@@ -80,37 +85,50 @@ class OutputFiles:
         t = now()
         return FileRow(id=f"file-{kind}-{batch.id.removeprefix('batch_')}", project=batch.project,
                        filename=f"{batch.id}_{kind}.jsonl", purpose="batch_output", bytes=0, line_count=0,
-                       status=FileStatus.UPLOADING, created_at=t, expires_at=t + OUTPUT_TTL)
+                       status=FileStatus.UPLOADING, created_at=t,
+                       expires_at=t + (batch.output_expires_after or OUTPUT_TTL))
 
     async def __call__(self, batch: BatchRow) -> OutputFileIds:
         current = await self.store.engine_batch(batch.id)
         if current.status.terminal:  # ended: its files are final, never discarded
             return OutputFileIds(output_file_id=current.output_file_id, error_file_id=current.error_file_id)
-        output = _FileWriter(self.store, self._row(batch, "output"))
-        errors = _FileWriter(self.store, self._row(batch, "error"))
-        async for row in self._results(batch.id):
-            await (output if _succeeded(row) else errors).add(output_line(batch.id, row))
-        files = OutputFileIds(output_file_id=await output.close(), error_file_id=await errors.close())
+        own = await self._write(batch, "output", "error", self._own_lines(batch))
         if batch.chain_id is None:
-            return files
-        merged_output, merged_errors = await self._merged(batch)
-        return OutputFileIds(files.output_file_id, files.error_file_id, merged_output, merged_errors)
+            return OutputFileIds(*own)
+        merged = await self._write(batch, "merged-output", "merged-error", self._merged_lines(batch))
+        return OutputFileIds(*own, *merged)
 
-    async def _merged(self, batch: BatchRow) -> tuple[str | None, str | None]:
+    async def _write(self, batch: BatchRow, output_kind: str, error_kind: str,
+                     lines: AsyncIterator[tuple[bool, dict[str, Any]]]) -> tuple[str | None, str | None]:
+        """One streaming pass of (succeeded, line) into an output and an error file. On any failure
+        both stay `uploading` (invisible) and are rewritten at the next finalization."""
+        output = _FileWriter(self.store, self._row(batch, output_kind))
+        errors = _FileWriter(self.store, self._row(batch, error_kind))
+        try:
+            async for succeeded, line in lines:
+                await (output if succeeded else errors).add(line)
+            return await output.close(), await errors.close()
+        except BaseException:
+            await output.abort()
+            await errors.abort()
+            raise
+
+    async def _own_lines(self, batch: BatchRow) -> AsyncIterator[tuple[bool, dict[str, Any]]]:
+        async for row in self._results(batch.id):
+            yield _succeeded(row), output_line(batch.id, row)
+
+    async def _merged_lines(self, batch: BatchRow) -> AsyncIterator[tuple[bool, dict[str, Any]]]:
         """A retry's merged files: every line of the chain's first batch, in its order, from the
         latest batch of the chain that ran it (this one included, as it ends)."""
-        output = _FileWriter(self.store, self._row(batch, "merged-output"))
-        errors = _FileWriter(self.store, self._row(batch, "merged-error"))
         chain = await self.store.chain(batch.project, batch.id)
         after = ""
         while True:
             attempts, more = await self.store.latest_attempts(chain, after, MERGE_PAGE)
             for attempt in attempts:
                 if attempt.result is not None:
-                    line = output_line(attempt.batch.id, attempt.result)
-                    await (output if _succeeded(attempt.result) else errors).add(line)
+                    yield _succeeded(attempt.result), output_line(attempt.batch.id, attempt.result)
             if not more or not attempts:
-                return await output.close(), await errors.close()
+                return
             after = attempts[-1].request.custom_id
 
     def _results(self, batch_id: str) -> AsyncIterator[ResultRow]:

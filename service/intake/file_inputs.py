@@ -41,7 +41,7 @@ class BatchInputs:
         if file.purpose != "batch":
             raise InvalidRequest(f"File {file_id} has purpose {clip(file.purpose)}; a batch input needs 'batch'.",
                                  param="input_file_id", code="invalid_file_purpose")
-        content = _Measured(self.store.iter_file_chunks(file_id))
+        content = _Measured(self.store.blobs.get(file_id))
         count, problems = await check_lines(split_lines(content), validator, self.limits.max_requests)
         if content.size != file.bytes:
             raise _gone(file_id)
@@ -56,7 +56,7 @@ class BatchInputs:
         """The second pass, inside the create's transaction: a file whose content went away since
         the first pass (deleted and swept) raises, and the transaction leaves nothing behind."""
         count = 0
-        async for _, raw in split_lines(self.store.iter_file_chunks(file_id)):
+        async for _, raw in split_lines(self.store.blobs.get(file_id)):
             line: Any = parse_line(raw)
             yield validator.again(count, line["custom_id"], line["body"])
             count += 1

@@ -116,6 +116,26 @@ def check_completion_window(window: str) -> str:
     return window
 
 
+MIN_EXPIRES_AFTER, MAX_EXPIRES_AFTER = 3600, 30 * 24 * 3600  # OpenAI's bounds for expires_after[seconds]
+
+
+def check_expires_after(anchor: str | None, seconds: int | str | None, param: str) -> int:
+    """OpenAI's `{anchor: "created_at", seconds}` (a file's `expires_after`, a batch's
+    `output_expires_after`): the seconds, or a 400 naming `<param>.anchor` / `<param>.seconds`."""
+    if anchor != "created_at":
+        raise InvalidRequest(f"{param}[anchor] must be 'created_at', got {clip(str(anchor or ''))}.",
+                             param=f"{param}.anchor", code=f"invalid_{param}")
+    try:
+        value: int | None = int(str(seconds).strip())
+    except ValueError:
+        value = None
+    if value is None or not MIN_EXPIRES_AFTER <= value <= MAX_EXPIRES_AFTER:
+        raise InvalidRequest(f"{param}[seconds] must be an integer from {MIN_EXPIRES_AFTER} (1 hour) to "
+                             f"{MAX_EXPIRES_AFTER} (30 days), got {clip(str(seconds))}.",
+                             param=f"{param}.seconds", code=f"invalid_{param}")
+    return value
+
+
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     if not metadata:
         return None

@@ -53,6 +53,13 @@ def _positive(name: str, default: int) -> int:
     if value < 1:
         raise ConfigError(f"{name} must be a positive number, got {value}")
     return value
+def parse_blob_url(raw: str) -> str:
+    """`SLUICE_BLOB_URL`: empty (file content in the database) or `s3://bucket[/prefix]`."""
+    url = raw.strip()
+    if url and (not url.startswith("s3://") or not url.removeprefix("s3://").split("/", 1)[0]):
+        raise ConfigError(f"SLUICE_BLOB_URL must look like s3://bucket/prefix (or be empty for the database), "
+                          f"got {url[:100]!r}")
+    return url.rstrip("/")
 
 
 def parse_api_keys(raw: str) -> dict[str, str]:
@@ -141,6 +148,7 @@ class Settings:
     @property
     def limits(self) -> Limits:
         return Limits(max_requests=self.max_batch_requests, max_file_bytes=self.max_file_bytes)
+    blob_url: str = ""  # file content: "" for the database, or s3://bucket/prefix
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -177,6 +185,7 @@ class Settings:
             max_batch_requests=_positive("SLUICE_MAX_BATCH_REQUESTS", MAX_REQUESTS),
             max_file_bytes=_positive("SLUICE_MAX_FILE_BYTES", MAX_FILE_BYTES),
             budgets=parse_budgets(os.environ.get("SLUICE_BUDGETS", "")),
+            blob_url=parse_blob_url(os.environ.get("SLUICE_BLOB_URL", "")),
         )
 
 

@@ -40,8 +40,10 @@ from service.runtime.envoy import EnvoyError, EnvoyProcess, render_config
 from service.runtime.observability import Observability, start_observability
 from service.runtime.sweeper import FileSweeper
 from service.storage.admin import AdminStore, redact
+from service.storage.blobs import BlobStore
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
+from service.storage.s3_blobs import S3Blobs
 from service.storage.webhooks import WebhookStore
 from sluice.v1 import (
     admin_pb2,
@@ -103,10 +105,24 @@ def webhook_config(settings: Settings) -> WebhookConfig:
         raise SystemExit(f"sluice: {exc}") from None
 
 
+async def open_blobs(settings: Settings) -> BlobStore | None:
+    """Object storage when `SLUICE_BLOB_URL` names it (checked now: a wrong bucket, endpoint or
+    credentials stop the start with a clear message), else None: the database keeps file content."""
+    if not settings.blob_url:
+        return None
+    try:
+        blobs = S3Blobs(settings.blob_url)
+        await blobs.check()
+    except Exception as exc:
+        raise ConfigError(f"SLUICE_BLOB_URL {settings.blob_url}: cannot use the object store ({exc})") from None
+    log.info("file content in object storage at %s", settings.blob_url)
+    return blobs
+
+
 async def start(settings: Settings, router: Router | None = None) -> App:
     webhooks = webhook_config(settings)
     await migrate(settings.database_url)
-    store = Store(create_engine(settings.database_url))
+    store = Store(create_engine(settings.database_url), blobs=await open_blobs(settings))
     webhook_store = WebhookStore(store.engine)
     for endpoint_id, secret in (await webhook_store.sync_endpoints(webhooks.endpoints, new_secret)).items():
         # Shown once (stdout, never the log): the receiver needs it to verify signatures.
@@ -163,7 +179,8 @@ async def start(settings: Settings, router: Router | None = None) -> App:
     dispatcher = sweeper = None
     if settings.run_engine:  # background work: batches, webhook deliveries, file clean-up
         engine.start()
-        sweeper = FileSweeper(store, settings.stale_upload_seconds, settings.deleted_file_grace_seconds)
+        sweeper = FileSweeper(store, settings.stale_upload_seconds, settings.deleted_file_grace_seconds,
+                              owner=settings.replica_id)
         sweeper.start()
         # Always: the admin API may add endpoints at any time, on any replica.
         dispatcher = WebhookDispatcher(webhook_store, webhooks, settings.replica_id)

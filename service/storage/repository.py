@@ -42,6 +42,7 @@ from service.domain.model import (
     month_of,
     now,
 )
+from service.storage.blobs import BlobStore, DatabaseBlobs
 from service.storage.db import Sessions
 from service.storage.tables import (
     ApiKeyRow,
@@ -50,7 +51,6 @@ from service.storage.tables import (
     CapacityStateRow,
     CapacityWindowRow,
     ChargeRow,
-    FileChunkRow,
     FileRow,
     IdempotencyRow,
     PartRow,
@@ -66,8 +66,11 @@ INSERT_CHUNK_BYTES = 8 * 1024 * 1024  # a chunk of request rows is flushed at 50
 PAGE_BYTES = 8 * 1024 * 1024  # request bodies read per page (engine), whatever the page's line count
 UPLOADING = FileStatus.UPLOADING
 DELETED = FileStatus.DELETED  # hidden at once; content kept a grace period for downloads in flight, then swept
-HIDDEN_FILE_STATUSES = (UPLOADING, DELETED)
+PURGING = FileStatus.PURGING  # claimed by a sweep: content being removed, then the row
+HIDDEN_FILE_STATUSES = (UPLOADING, DELETED, PURGING)
 KEY_USE_EVERY = 60  # seconds: how stale a key's `last_used_at` may get before a use rewrites it
+SWEEP_CHUNK = 100  # files claimed and removed per transaction by `sweep_files`
+ABANDONED_PURGE_SECONDS = 3600  # a claim this old belongs to a sweep that died: taken over
 
 
 class UploadGone(Exception):
@@ -140,6 +143,19 @@ class Spend:
 
 
 @dataclass(frozen=True)
+class SweptFiles:
+    """What one `sweep_files` removed, by reason (file ids)."""
+
+    stale_uploads: list[str]
+    deleted: list[str]
+    expired: list[str]
+
+    @property
+    def total(self) -> int:
+        return len(self.stale_uploads) + len(self.deleted) + len(self.expired)
+
+
+@dataclass(frozen=True)
 class OutputFileIds:
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -166,12 +182,15 @@ def usage_values(usage: Usage) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None) -> None:
         self.engine = engine
         self.sessions = Sessions(engine)
         self._dialect = engine.dialect.name
+        # File content: the database's `file_chunks` unless object storage is configured.
+        self.blobs: BlobStore = blobs or DatabaseBlobs(self.sessions, self._dialect)
 
     async def close(self) -> None:
+        await self.blobs.close()
         await self.engine.dispose()
 
     def _insert(self, table: Any) -> Any:
@@ -862,19 +881,14 @@ class Store:
     # --- files ------------------------------------------------------------------------------
 
     async def begin_file(self, row: FileRow) -> FileRow:
-        """Register an upload in `uploading` status (invisible to the API until `finish_file`).
-        Content goes in chunk by chunk, each in its own short transaction, so a slow 200 MB
-        upload never holds the database's write lock."""
+        """Register a file in `uploading` status (invisible to the API until `finish_file` or
+        `finish_upload`). Its content goes to `self.blobs` under its id, after this row exists."""
         async with self.sessions.begin() as s:
             s.add(row)
         return row
 
-    async def add_file_chunk(self, file_id: str, seq: int, data: bytes) -> None:
-        async with self.sessions.begin() as s:
-            await s.execute(self._insert(FileChunkRow).values(file_id=file_id, seq=seq, data=data))
-
     async def finish_file(self, file_id: str, size: int, line_count: int) -> FileRow:
-        """The upload is complete: the file becomes visible, as `processed`."""
+        """The content is stored: the file becomes visible, as `processed`."""
         async with self.sessions.begin() as s:
             row = await s.scalar(update(FileRow).where(FileRow.id == file_id).values(
                 bytes=size, line_count=line_count, status=FileStatus.PROCESSED).returning(FileRow))
@@ -883,23 +897,29 @@ class Store:
         return row
 
     async def discard_file(self, file_id: str) -> None:
-        """Remove a file and its content whatever its status (failed uploads, rewritten outputs)."""
+        """Remove a file and its content whatever its status (failed uploads, rewritten outputs).
+        Content first: a crash in between leaves a row the sweeper finds, never content without one."""
+        await self.blobs.delete([file_id])
         async with self.sessions.begin() as s:
-            await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
             await s.execute(delete(FileRow).where(FileRow.id == file_id))
 
+    @staticmethod
+    def _visible(project: str, t: int) -> Any:
+        """A tenant's files the API shows: published, not deleted, not expired."""
+        return and_(FileRow.project == project, FileRow.status.not_in(HIDDEN_FILE_STATUSES),
+                    or_(FileRow.expires_at.is_(None), FileRow.expires_at > t))
+
     async def get_file(self, project: str, file_id: str) -> FileRow:
-        """A tenant's file: another project's, and one still uploading, are not found."""
+        """A tenant's file: another project's, one still uploading, and an expired one are not found."""
         async with self.sessions() as s:
-            row = await s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.project == project,
-                                                       FileRow.status.not_in(HIDDEN_FILE_STATUSES)))
+            row = await s.scalar(select(FileRow).where(FileRow.id == file_id, self._visible(project, now())))
         if row is None:
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
         return row
 
     async def list_files(self, project: str, purpose: str, limit: int, after: str,
                          ascending: bool) -> tuple[list[FileRow], bool]:
-        query = select(FileRow).where(FileRow.project == project, FileRow.status.not_in(HIDDEN_FILE_STATUSES))
+        query = select(FileRow).where(self._visible(project, now()))
         if purpose:
             query = query.where(FileRow.purpose == purpose)
         if after:
@@ -914,15 +934,14 @@ class Store:
             rows = list((await s.scalars(query.order_by(*order).limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
 
-    async def add_upload_chunk(self, file_id: str, seq: int, data: bytes) -> None:
-        """Store one chunk of an upload and mark the upload alive, in one transaction.
-        `UploadGone` if the upload was swept meanwhile (it stalled longer than the sweep bound)."""
+    async def touch_upload(self, file_id: str, size: int) -> None:
+        """Mark an upload alive (and how far it got). `UploadGone` if it was swept meanwhile
+        (it stalled longer than the sweep bound) or discarded."""
         async with self.sessions.begin() as s:
             res = await s.execute(update(FileRow).where(FileRow.id == file_id, FileRow.status == UPLOADING)
-                                  .values(updated_at=now(), bytes=FileRow.bytes + len(data)))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise UploadGone(file_id)
-            await s.execute(self._insert(FileChunkRow).values(file_id=file_id, seq=seq, data=data))
+                                  .values(updated_at=now(), bytes=size))
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            raise UploadGone(file_id)
 
     async def finish_upload(self, file_id: str, *, size: int, line_count: int, purpose: str,
                             expires_at: int | None) -> FileRow:
@@ -939,49 +958,56 @@ class Store:
         """Hide a file at once (`deleted`); its content stays until `sweep_files`, so a download
         or a batch create already reading it sees the whole file."""
         async with self.sessions.begin() as s:
-            res = await s.execute(update(FileRow).where(
-                FileRow.id == file_id, FileRow.project == project, FileRow.status.not_in(HIDDEN_FILE_STATUSES),
-            ).values(status=DELETED, updated_at=now()))
+            res = await s.execute(update(FileRow).where(FileRow.id == file_id, self._visible(project, now()))
+                                  .values(status=DELETED, updated_at=now()))
         if res.rowcount != 1:  # type: ignore[attr-defined]
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
 
-    async def sweep_files(self, stale_upload_before: int, deleted_before: int) -> int:
-        """Remove (rows and chunks) uploads with no sign of life since `stale_upload_before`
-        (a crash or a lost client left them) and files deleted before `deleted_before`.
-        Idempotent conditional deletes: replicas may sweep at the same time. Returns files removed."""
-        doomed = or_(
-            and_(FileRow.status == UPLOADING, FileRow.updated_at.is_not(None),
-                 FileRow.updated_at < stale_upload_before),
-            and_(FileRow.status == DELETED, FileRow.updated_at < deleted_before),
-        )
-        removed = 0
-        while True:
-            async with self.sessions() as s:
-                ids = list((await s.scalars(select(FileRow.id).where(doomed).limit(100))).all())
-            if not ids:
-                return removed
-            for file_id in ids:
-                async with self.sessions.begin() as s:
-                    # Re-checked in the delete: an upload that came back to life is kept.
-                    res = await s.execute(delete(FileRow).where(FileRow.id == file_id, doomed))
-                    if res.rowcount:  # type: ignore[attr-defined]
-                        await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == file_id))
-                        removed += 1
-            if len(ids) < 100:
-                return removed
+    async def sweep_files(self, stale_upload_before: int, deleted_before: int, expired_before: int | None = None,
+                          chunk: int = SWEEP_CHUNK) -> SweptFiles:
+        """Remove, rows and content:
+        - uploads with no sign of life since `stale_upload_before` (a crash or a lost client left them);
+        - files deleted before `deleted_before` (their readers' grace is over);
+        - files whose `expires_at` is at or before `expired_before` (None: none), except an input
+          file of a batch that has not ended: it goes once that batch has ended.
 
-    async def iter_file_chunks(self, file_id: str) -> AsyncIterator[bytes]:
-        """The content, one stored chunk (≤1 MiB) at a time, each read in its own query."""
-        seq = -1
-        while True:
-            async with self.sessions() as s:
-                row = (await s.execute(select(FileChunkRow.seq, FileChunkRow.data).where(
-                    FileChunkRow.file_id == file_id, FileChunkRow.seq > seq)
-                    .order_by(FileChunkRow.seq).limit(1))).first()
-            if row is None:
-                return
-            seq = row[0]
-            yield bytes(row[1])
+        `chunk` files at a time: they are claimed in one conditional UPDATE (status `purging`,
+        re-checking why each goes, so an upload that came back to life stays), then their content
+        is deleted, then their rows in one transaction. Replicas may sweep at the same time: a
+        file is claimed by one of them only. A claim older than an hour (a sweep that crashed
+        after it) is taken over and counted with the deleted files."""
+        unfinished_input = select(BatchRow.id).where(BatchRow.input_file_id == FileRow.id,
+                                                     BatchRow.status.not_in(TERMINAL)).exists()
+        stale: list[str] = []
+        gone: list[str] = []
+        reasons: list[tuple[list[str], Any]] = [
+            (stale, and_(FileRow.status == UPLOADING, FileRow.updated_at.is_not(None),
+                               FileRow.updated_at < stale_upload_before)),
+            (gone, or_(and_(FileRow.status == DELETED, FileRow.updated_at < deleted_before),
+                             and_(FileRow.status == PURGING, FileRow.updated_at < now() - ABANDONED_PURGE_SECONDS))),
+        ]
+        expired: list[str] = []
+        if expired_before is not None:
+            reasons.append((expired, and_(FileRow.status == FileStatus.PROCESSED, FileRow.expires_at.is_not(None),
+                                          FileRow.expires_at <= expired_before, ~unfinished_input)))
+        for removed, doomed in reasons:
+            while True:
+                async with self.sessions() as s:
+                    ids = list((await s.scalars(select(FileRow.id).where(doomed).limit(chunk))).all())
+                if not ids:
+                    break
+                async with self.sessions.begin() as s:
+                    claimed = list((await s.scalars(update(FileRow).where(FileRow.id.in_(ids), doomed)
+                                                    .values(status=PURGING, updated_at=now())
+                                                    .returning(FileRow.id))).all())
+                await self.blobs.delete(claimed)
+                async with self.sessions.begin() as s:
+                    await s.execute(delete(FileRow).where(FileRow.id.in_(claimed), FileRow.status == PURGING))
+                removed.extend(claimed)
+                if len(ids) < chunk:
+                    break
+        return SweptFiles(stale_uploads=stale, deleted=gone, expired=expired)
+
 
     async def count_batches(self, project: str) -> int:
         async with self.sessions() as s:

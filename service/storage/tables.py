@@ -159,6 +159,10 @@ class BatchRow(_UsageColumns, Base):
     next_poll_at: Mapped[float | None] = mapped_column(Float)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[float | None] = mapped_column(Float)
+    # `output_expires_after[seconds]` given at create: the output and error files expire this long
+    # after they are written (None: the default, 30 days).
+    output_expires_after: Mapped[int | None] = mapped_column(BigInteger)
+
     # W3C traceparent of the request that created the batch (traces on): the engine's work on the
     # batch joins that trace (service/runtime/tracing.py).
     trace_parent: Mapped[str | None] = mapped_column(String(64))
@@ -349,7 +353,8 @@ class FileRow(Base):
     updated_at: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_files_project_created", "project", "created_at", "id"),
-                      Index("ix_files_status_updated", "status", "updated_at"))
+                      Index("ix_files_status_updated", "status", "updated_at"),
+                      Index("ix_files_status_expires", "status", "expires_at"))
 
 
 class FileChunkRow(Base):
@@ -359,6 +364,15 @@ class FileChunkRow(Base):
     file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class LeaseRow(Base):
+    """A named lease on background work that one replica at a time should do (the file sweeper)."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    until: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class WebhookEndpointRow(Base):

@@ -165,18 +165,28 @@ class BatchRequestLine(_message.Message):
     def __init__(self, custom_id: _Optional[str] = ..., method: _Optional[str] = ..., url: _Optional[str] = ..., body: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CreateBatchRequest(_message.Message):
-    __slots__ = ("input_file_id", "endpoint", "completion_window", "metadata", "requests")
+    __slots__ = ("input_file_id", "endpoint", "completion_window", "metadata", "requests", "output_expires_after")
     INPUT_FILE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_WINDOW_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_EXPIRES_AFTER_FIELD_NUMBER: _ClassVar[int]
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: _struct_pb2.Struct
     requests: _containers.RepeatedCompositeFieldContainer[BatchRequestLine]
-    def __init__(self, input_file_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[BatchRequestLine, _Mapping]]] = ...) -> None: ...
+    output_expires_after: FileExpiresAfter
+    def __init__(self, input_file_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[BatchRequestLine, _Mapping]]] = ..., output_expires_after: _Optional[_Union[FileExpiresAfter, _Mapping]] = ...) -> None: ...
+
+class FileExpiresAfter(_message.Message):
+    __slots__ = ("anchor", "seconds")
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    anchor: str
+    seconds: int
+    def __init__(self, anchor: _Optional[str] = ..., seconds: _Optional[int] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("id",)
