@@ -29,7 +29,7 @@ def peak_after(stack: Stack, work: object) -> int:
 
 
 def test_a_line_of_millions_of_empty_objects_is_413_within_budget(sqlite_stack: Stack) -> None:
-    http = httpx.Client(base_url=sqlite_stack.url, headers={"authorization": f"Bearer {KEY_A}"}, timeout=300)
+    http = sqlite_stack.http()  # closed with the stack
     answers: list[httpx.Response] = []
     for count, code in ((7_300_000, "line_too_long"), (5_000_000, "line_too_complex")):
         peak = peak_after(sqlite_stack, lambda c=count: answers.append(upload(http, curly_line(c))))

@@ -119,9 +119,10 @@ def test_groq_sdk(fake: ProviderFake) -> None:
     assert strict(c.files.delete(f.id)).deleted
 
 
-def test_gemini_sdk_inline_and_file(fake: ProviderFake) -> None:
+def test_gemini_sdk_inline_and_file(fake: ProviderFake, request: pytest.FixtureRequest) -> None:
     c = genai.Client(api_key=fake.key("gemini"),
                      http_options=gtypes.HttpOptions(base_url=fake.base_url + "/gemini/", api_version="v1beta"))
+    request.addfinalizer(c.close)  # its HTTP clients are not closed when it is collected
     inline = [gtypes.InlinedRequest(contents="hello there", metadata={"key": "a"}),
               {"contents": [{"parts": [{"text": "please FAIL"}], "role": "user"}],
                "config": {"system_instruction": "be brief", "temperature": 0.2, "max_output_tokens": 20}}]
@@ -184,23 +185,23 @@ def test_openai_sdk(fake: ProviderFake, flavor: str) -> None:
 
 
 def test_mistral_sdk(fake: ProviderFake) -> None:
-    c = Mistral(api_key=fake.key("mistral"), server_url=fake.base_url + "/mistral")
-    rows = [{"custom_id": cid, "body": {"messages": [{"role": "user", "content": text}]}}
-            for cid, text in (("a", "hello"), ("b", "FAIL"))]
-    f = c.files.upload(file={"file_name": "in.jsonl", "content": jsonl(rows)}, purpose="batch")
-    job = c.batch.jobs.create(input_files=[f.id], model="mistral-small-latest", endpoint="/v1/chat/completions",
-                              metadata={"sluice_batch_id": "batch_x"})
-    while job.status not in ("SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"):
-        job = c.batch.jobs.get(job_id=job.id)
-    assert job.status == "SUCCESS" and (job.succeeded_requests, job.failed_requests) == (1, 1)
-    listed = c.batch.jobs.list(page=0, page_size=10)
-    assert [j.id for j in listed.data or []] == [job.id]
-    out = [json.loads(x) for x in c.files.download(file_id=job.output_file or "").read().splitlines()]
-    assert out[0]["custom_id"] == "a"
-    inline = c.batch.jobs.create(requests=rows, model="m", endpoint="/v1/chat/completions")
-    assert c.batch.jobs.cancel(job_id=inline.id).status == "CANCELLATION_REQUESTED"
-    assert c.files.retrieve(file_id=f.id).deleted is False
-    assert c.files.delete(file_id=f.id).deleted
+    with Mistral(api_key=fake.key("mistral"), server_url=fake.base_url + "/mistral") as c:
+        rows = [{"custom_id": cid, "body": {"messages": [{"role": "user", "content": text}]}}
+                for cid, text in (("a", "hello"), ("b", "FAIL"))]
+        f = c.files.upload(file={"file_name": "in.jsonl", "content": jsonl(rows)}, purpose="batch")
+        job = c.batch.jobs.create(input_files=[f.id], model="mistral-small-latest", endpoint="/v1/chat/completions",
+                                  metadata={"sluice_batch_id": "batch_x"})
+        while job.status not in ("SUCCESS", "FAILED", "TIMEOUT_EXCEEDED", "CANCELLED"):
+            job = c.batch.jobs.get(job_id=job.id)
+        assert job.status == "SUCCESS" and (job.succeeded_requests, job.failed_requests) == (1, 1)
+        listed = c.batch.jobs.list(page=0, page_size=10)
+        assert [j.id for j in listed.data or []] == [job.id]
+        out = [json.loads(x) for x in c.files.download(file_id=job.output_file or "").read().splitlines()]
+        assert out[0]["custom_id"] == "a"
+        inline = c.batch.jobs.create(requests=rows, model="m", endpoint="/v1/chat/completions")
+        assert c.batch.jobs.cancel(job_id=inline.id).status == "CANCELLATION_REQUESTED"
+        assert c.files.retrieve(file_id=f.id).deleted is False
+        assert c.files.delete(file_id=f.id).deleted
 
 
 # --------------------------------------------------------------------------- 2. adapters' bodies, SDK-typed
