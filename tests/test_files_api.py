@@ -1,10 +1,12 @@
-"""FileService over real gRPC on both backends: listing order and cursors, authentication,
-tenants, upload errors that leave nothing behind, the line limit, and the output and error files
-of batches that completed, were cancelled or expired."""
+"""FileService over real gRPC on both databases, and with file content in S3 (a real
+S3-compatible server on loopback): listing order and cursors, authentication, tenants, upload
+errors that leave nothing behind, the line limit, and the output and error files of batches that
+completed, were cancelled or expired."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,22 +30,53 @@ from tests.harness import (
     request_dict,
 )
 from tests.rpc_errors import expect_error
+from tests.s3_server import S3Bucket
 
 CHAT = "/v1/chat/completions"
 
 
+@pytest.fixture(params=["sqlite", "postgres", "sqlite+s3"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def slow(db_url: str) -> AsyncIterator[tuple[App, Client]]:
-    """One line at a time, 100 ms each: work is reliably in flight."""
-    async with gateway(make_settings(db_url, sim_latency_ms=100, executor_concurrency=1)) as pair:
+def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """This module's tests run on both databases with the content in the database, and once more
+    with the content in S3 (the blob store is independent of the database)."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+
+
+@pytest.fixture
+def bucket(backend: str, request: pytest.FixtureRequest) -> S3Bucket | None:
+    return request.getfixturevalue("s3_env") if backend.endswith("+s3") else None
+
+
+@pytest.fixture
+async def gw(db_url: str, bucket: S3Bucket | None) -> AsyncIterator[tuple[App, Client]]:
+    async with gateway(make_settings(db_url, blob_url=bucket.url if bucket else "")) as pair:
         yield pair
 
 
-async def file_counts(app: App) -> tuple[int, int]:
-    async with app.store.sessions() as s:
-        files = int(await s.scalar(select(func.count()).select_from(FileRow)) or 0)
-        chunks = int(await s.scalar(select(func.count()).select_from(FileChunkRow)) or 0)
-    return files, chunks
+@pytest.fixture
+async def slow(db_url: str, bucket: S3Bucket | None) -> AsyncIterator[tuple[App, Client]]:
+    """One line at a time, 100 ms each: work is reliably in flight."""
+    async with gateway(make_settings(db_url, sim_latency_ms=100, executor_concurrency=1,
+                                     blob_url=bucket.url if bucket else "")) as pair:
+        yield pair
+
+
+@pytest.fixture
+def file_counts(bucket: S3Bucket | None) -> Callable[[App], Awaitable[tuple[int, int]]]:
+    """(file rows, pieces of stored content): chunk rows in the database, or objects in the bucket."""
+    async def counts(app: App) -> tuple[int, int]:
+        async with app.store.sessions() as s:
+            files = int(await s.scalar(select(func.count()).select_from(FileRow)) or 0)
+            chunks = int(await s.scalar(select(func.count()).select_from(FileChunkRow)) or 0)
+        return files, (len(bucket.objects()) if bucket else chunks)
+    return counts
 
 
 async def set_batch(app: App, batch_id: str, **values: Any) -> None:
@@ -128,7 +161,8 @@ BAD_CREDENTIALS: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
 }
 
 
-async def test_every_file_rpc_needs_a_known_key(gw: tuple[App, Client]) -> None:
+async def test_every_file_rpc_needs_a_known_key(gw: tuple[App, Client],
+        file_counts: Callable[[App], Awaitable[tuple[int, int]]]) -> None:
     app, c = gw
     mine = await c.upload(jsonl([request_dict("a")]))
     before = await file_counts(app)
@@ -169,7 +203,8 @@ async def test_another_projects_files_are_not_found(gw: tuple[App, Client]) -> N
     assert await c.content(mine.id) == jsonl([request_dict("a")])
 
 
-async def test_delete_file_removes_it_and_its_content(gw: tuple[App, Client]) -> None:
+async def test_delete_file_removes_it_and_its_content(gw: tuple[App, Client],
+        file_counts: Callable[[App], Awaitable[tuple[int, int]]]) -> None:
     app, c = gw
     f = await c.upload(jsonl([request_dict(f"r{i}") for i in range(3)]))
     deleted = await c.files.DeleteFile(file_pb2.DeleteFileRequest(id=f.id), metadata=md())
@@ -203,7 +238,8 @@ UPLOAD_ERRORS: dict[str, tuple[bytes, str, str, str, list[str]]] = {
 
 
 @pytest.mark.parametrize("case", list(UPLOAD_ERRORS))
-async def test_rejected_uploads_leave_nothing_behind(gw: tuple[App, Client], case: str) -> None:
+async def test_rejected_uploads_leave_nothing_behind(gw: tuple[App, Client], case: str,
+        file_counts: Callable[[App], Awaitable[tuple[int, int]]]) -> None:
     app, c = gw
     content, purpose, code, param, named = UPLOAD_ERRORS[case]
     err = await expect_error(c.upload(content, purpose=purpose), grpc.StatusCode.INVALID_ARGUMENT)
