@@ -16,6 +16,7 @@ import grpc
 import pytest
 from sqlalchemy import update
 
+from service.domain.events import TERMINAL_WEBHOOK_EVENT_TYPES
 from service.edge.auth import hash_key
 from service.providers.registry import ConfigError
 from service.runtime.config import Settings, admin_key_digest
@@ -225,6 +226,15 @@ async def test_webhook_endpoints_through_the_admin_api(db_url: str) -> None:
         await expect_error(admin.CreateProjectWebhookEndpoint(admin_pb2.CreateProjectWebhookEndpointRequest(
             project_id="alpha", url="https://hooks.example.com/x", event_types=["batch.exploded"]), metadata=ADMIN),
             grpc.StatusCode.INVALID_ARGUMENT)
+        # Progress thresholds: alone they ask for batch.progress; the default types are the terminal four.
+        progress = await admin.CreateProjectWebhookEndpoint(admin_pb2.CreateProjectWebhookEndpointRequest(
+            project_id="beta", url="https://hooks.example.com/p", progress_thresholds=[50, 10]), metadata=ADMIN)
+        assert list(progress.event_types) == [*TERMINAL_WEBHOOK_EVENT_TYPES, "batch.progress"]
+        assert list(progress.progress_thresholds) == [10, 50]
+        err = await expect_error(admin.CreateProjectWebhookEndpoint(admin_pb2.CreateProjectWebhookEndpointRequest(
+            project_id="beta", url="https://hooks.example.com/p", progress_thresholds=[100]), metadata=ADMIN),
+            grpc.StatusCode.INVALID_ARGUMENT)
+        assert err.envelope["param"] == "progress_thresholds" and "1 to 99" in err.message
     async with admin_gateway(admin_settings(db_url)) as (_, _c, admin):
         listed = await admin.ListProjectWebhookEndpoints(
             admin_pb2.ListProjectWebhookEndpointsRequest(project_id="alpha"), metadata=ADMIN)

@@ -9,7 +9,7 @@ No I/O here: storage writes the events, the engine delivers them, the edge strea
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from enum import StrEnum
 from itertools import pairwise
 from typing import Any
@@ -39,6 +39,21 @@ def webhook_payload(event_id: str, event_type: str, created_at: int, batch_id: s
     if progress is not None:
         data["progress"] = progress
     return {"id": event_id, "object": "event", "type": event_type, "created_at": created_at, "data": data}
+
+
+def progress_subscription(event_types: Sequence[str], thresholds: Sequence[int]) -> tuple[list[str], tuple[int, ...]]:
+    """The event types and progress thresholds an endpoint gets, from what was asked (the webhooks
+    file or the admin API): thresholds alone ask for `batch.progress`; `batch.progress` alone gets
+    25, 50 and 75. Raises ValueError, with a message for the user, for thresholds out of 1-99."""
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 < t < 100 for t in thresholds):
+        raise ValueError(f"progress thresholds are whole percents from 1 to 99, got {list(thresholds)!r}")
+    events = list(dict.fromkeys(event_types)) or list(TERMINAL_WEBHOOK_EVENT_TYPES)
+    chosen = tuple(sorted(set(thresholds)))
+    if chosen and PROGRESS_EVENT_TYPE not in events:
+        events.append(PROGRESS_EVENT_TYPE)
+    if PROGRESS_EVENT_TYPE in events and not chosen:
+        chosen = DEFAULT_PROGRESS_THRESHOLDS
+    return events, chosen
 
 
 def thresholds_passed(before: int, after: int, total: int, thresholds: Collection[int]) -> list[int]:

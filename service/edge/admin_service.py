@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 import httpx
 
 from service.domain.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from service.domain.events import ALL_WEBHOOK_EVENT_TYPES
+from service.domain.events import ALL_WEBHOOK_EVENT_TYPES, progress_subscription
 from service.edge.auth import Authenticator, bearer_key, hash_key
 from service.edge.batch_service import DEFAULT_LIMIT, MAX_LIMIT, page_size
 from service.edge.grpc_errors import translate_errors
@@ -61,7 +61,8 @@ def key_message(row: ApiKeyRow, project: ProjectRow) -> admin_pb2.ProjectApiKey:
 def endpoint_message(row: WebhookEndpointRow) -> admin_pb2.ProjectWebhookEndpoint:
     return admin_pb2.ProjectWebhookEndpoint(
         id=row.id, object="webhook_endpoint", url=row.url, event_types=row.event_types.split(","),
-        enabled=row.enabled, created_at=row.created_at, project_id=row.project, source=row.source)
+        enabled=row.enabled, created_at=row.created_at, project_id=row.project, source=row.source,
+        progress_thresholds=[int(t) for t in row.progress_thresholds.split(",") if t])
 
 
 def _name(value: str, what: str) -> str:
@@ -184,13 +185,16 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                                            context: Context) -> admin_pb2.ProjectWebhookEndpoint:
         await self.gate.check(context.invocation_metadata())
         url = self._url(request.url)
-        events = list(dict.fromkeys(request.event_types)) or list(ALL_WEBHOOK_EVENT_TYPES)
-        unknown = [e for e in events if e not in ALL_WEBHOOK_EVENT_TYPES]
+        unknown = [e for e in request.event_types if e not in ALL_WEBHOOK_EVENT_TYPES]
         if unknown:
             raise InvalidRequest(f"event_types: unknown event type {unknown[0][:64]!r}; the types are "
                                  f"{', '.join(ALL_WEBHOOK_EVENT_TYPES)}.", param="event_types", code="invalid_value")
+        try:
+            events, thresholds = progress_subscription(request.event_types, list(request.progress_thresholds))
+        except ValueError as exc:
+            raise InvalidRequest(f"{exc}.", param="progress_thresholds", code="invalid_value") from None
         secret = new_secret()
-        msg = endpoint_message(await self.store.create_endpoint(request.project_id, url, events, secret))
+        msg = endpoint_message(await self.store.create_endpoint(request.project_id, url, events, secret, thresholds))
         msg.secret = secret  # the one time it is shown
         return msg
 

@@ -41,9 +41,9 @@ from standardwebhooks.webhooks import Webhook
 from service.domain import telemetry
 from service.domain.events import (
     ALL_WEBHOOK_EVENT_TYPES,
-    DEFAULT_PROGRESS_THRESHOLDS,
     PROGRESS_EVENT_TYPE,
     TERMINAL_WEBHOOK_EVENT_TYPES,
+    progress_subscription,
     webhook_payload,
 )
 from service.domain.model import now
@@ -164,14 +164,16 @@ def _endpoint(item: Any, environ: Mapping[str, str], where: str) -> EndpointSpec
     if not isinstance(events, list) or not events or any(e not in ALL_WEBHOOK_EVENT_TYPES for e in events):
         raise WebhookConfigError(f"{where}: events must be a list of {', '.join(ALL_WEBHOOK_EVENT_TYPES)}; "
                                  f"got {events!r}")
-    thresholds = _thresholds(item.get("progress_thresholds"), where)
-    if thresholds and PROGRESS_EVENT_TYPE not in events:
-        if item.get("events"):
-            raise WebhookConfigError(f"{where}: progress_thresholds is set but events does not list "
-                                     f"{PROGRESS_EVENT_TYPE}")
-        events = [*events, PROGRESS_EVENT_TYPE]  # thresholds alone ask for progress events
-    if PROGRESS_EVENT_TYPE in events and not thresholds:
-        thresholds = DEFAULT_PROGRESS_THRESHOLDS
+    raw_thresholds = item.get("progress_thresholds")
+    if raw_thresholds is not None and (not isinstance(raw_thresholds, list) or not raw_thresholds):
+        raise WebhookConfigError(f"{where}: progress_thresholds must be a list of whole percents from 1 to 99, "
+                                 f"got {raw_thresholds!r}")
+    if raw_thresholds and item.get("events") and PROGRESS_EVENT_TYPE not in events:
+        raise WebhookConfigError(f"{where}: progress_thresholds is set but events does not list {PROGRESS_EVENT_TYPE}")
+    try:
+        events, thresholds = progress_subscription(events, raw_thresholds or ())
+    except ValueError as exc:
+        raise WebhookConfigError(f"{where}: {exc}") from None
     secret = item.get("secret")
     if item.get("secret_env"):
         secret = environ.get(str(item["secret_env"]))
@@ -190,15 +192,6 @@ def _endpoint(item: Any, environ: Mapping[str, str], where: str) -> EndpointSpec
                         event_types=tuple(dict.fromkeys(events)), secret=secret, progress_thresholds=thresholds)
 
 
-def _thresholds(value: Any, where: str) -> tuple[int, ...]:
-    """Percent of a batch's lines ended, each a whole number from 1 to 99."""
-    if value is None:
-        return ()
-    if (not isinstance(value, list) or not value
-            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 < t < 100 for t in value)):
-        raise WebhookConfigError(f"{where}: progress_thresholds must be a list of whole percents from 1 to 99, "
-                                 f"got {value!r}")
-    return tuple(sorted(set(value)))
 
 
 # --------------------------------------------------------------------------- destinations

@@ -202,13 +202,14 @@ class AdminStore:
                                          .order_by(WebhookEndpointRow.created_at, WebhookEndpointRow.id))).all())
 
     async def create_endpoint(self, project_id: str, url: str, event_types: Sequence[str],
-                              secret: str) -> WebhookEndpointRow:
+                              secret: str, progress_thresholds: Sequence[int] = ()) -> WebhookEndpointRow:
         t = now()
         async with self.sessions.begin() as s:
             await self._active_project(s, project_id)
             row = WebhookEndpointRow(id=new_endpoint_id(), project=project_id, url=url,
                                      event_types=",".join(event_types), secret=secret, enabled=True,
-                                     created_at=t, updated_at=t, source=ADMIN)
+                                     created_at=t, updated_at=t, source=ADMIN,
+                                     progress_thresholds=",".join(map(str, progress_thresholds)))
             s.add(row)
         return row
 

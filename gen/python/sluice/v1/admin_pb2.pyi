@@ -168,7 +168,7 @@ class DeleteProjectApiKeyResponse(_message.Message):
     def __init__(self, object: _Optional[str] = ..., id: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
 
 class ProjectWebhookEndpoint(_message.Message):
-    __slots__ = ("id", "object", "url", "event_types", "enabled", "created_at", "project_id", "source", "secret")
+    __slots__ = ("id", "object", "url", "event_types", "enabled", "created_at", "project_id", "source", "secret", "progress_thresholds")
     ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,7 @@ class ProjectWebhookEndpoint(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     object: str
     url: str
@@ -187,7 +188,8 @@ class ProjectWebhookEndpoint(_message.Message):
     project_id: str
     source: str
     secret: str
-    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., created_at: _Optional[int] = ..., project_id: _Optional[str] = ..., source: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+    progress_thresholds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., enabled: _Optional[bool] = ..., created_at: _Optional[int] = ..., project_id: _Optional[str] = ..., source: _Optional[str] = ..., secret: _Optional[str] = ..., progress_thresholds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListProjectWebhookEndpointsRequest(_message.Message):
     __slots__ = ("project_id",)
@@ -204,14 +206,16 @@ class ListProjectWebhookEndpointsResponse(_message.Message):
     def __init__(self, object: _Optional[str] = ..., data: _Optional[_Iterable[_Union[ProjectWebhookEndpoint, _Mapping]]] = ...) -> None: ...
 
 class CreateProjectWebhookEndpointRequest(_message.Message):
-    __slots__ = ("project_id", "url", "event_types")
+    __slots__ = ("project_id", "url", "event_types", "progress_thresholds")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     url: str
     event_types: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, project_id: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ...) -> None: ...
+    progress_thresholds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, project_id: _Optional[str] = ..., url: _Optional[str] = ..., event_types: _Optional[_Iterable[str]] = ..., progress_thresholds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteProjectWebhookEndpointRequest(_message.Message):
     __slots__ = ("project_id", "endpoint_id")
