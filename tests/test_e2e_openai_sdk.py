@@ -399,22 +399,30 @@ def test_exactly_200_mb_is_accepted_one_byte_more_is_413_and_neither_is_held_in_
     client = sqlite_stack.sdk()
     pids = (("server", sqlite_stack.proc.pid), ("envoy", sqlite_stack.envoy_pid))
 
-    def assert_streamed() -> None:
-        # Neither process ever held the upload whole: each one's peak RSS stays under its size.
-        for name, pid in pids:
-            peak = vm_bytes(pid, "VmHWM")
-            assert peak < 160 * MiB, f"{name} peaked at {peak / MiB:.0f} MiB"
+    baseline: dict[str, int] = {}
 
-    for _, pid in pids:
-        reset_peak_memory(pid)
+    def reset() -> None:
+        """Peak := now, for both processes. The stack is shared by the session, so what they hold
+        already depends on the tests that ran before: the promise is about growth from here."""
+        for name, pid in pids:
+            reset_peak_memory(pid)
+            baseline[name] = vm_bytes(pid, "VmHWM")
+
+    def assert_streamed() -> None:
+        # Neither process ever held the upload whole: each one's peak grows by less than a third of it
+        # (measured: server +34 MiB, Envoy +24 MiB).
+        for name, pid in pids:
+            grown = vm_bytes(pid, "VmHWM") - baseline[name]
+            assert grown < 64 * MiB, f"{name}'s peak grew by {grown / MiB:.0f} MiB"
+
+    reset()
     source = exact_upload(200 * MiB)
     f = client.files.create(file=source, purpose="batch")
     assert source.sent == 200 * MiB and (f.bytes, f.status) == (200 * MiB, "processed")
     assert_streamed()
     client.files.delete(f.id)
 
-    for _, pid in pids:
-        reset_peak_memory(pid)
+    reset()
     source = exact_upload(200 * MiB + 1)
     err = expect_error(openai.APIStatusError, 413, client.files.create, file=source, purpose="batch",
                        error_type="invalid_request_error", code="file_too_large", param="file")
