@@ -10,10 +10,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import update
 
 from adapters.openai import OpenAIAdapter
+from service.domain.model import BatchStatus
 from service.storage.db import create_engine
 from service.storage.repository import Store
+from service.storage.tables import BatchRow
 from tests import native_scenarios as sc
 from tests.harness import gateway, move_expiry
 from tests.native_scenarios import HOLD, Flavor, fake_server  # noqa: F401  (module-scoped fixture)
@@ -115,3 +118,27 @@ async def test_a_non_retryable_download_failure_fails_the_batch_with_the_reason(
     assert time.monotonic() - started < sc.WAIT
     downloads = [r for r in fake.state()["requests"] if r["path"].endswith("/content")]
     assert len(downloads) == 1  # not retried: retrying cannot fix a 404
+
+
+async def test_a_batch_left_validating_whose_provider_already_finished_completes(fake: ProviderFake,
+                                                                                db_url: str) -> None:
+    """A crash between storing the provider's batch id and leaving `validating` (two writes): the
+    next process finds the batch ended at the provider. It must pass through `in_progress`
+    (validating -> finalizing is no edge of the state machine) and complete, not fail every step
+    until the watchdog expires a batch that completed (found by the engine's mutation tests)."""
+    fake.configure(polls_per_state=HOLD)
+    async with gateway(settings(db_url), sc.make_router(fake, OPENAI)) as (_, c):
+        created = await c.create(sc.lines(OPENAI, {"a": "hello", "b": "world"}))
+        pid = await sc.provider_id(c, created.id)
+    store = Store(create_engine(db_url))
+    try:
+        async with store.sessions.begin() as s:
+            await s.execute(update(BatchRow).where(BatchRow.id == created.id).values(
+                status=BatchStatus.VALIDATING, in_progress_at=None))
+    finally:
+        await store.close()
+    fake.complete("openai", pid)
+    async with gateway(settings(db_url), sc.make_router(fake, OPENAI)) as (_, c):
+        batch = await c.wait_for(created.id, timeout=sc.WAIT)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    assert batch.HasField("in_progress_at") and batch.HasField("finalizing_at")

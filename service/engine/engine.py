@@ -529,7 +529,8 @@ class Engine:
         await self.store.record_provider_status(batch.id, part.part_no, state.raw_status, state.completed,
                                                 state.failed)
         if not state.ended:
-            if part.status is BatchStatus.VALIDATING and state.status is not ProviderState.VALIDATING:
+            started = BatchStatus.VALIDATING not in (part.status, batch.status)
+            if not started and state.status is not ProviderState.VALIDATING:
                 await self._start(batch, part)
             return time.time() + self.settings.poll_seconds
         await self._collect(batch, part, adapter, state)
@@ -571,7 +572,12 @@ class Engine:
         others_done = all(p.status.terminal or p.status is BatchStatus.FINALIZING
                           for p in batch.parts if p.part_no != part.part_no)
         if others_done and batch.status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
-            await self.store.transition(batch.id, batch.status, BatchStatus.FINALIZING)
+            # Still validating only after a crash between storing the provider's id and leaving
+            # validating: pass through in_progress (validating -> finalizing is no edge). A batch that
+            # moved meanwhile (a cancel) fails both compare-and-sets and is decided again.
+            if batch.status is BatchStatus.VALIDATING:
+                await self._start(batch, part)
+            await self.store.transition(batch.id, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
         buffer: list[LineResult] = []
         async for result in adapter.results(part.provider_batch_id):
             buffer.append(result)
