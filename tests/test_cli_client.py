@@ -161,6 +161,8 @@ def test_watch_exits_1_unless_the_batch_completed(server: ServerProcess, stuck_s
 
 
 def test_failures_exit_non_zero_with_the_message(server: ServerProcess, tmp_path: Path) -> None:
+    # A batch of KEY_A's own, whatever ran before on the module's server (tests run in random order).
+    ok(sluice(server, "batches", "create", str(questions(tmp_path / "one.jsonl", 1)), "--json"))
     missing = sluice(server, "batches", "get", "batch_missing")
     assert missing.returncode == 1 and missing.stderr.strip() == "sluice: No batch found with id 'batch_missing'."
     theirs = as_json(sluice(server, "batches", "list", "--json", key=KEY_A))["data"][0]["id"]

@@ -77,7 +77,7 @@ async def _file_rows(store: Store, file_ids: list[str]) -> dict[str, tuple[Any, 
     return out
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # 50 native batches on two replicas: about a minute idle, minutes under load
 async def test_a_second_replica_never_refinalizes_an_ended_native_batch(
         db_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Replica A drives the batches; replica B's lease UPDATE of a batch it chose is held until
@@ -98,7 +98,7 @@ async def test_a_second_replica_never_refinalizes_an_ended_native_batch(
                 return row if BatchStatus(row.status).terminal else None
 
             async def files_when_ended(batch_id: str) -> None:
-                row = await until(f"{batch_id} to end", lambda: ended(batch_id), 120)
+                row = await until(f"{batch_id} to end", lambda: ended(batch_id), 600)
                 at_end[batch_id] = await _file_rows(watcher, [f for f in (row.output_file_id, row.error_file_id)
                                                               if f])
 
@@ -111,7 +111,7 @@ async def test_a_second_replica_never_refinalizes_an_ended_native_batch(
                 created = [await c.create([chat_line(f"r{i}", "please FAIL" if i == 2 else f"question {i}",
                                                      model=OPENAI.sluice_model) for i in range(3)])
                            for _ in range(n)]
-                finished = await asyncio.gather(*(c.wait_for(b.id, timeout=120) for b in created))
+                finished = await asyncio.gather(*(c.wait_for(b.id, timeout=600) for b in created))
                 assert [b.status for b in finished] == ["completed"] * n
                 # B tries to lease, one after the other, every batch its claim chose; let it.
                 await until("replica B to try a lease", lambda: _true(bool(at_end)), 60)
