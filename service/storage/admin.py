@@ -19,10 +19,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from service.domain.errors import Conflict, InvalidRequest, NotFound
 from service.domain.model import now
+from service.storage.db import insert_for
 from service.storage.repository import Store
 from service.storage.tables import ApiKeyRow, ProjectRow, WebhookEndpointRow
 
@@ -61,7 +61,7 @@ class AdminStore:
         self._dialect = store.engine.dialect.name
 
     def _insert(self, table: Any) -> Any:
-        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+        return insert_for(self._dialect, table)
 
     # --- start-up ----------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Protocol
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from service.storage.db import Sessions
+from service.storage.db import Sessions, insert_for
 from service.storage.tables import FileChunkRow
 
 CHUNK_BYTES = 1024 * 1024  # the most any `get` yields at once (a gRPC download message), and a DB row
@@ -76,7 +76,7 @@ class DatabaseBlobs:
         self._dialect = dialect
 
     def _insert(self) -> postgresql.Insert | sqlite.Insert:
-        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(FileChunkRow)
+        return insert_for(self._dialect, FileChunkRow)
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> int:
         await self.delete([key])

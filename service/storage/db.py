@@ -16,6 +16,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -93,3 +94,8 @@ class Sessions:
             return
         async with self._write_lock, self._maker.begin() as session:
             yield session
+
+
+def insert_for(dialect: str, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT with the dialect's ON CONFLICT clauses (both backends spell them the same way)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)

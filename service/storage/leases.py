@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import or_, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from service.storage.db import Sessions
+from service.storage.db import Sessions, insert_for
 from service.storage.tables import LeaseRow
 
 
@@ -25,7 +24,7 @@ class Leases:
     async def acquire(self, name: str, owner: str, seconds: float) -> bool:
         """Take or renew `name` for `seconds`; False while another owner holds it."""
         t = time.time()
-        insert = (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(LeaseRow)
+        insert = insert_for(self._dialect, LeaseRow)
         async with self.sessions.begin() as s:
             await s.execute(insert.values(name=name, owner=None, until=0.0).on_conflict_do_nothing(
                 index_elements=["name"]))

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import defer
@@ -43,7 +42,7 @@ from service.domain.model import (
     now,
 )
 from service.storage.blobs import BlobStore, DatabaseBlobs
-from service.storage.db import Sessions
+from service.storage.db import Sessions, insert_for
 from service.storage.tables import (
     ApiKeyRow,
     BatchRow,
@@ -194,7 +193,7 @@ class Store:
         await self.engine.dispose()
 
     def _insert(self, table: Any) -> Any:
-        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+        return insert_for(self._dialect, table)
 
     # --- API keys -------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.domain.errors import NotFound
 from service.domain.events import PROGRESS_EVENT_TYPE, WEBHOOK_EVENT_TYPES, thresholds_passed
 from service.domain.model import BatchStatus, now
+from service.storage.db import insert_for
 from service.storage.tables import (
     BatchRow,
     PartRow,
@@ -84,15 +85,15 @@ async def record_progress(session: AsyncSession, batch_id: str) -> None:
                                                          else_=part_reported))).where(PartRow.batch_id == batch_id))
     ended = max(int(stored or 0), int(by_parts or 0))
     created = now()
-    insert_ = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    dialect = session.get_bind().dialect.name
     for endpoint_id, thresholds in endpoints:
         wanted = [int(t) for t in thresholds.split(",") if t]
         for threshold in thresholds_passed(0, ended, total, wanted):
             event_id = f"{event_id_for(batch_id)}_p{threshold}"
-            await session.execute(insert_(WebhookEventRow).values(
+            await session.execute(insert_for(dialect, WebhookEventRow).values(
                 id=event_id, project=project, type=PROGRESS_EVENT_TYPE, batch_id=batch_id, created_at=created,
                 progress=threshold).on_conflict_do_nothing(index_elements=["id"]))
-            await session.execute(insert_(WebhookDeliveryRow).values(
+            await session.execute(insert_for(dialect, WebhookDeliveryRow).values(
                 event_id=event_id, endpoint_id=endpoint_id, status=PENDING, attempts=0, next_attempt_at=time.time(),
                 created_at=created).on_conflict_do_nothing(index_elements=["event_id", "endpoint_id"]))
 
@@ -147,7 +148,7 @@ class WebhookStore:
         self._dialect = engine.dialect.name
 
     def _insert(self, table: type) -> postgresql.Insert | sqlite.Insert:
-        return (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(table)
+        return insert_for(self._dialect, table)
 
     # --- configuration ----------------------------------------------------------------------
 
