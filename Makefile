@@ -76,8 +76,11 @@ mutation: $(STAMP)
 breakages: $(STAMP)
 	$(BIN)/python -m tests.breakages
 
+## Sluice and LiteLLM's proxy side by side (bench/README.md); BENCH_ARGS=--postgres for PostgreSQL,
+## BENCH_ARGS="--rounds 1" for a quick look. LiteLLM goes into its own venv under var/bench/, created
+## by the bench, never by `make test`.
 bench: $(STAMP)
-	$(BIN)/python bench/upload.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var mutants .pytest_cache .mypy_cache .ruff_cache
