@@ -8,7 +8,7 @@ it parses a whole multipart upload in memory with the email package and checks e
 them. This one writes the uploaded body to disk as it arrives and answers with OpenAI-shaped
 objects, so LiteLLM's figure is LiteLLM's own cost plus little more. It serves:
 POST /v1/files (multipart body stored as received), GET /v1/files/{id}, GET /v1/files/{id}/content
-(the stored body), POST /v1/batches, GET /v1/batches/{id}; anything else is a 404 in OpenAI's
+(the stored body), POST /v1/batches, GET /v1/batches/{id}, GET /v1/models; anything else is a 404 in OpenAI's
 envelope, and every path it refused is printed to stderr, so a LiteLLM that needs more shows it.
 """
 
@@ -124,6 +124,9 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, FILES[parts[-1]])
         elif len(parts) >= 2 and parts[-2] == "batches" and parts[-1] in BATCHES:
             self.reply(200, BATCHES[parts[-1]])
+        elif parts[-1] == "models":  # LiteLLM asks once, at start
+            self.reply(200, {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0,
+                                                         "owned_by": "standin"}]})
         else:
             self.missing()
 
