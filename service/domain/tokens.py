@@ -136,14 +136,13 @@ def whole_number(value: Any) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-def output_bound(url: str, body: dict[str, Any], default: int) -> tuple[int, bool]:
-    """The most output tokens the line can be charged for, and whether that is the line's own limit."""
+def own_output(url: str, body: dict[str, Any]) -> tuple[int | None, int]:
+    """The line's own output limit (None when it sets none; 0 for embeddings) and its choices."""
     if url == "/v1/embeddings":
-        return 0, True
+        return 0, 1
     keys = ("max_output_tokens",) if url == "/v1/responses" else ("max_completion_tokens", "max_tokens")
     own = next((v for k in keys if (v := whole_number(body.get(k))) is not None), None)
-    choices = max(whole_number(body.get("n")) or 1, whole_number(body.get("best_of")) or 1)
-    return (own if own is not None else default) * choices, own is not None
+    return own, max(whole_number(body.get("n")) or 1, whole_number(body.get("best_of")) or 1)
 
 
 @dataclass(frozen=True)
@@ -157,10 +156,33 @@ class LineTokens:
     bounded: bool
 
 
-def line_tokens(url: str, body: dict[str, Any], default_output: int = DEFAULT_OUTPUT_BOUND) -> LineTokens:
+@dataclass(frozen=True)
+class BodyTokens:
+    """What a request's body alone says of its tokens: an upload keeps this for each line (the
+    provider's default output bound, which applies when the line sets none, is known only once
+    the line is routed)."""
+
+    input_min: int
+    input_estimate: int
+    input_max: int
+    own_output: int | None
+    choices: int
+
+    def bounded_by(self, default_output: int) -> LineTokens:
+        """The line's tokens, its output bounded by its own limit or else by `default_output`."""
+        output = self.own_output if self.own_output is not None else default_output
+        return LineTokens(self.input_min, self.input_estimate, self.input_max, output * self.choices,
+                          self.own_output is not None)
+
+
+def body_tokens(url: str, body: dict[str, Any]) -> BodyTokens:
     text = _text_of(url, body)
     low = max(text.words + text.exact_tokens, 1)
     high = max(text.bytes + text.exact_tokens + text.framing + text.extra_max, low)
     guess = math.ceil(text.bytes / BYTES_PER_TOKEN) + text.exact_tokens + text.framing
-    output, bounded = output_bound(url, body, default_output)
-    return LineTokens(low, min(max(guess, low), high), high, output, bounded)
+    own, choices = own_output(url, body)
+    return BodyTokens(low, min(max(guess, low), high), high, own, choices)
+
+
+def line_tokens(url: str, body: dict[str, Any], default_output: int = DEFAULT_OUTPUT_BOUND) -> LineTokens:
+    return body_tokens(url, body).bounded_by(default_output)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.domain.model import Price, Usage
-from service.domain.tokens import DEFAULT_OUTPUT_BOUND, METHOD, line_tokens, whole_number
+from service.domain.tokens import DEFAULT_OUTPUT_BOUND, METHOD, BodyTokens, body_tokens, whole_number
 from service.providers.routing import Route, Router
 
 __all__ = ["METHOD", "Estimator", "PartTally"]
@@ -39,9 +39,13 @@ class Estimator:
     parts: dict[int, PartTally] = field(default_factory=dict)
 
     def add(self, part_no: int, route: Route, url: str, body: dict[str, Any]) -> None:
+        self.add_tokens(part_no, route, body_tokens(url, body))
+
+    def add_tokens(self, part_no: int, route: Route, counted: BodyTokens) -> None:
+        """`add`, for a line whose body was counted before (at its upload)."""
         entry = self.router.entry(route.provider)
         default = whole_number(entry.provider.options.get("default_max_tokens")) or DEFAULT_OUTPUT_BOUND
-        tokens = line_tokens(url, body, default)
+        tokens = counted.bounded_by(default)
         price = entry.price(route.model)
         tally = self.parts.setdefault(part_no, PartTally())
         tally.lines += 1

@@ -32,6 +32,7 @@ from service.domain.model import (
     MAX_OBJECT_ID_LEN,
     SUPPORTED_ENDPOINTS,
 )
+from service.domain.tokens import BodyTokens
 from service.intake.estimate import Estimator
 from service.providers.routing import Route, Router, UnknownModel
 from service.storage.repository import NewPart, NewRequest
@@ -210,11 +211,7 @@ class LineValidator:
         if url not in SUPPORTED_ENDPOINTS:
             raise LineProblem("invalid_url", f"url {clip(url)} is not a supported endpoint "
                               f"({', '.join(SUPPORTED_ENDPOINTS)})", "url")
-        if self.endpoint is None:
-            self.endpoint = url
-        if url != self.endpoint:
-            raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
-                              "url")
+        self._check_endpoint(url)
         body = raw.get("body")
         if not isinstance(body, dict):
             raise LineProblem("invalid_body", "body must be a JSON object", "body")
@@ -228,15 +225,39 @@ class LineValidator:
         if shape is not None:
             raise LineProblem("line_too_complex" if "values" in shape else "invalid_json_line",
                               f"the request line {shape}", "body")
-        route = self._route(self.router, model, url, size) if self.router is not None else None
-        part_no = self._place(route, size) if route is not None else 0
+        route, part_no = self._admit(url, model, size)
         if self.estimator is not None and route is not None:
             self.estimator.add(part_no, route, url, body)
         self.seen.add(custom_id)
-        self.models.add(model)
         return NewRequest(custom_id=custom_id, model=model, body=body,
                           provider_model=route.model if route else None,
                           provider=route.provider if route else None, part_no=part_no)
+
+    def check_indexed(self, url: str, model: str, size: int, tokens: BodyTokens) -> None:
+        """Validate a line of an uploaded file from what its upload recorded of it (its url, model,
+        size and the token counts of its body). The upload held the line to every rule `check`
+        applies without a batch (a JSON object; custom_id present, short, text and unique in the
+        file; method; url supported; body; model; shape); what a batch can still refuse is checked
+        here by the same code as in `check`, in the same order: the url against the batch's
+        endpoint, then the route, the provider's capabilities and the part it goes into."""
+        self._check_endpoint(url)
+        route, part_no = self._admit(url, model, size)
+        if self.estimator is not None and route is not None:
+            self.estimator.add_tokens(part_no, route, tokens)
+
+    def _check_endpoint(self, url: str) -> None:
+        if self.endpoint is None:
+            self.endpoint = url
+        if url != self.endpoint:
+            raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
+                              "url")
+
+    def _admit(self, url: str, model: str, size: int) -> tuple[Route | None, int]:
+        """Route the line (when there is a router) and place it in its part."""
+        route = self._route(self.router, model, url, size) if self.router is not None else None
+        part_no = self._place(route, size) if route is not None else 0
+        self.models.add(model)
+        return route, part_no
 
     def route_of(self, model: str) -> Route:
         """The route a checked line's model was resolved to (for a second pass over a file)."""
