@@ -8,6 +8,7 @@ without its index, which is how files uploaded before the index existed are read
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,12 +17,16 @@ from typing import Any
 import grpc
 import pytest
 from google.api import httpbody_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import delete, func, select
 
 from adapters.base import Capabilities
 from adapters.sim import SimProvider
 from service.domain.errors import NotFound
 from service.domain.model import FileStatus, now
+from service.intake.jsonl import numbered_lines, parse_line
+from service.intake.validation import LineProblem
 from service.providers.routing import ProviderEntry, Router
 from service.runtime.server import App
 from service.storage.repository import NewRequest, Store
@@ -272,3 +277,54 @@ async def test_a_file_purged_before_the_create_commits_fails_it_leaving_nothing(
         await store.create_batch(row, [line])
     async with store.sessions() as s:
         assert await s.scalar(select(func.count()).select_from(BatchRow)) == 0
+
+
+async def _numbered(data: bytes, cuts: list[int]) -> list[tuple[int, int, bytes]]:
+    async def chunks() -> AsyncIterator[bytes]:
+        last = 0
+        for cut in sorted({c % (len(data) + 1) for c in cuts}):
+            yield data[last:cut]
+            last = cut
+        yield data[last:]
+    return [line async for lines in numbered_lines(chunks()) for line in lines]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), max_size=20),
+       st.lists(st.integers(0, 10_000), max_size=10), st.booleans())
+def test_each_line_is_found_at_its_offset_however_the_chunks_cut(lines: list[bytes], cuts: list[int],
+                                                                 trailing: bool) -> None:
+    """The offsets the index keeps point at exactly the line's bytes in the stored file."""
+    data = b"\n".join(lines) + (b"\n" if trailing else b"")
+    found = asyncio.run(_numbered(data, cuts))
+    assert [(n, line) for n, _, line in found] == [(i + 1, ln) for i, ln in enumerate(data.split(b"\n"))
+                                                   if ln.strip()]
+    assert all(data[offset:offset + len(line)] == line for _, offset, line in found)
+
+
+@pytest.mark.parametrize("raw", [b'{"a": 123456789012345678901234567890}', b'{"a": -18446744073709551616}',
+                                 b'{"a": 18446744073709551615, "b": 1.5e308}', b'"\\ud800"', b"\xef\xbb\xbf{}",
+                                 b'{"a": NaN}', b'{"a": 1e400}', b'[1,]', b"{\"a\": \"\xed\xa0\x80\"}",
+                                 "{}".encode("utf-16"), b'{"a": 1, "a": 2}', b'{"x": "\\u00e9\xc3\xa9"}'])
+def test_lines_parse_to_what_json_makes_of_them_or_fail_with_its_message(raw: bytes) -> None:
+    """orjson parses where it agrees with `json`; elsewhere `json` decides (values and messages)."""
+    try:
+        reference: Any = json.loads(raw, parse_constant=_refuse, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError) as exc:
+        with pytest.raises(LineProblem) as info:
+            parse_line(raw)
+        assert info.value.message == f"is not valid JSON ({str(exc)[:200]})"
+        return
+    parsed = parse_line(raw)
+    assert parsed == reference and json.dumps(parsed) == json.dumps(reference)
+
+
+def _refuse(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:20]} is too large for JSON")
+    return value

@@ -40,6 +40,9 @@ METHOD = ("input tokens: UTF-8 bytes / 4 (a rule of thumb for English, not a tok
           ">= 1 token per whitespace-separated word and <= 1 token per UTF-8 byte plus message framing; "
           "output tokens: bounded by max_tokens, or where unset by the provider's default_max_tokens or 4096")
 _MEDIA_PARTS = {"image_url", "input_image", "input_audio", "image", "audio", "file", "input_file"}
+# ASCII whitespace (what str.split splits at) -> " ", anything else -> "x": the words of an ASCII
+# text are the "x" runs, counted in C.
+_ASCII_SPACES = bytes(0x20 if chr(b).isspace() else 0x78 for b in range(128)) + b"x" * 128
 _STRUCTURE_KEYS = ("tools", "functions", "response_format", "tool_choice", "text")
 
 
@@ -54,8 +57,13 @@ class _Text:
     extra_max: int = 0
 
     def add(self, text: str) -> None:
-        self.words += len(text.split())
-        self.bytes += len(text.encode())
+        if text.isascii():
+            marks = text.encode("ascii").translate(_ASCII_SPACES)
+            self.words += marks.count(b" x") + (marks[:1] == b"x")  # len(text.split()), 5x faster
+            self.bytes += len(text)
+        else:
+            self.words += len(text.split())
+            self.bytes += len(text.encode())
 
     def add_content(self, content: Any) -> None:
         """A message's `content`: a string, or a list of parts."""
@@ -156,7 +164,7 @@ class LineTokens:
     bounded: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per line of an upload: a frozen dataclass's __init__ costs more than counting
 class BodyTokens:
     """What a request's body alone says of its tokens: an upload keeps this for each line (the
     provider's default output bound, which applies when the line sets none, is known only once
@@ -168,10 +176,13 @@ class BodyTokens:
     own_output: int | None
     choices: int
 
+    def output_max(self, default_output: int) -> int:
+        """The most output tokens the line can be charged for: its own limit, else `default_output`."""
+        return (self.own_output if self.own_output is not None else default_output) * self.choices
+
     def bounded_by(self, default_output: int) -> LineTokens:
         """The line's tokens, its output bounded by its own limit or else by `default_output`."""
-        output = self.own_output if self.own_output is not None else default_output
-        return LineTokens(self.input_min, self.input_estimate, self.input_max, output * self.choices,
+        return LineTokens(self.input_min, self.input_estimate, self.input_max, self.output_max(default_output),
                           self.own_output is not None)
 
 

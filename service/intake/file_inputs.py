@@ -17,7 +17,7 @@ from typing import Any
 from service.domain.errors import InvalidRequest, NotFound, clip
 from service.domain.model import DEFAULT_LIMITS, BatchError, BatchStatus, Limits, now
 from service.intake.jsonl import LineChecks, NumberedProblem, check_lines, parse_line, split_lines
-from service.intake.line_index import index_blocks, whole_index
+from service.intake.line_index import index_blocks, tokens_of, whole_index
 from service.intake.validation import LineValidator
 from service.storage.repository import NewRequest, Store, file_gone
 from service.storage.tables import BatchRow
@@ -61,8 +61,8 @@ class BatchInputs:
         """The checks of `check_lines`, on what the upload recorded of each line."""
         checks = LineChecks(validator, self.limits.max_requests)
         async for url, entries in index_blocks(self.store, file_id):
-            for e in entries:
-                checks.check_indexed(e.number, url, e.model, e.length, e.tokens)
+            for entry in entries:
+                checks.check_indexed(entry[0], url, entry[4], entry[2], tokens_of(entry))
         return checks.count, checks.problems
 
     async def _indexed(self, file_id: str, validator: LineValidator) -> AsyncIterator[NewRequest]:
@@ -72,10 +72,10 @@ class BatchInputs:
         routes, part_of = validator.routes, validator.part_of
         n = 0
         async for _, entries in index_blocks(self.store, file_id):
-            for e in entries:
-                route = routes[e.model]
-                yield NewRequest(e.custom_id, e.model, _NO_BODY, route.model, route.provider, part_of(n),
-                                 line_offset=e.offset, line_length=e.length)
+            for _, offset, length, custom_id, model, *_tokens in entries:
+                route = routes[model]
+                yield NewRequest(custom_id, model, _NO_BODY, route.model, route.provider, part_of(n),
+                                 line_offset=offset, line_length=length)
                 n += 1
 
     async def _requests(self, file_id: str, validator: LineValidator, expected: int) -> AsyncIterator[NewRequest]:

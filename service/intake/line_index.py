@@ -25,18 +25,13 @@ from service.storage.repository import NewRequest, Store
 
 BLOCK_LINES = 4096
 
-__all__ = ["BLOCK_LINES", "IndexEntry", "LineIndexWriter", "index_blocks", "whole_index"]
+__all__ = ["BLOCK_LINES", "LineIndexWriter", "index_blocks", "tokens_of", "whole_index"]
 
 
-class IndexEntry:
-    """One line as the index holds it."""
-
-    __slots__ = ("custom_id", "length", "model", "number", "offset", "tokens")
-
-    def __init__(self, raw: list[Any]) -> None:
-        self.number, self.offset, self.length, self.custom_id, self.model = raw[:5]
-        low, guess, high, own, choices = raw[5:10]
-        self.tokens = BodyTokens(low, guess, high, None if own < 0 else own, choices)
+def tokens_of(entry: list[Any]) -> BodyTokens:
+    """The token counts an index entry keeps of its line's body."""
+    own = entry[8]
+    return BodyTokens(entry[5], entry[6], entry[7], None if own < 0 else own, entry[9])
 
 
 class LineIndexWriter:
@@ -78,8 +73,9 @@ async def whole_index(store: Store, file_id: str, line_count: int) -> bool:
     return last is not None and orjson.loads(last).get("total") == line_count
 
 
-async def index_blocks(store: Store, file_id: str) -> AsyncIterator[tuple[str, list[IndexEntry]]]:
-    """(url, entries) block by block, in file order."""
+async def index_blocks(store: Store, file_id: str) -> AsyncIterator[tuple[str, list[list[Any]]]]:
+    """(url, entries) block by block, in file order; an entry is [number, offset, length, custom_id,
+    model, input_min, input_estimate, input_max, own_output, choices] (`tokens_of` reads the last five)."""
     async for data in store.file_index_blocks(file_id):
         block = orjson.loads(data)
-        yield block["url"], [IndexEntry(raw) for raw in block["lines"]]
+        yield block["url"], block["lines"]

@@ -19,6 +19,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.base import Capabilities
 from service.domain.errors import InvalidRequest, clip
 from service.domain.model import (
     COMPLETION_WINDOWS,
@@ -186,6 +187,8 @@ class LineValidator:
     closed_parts: list[_OpenPart] = field(default_factory=list)
     line_parts: array[int] = field(default_factory=lambda: array("i"))  # part of each checked line
     estimator: Estimator | None = None  # tallies tokens and cost per part, when set
+    # provider -> its capabilities (the adapter's, with configured limits), built once, not per line
+    _caps: dict[str, Capabilities] = field(default_factory=dict, repr=False)
 
     def check(self, raw: Any, size: int = 0) -> NewRequest:
         """Validate one line (`size`: its encoded length, for the provider's byte limit)."""
@@ -289,8 +292,14 @@ class LineValidator:
         self.provider_models.setdefault(route.provider, set()).add(route.model)
         return route
 
+    def _capabilities(self, router: Router, provider: str) -> Capabilities:
+        caps = self._caps.get(provider)
+        if caps is None:
+            caps = self._caps[provider] = router.entry(provider).capabilities
+        return caps
+
     def _check_capabilities(self, router: Router, route: Route, url: str, size: int) -> None:
-        caps = router.entry(route.provider).capabilities
+        caps = self._capabilities(router, route.provider)
         if url not in caps.endpoints:
             raise LineProblem("unsupported_endpoint", f"provider {route.provider!r} cannot batch {url} (it serves "
                               f"{', '.join(sorted(caps.endpoints))})", "url")
@@ -308,7 +317,7 @@ class LineValidator:
         """The part this line goes into: the provider's current one, or a new one when the line
         would take that past the provider's per-batch line or byte limit."""
         assert self.router is not None
-        caps = self.router.entry(route.provider).capabilities
+        caps = self._capabilities(self.router, route.provider)
         part = self.open_parts.get(route.provider)
         full = part is not None and (
             (caps.max_lines is not None and part.lines + 1 > caps.max_lines)
