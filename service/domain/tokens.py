@@ -148,9 +148,14 @@ def own_output(url: str, body: dict[str, Any]) -> tuple[int | None, int]:
     """The line's own output limit (None when it sets none; 0 for embeddings) and its choices."""
     if url == "/v1/embeddings":
         return 0, 1
-    keys = ("max_output_tokens",) if url == "/v1/responses" else ("max_completion_tokens", "max_tokens")
-    own = next((v for k in keys if (v := whole_number(body.get(k))) is not None), None)
-    return own, max(whole_number(body.get("n")) or 1, whole_number(body.get("best_of")) or 1)
+    own = None
+    for key in ("max_output_tokens",) if url == "/v1/responses" else ("max_completion_tokens", "max_tokens"):
+        if (own := whole_number(body.get(key))) is not None:
+            break
+    n, best_of = body.get("n"), body.get("best_of")  # usually absent: 1 choice
+    if n is None and best_of is None:
+        return own, 1
+    return own, max(whole_number(n) or 1, whole_number(best_of) or 1)
 
 
 @dataclass(frozen=True)

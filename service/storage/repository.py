@@ -335,8 +335,19 @@ class Store:
 
     async def _insert_requests(self, s: AsyncSession, rows: list[dict[str, Any]]) -> None:
         """One chunk of request rows, one statement (Core: the ORM's bulk path costs more than
-        the database's work)."""
-        await (await s.connection()).execute(_INSERT_REQUESTS, rows)
+        the database's work); on PostgreSQL one COPY, in the same transaction."""
+        conn = await s.connection()
+        if self._dialect != "postgresql":
+            await conn.execute(_INSERT_REQUESTS, rows)
+            return
+        import asyncpg  # the PostgreSQL driver (only installed pieces are imported on SQLite)
+
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        try:
+            await driver.copy_records_to_table("batch_requests", columns=_REQUEST_COLUMNS,
+                                               records=[tuple(row[c] for c in _REQUEST_COLUMNS) for row in rows])
+        except asyncpg.IntegrityConstraintViolationError as exc:  # as an INSERT reports it
+            raise IntegrityError("COPY batch_requests", None, exc) from exc
 
     async def _hold_file(self, s: AsyncSession, file_id: str) -> None:
         """Inside the create's transaction: the input file its lines point into still has its
@@ -1198,6 +1209,8 @@ def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
 
 
 _INSERT_REQUESTS: Any = RequestRow.__table__.insert()  # type: ignore[attr-defined]
+_REQUEST_COLUMNS = ("batch_id", "idx", "custom_id", "model", "provider_model", "provider", "part_no", "origin_idx",
+                    "body_json", "line_offset", "line_length")
 # A line's body size: its stored body, or for a line stored by reference its line in the input file.
 _BODY_SIZE = func.coalesce(RequestRow.line_length, func.length(RequestRow.body_json))
 RUN_BYTES = 8 * 1024 * 1024  # the most one range read of an input file spans
