@@ -26,6 +26,7 @@ from adapters.sim import SimProvider
 from service.domain.errors import NotFound
 from service.domain.model import FileStatus, now
 from service.intake.jsonl import numbered_lines, parse_line
+from service.intake.line_index import BLOCK_LINES
 from service.intake.validation import LineProblem
 from service.providers.routing import ProviderEntry, Router
 from service.runtime.server import App
@@ -328,3 +329,28 @@ def _finite(text: str) -> float:
     if value in (float("inf"), float("-inf")):
         raise ValueError(f"the number {text[:20]} is too large for JSON")
     return value
+
+
+async def test_a_rejected_upload_leaves_no_index_behind(db_url: str, blob_url: str) -> None:
+    """A bad line after a whole block of good ones: the upload is refused and its index goes with it."""
+    lines = [chat(f"g{i}", "ok") for i in range(BLOCK_LINES + 10)]
+    content = jsonl(lines) + b'{"custom_id": "bad"}\n'
+    async with gateway(make_settings(db_url, blob_url=blob_url)) as (app, c):
+        err = await expect_error(upload(c, content, piece=256 * 1024), grpc.StatusCode.INVALID_ARGUMENT)
+        assert err.envelope["code"] == "invalid_method", err.envelope
+        async with app.store.sessions() as s:
+            assert await s.scalar(select(func.count()).select_from(FileLineIndexRow)) == 0
+            assert await s.scalar(select(func.count()).select_from(FileRow)) == 0
+
+
+async def test_cancelling_a_batch_whose_input_content_is_gone_still_ends_it(db_url: str, blob_url: str) -> None:
+    """Closing lines that will not run reads no body: a batch cancelled after its input file's
+    content went missing behind Sluice's back still ends, its lines cancelled."""
+    async with gateway(make_settings(db_url, blob_url=blob_url, run_engine=False)) as (app, c):
+        file = await upload(c, jsonl(LINES[:5]))
+        batch = await create(c, file.id)
+        await app.store.blobs.delete([file.id])
+        await c.stub.CancelBatch(batch_pb2.CancelBatchRequest(id=batch.id), metadata=md())
+    async with gateway(make_settings(db_url, blob_url=blob_url)) as (app, c):
+        done = await c.wait_for(batch.id)
+        assert done.status == "cancelled" and [r.status for r in await c.results(batch.id)] == ["cancelled"] * 5

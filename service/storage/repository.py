@@ -771,10 +771,12 @@ class Store:
         return await self._update_part(batch_id, part_no, PartRow.status.not_in(TERMINAL), **values)
 
     async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
-                               part_no: int | None = None, max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
+                               part_no: int | None = None, max_bytes: int = PAGE_BYTES,
+                               bodies: bool = True) -> list[RequestRow]:
         """Lines with no stored result yet, in order (of one part, or of the whole batch): at most
         `limit`, and no more bodies than `max_bytes` (at least one line), so 500 lines of 500 KB are
-        never loaded at once."""
+        never loaded at once. Without `bodies`, lines stored by reference are not read from their
+        input file (closing lines that will not run needs none)."""
         async with self.sessions() as s:
             query = (select(RequestRow.idx, _BODY_SIZE)
                      .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
@@ -784,7 +786,8 @@ class Store:
                 query = query.where(RequestRow.part_no == part_no)
             sizes = (await s.execute(query.order_by(RequestRow.idx).limit(limit))).all()
             rows = await _rows_within(s, batch_id, sizes, max_bytes)
-        await self._fill_bodies(batch_id, rows)
+        if bodies:
+            await self._fill_bodies(batch_id, rows)
         return rows
 
     async def iter_requests(self, batch_id: str, page: int = 1000, part_no: int | None = None,
