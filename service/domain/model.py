@@ -212,12 +212,19 @@ class Price:
     batch_discount: float = 0.5
 
     def cost(self, usage: Usage) -> Usage:
-        factor = (1.0 - self.batch_discount) / 1_000_000
         return Usage(
             usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens,
-            input_cost=round(usage.input_tokens * self.input_per_mtok * factor, 10),
-            output_cost=round(usage.output_tokens * self.output_per_mtok * factor, 10),
+            input_cost=self._usd(usage.input_tokens, self.input_per_mtok),
+            output_cost=self._usd(usage.output_tokens, self.output_per_mtok),
         )
+
+    def total_cost(self, input_tokens: int, output_tokens: int = 0) -> float:
+        """`cost(Usage(input_tokens=..., output_tokens=...)).total_cost`, without building the
+        Usages (estimates price every line of a batch)."""
+        return self._usd(input_tokens, self.input_per_mtok) + self._usd(output_tokens, self.output_per_mtok)
+
+    def _usd(self, tokens: int, per_mtok: float) -> float:
+        return round(tokens * per_mtok * ((1.0 - self.batch_discount) / 1_000_000), 10)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ METHOD = ("input tokens: UTF-8 bytes / 4 (a rule of thumb for English, not a tok
           ">= 1 token per whitespace-separated word and <= 1 token per UTF-8 byte plus message framing; "
           "output tokens: bounded by max_tokens, or where unset by the provider's default_max_tokens or 4096")
 _MEDIA_PARTS = {"image_url", "input_image", "input_audio", "image", "audio", "file", "input_file"}
+# ASCII whitespace (what str.split splits at) -> " ", anything else -> "x": the words of an ASCII
+# text are the "x" runs, counted in C.
+_ASCII_SPACES = bytes(0x20 if chr(b).isspace() else 0x78 for b in range(128)) + b"x" * 128
 _STRUCTURE_KEYS = ("tools", "functions", "response_format", "tool_choice", "text")
 
 
@@ -54,8 +57,13 @@ class _Text:
     extra_max: int = 0
 
     def add(self, text: str) -> None:
-        self.words += len(text.split())
-        self.bytes += len(text.encode())
+        if text.isascii():
+            marks = text.encode("ascii").translate(_ASCII_SPACES)
+            self.words += marks.count(b" x") + (marks[:1] == b"x")  # len(text.split()), 5x faster
+            self.bytes += len(text)
+        else:
+            self.words += len(text.split())
+            self.bytes += len(text.encode())
 
     def add_content(self, content: Any) -> None:
         """A message's `content`: a string, or a list of parts."""
@@ -136,14 +144,18 @@ def whole_number(value: Any) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-def output_bound(url: str, body: dict[str, Any], default: int) -> tuple[int, bool]:
-    """The most output tokens the line can be charged for, and whether that is the line's own limit."""
+def own_output(url: str, body: dict[str, Any]) -> tuple[int | None, int]:
+    """The line's own output limit (None when it sets none; 0 for embeddings) and its choices."""
     if url == "/v1/embeddings":
-        return 0, True
-    keys = ("max_output_tokens",) if url == "/v1/responses" else ("max_completion_tokens", "max_tokens")
-    own = next((v for k in keys if (v := whole_number(body.get(k))) is not None), None)
-    choices = max(whole_number(body.get("n")) or 1, whole_number(body.get("best_of")) or 1)
-    return (own if own is not None else default) * choices, own is not None
+        return 0, 1
+    own = None
+    for key in ("max_output_tokens",) if url == "/v1/responses" else ("max_completion_tokens", "max_tokens"):
+        if (own := whole_number(body.get(key))) is not None:
+            break
+    n, best_of = body.get("n"), body.get("best_of")  # usually absent: 1 choice
+    if n is None and best_of is None:
+        return own, 1
+    return own, max(whole_number(n) or 1, whole_number(best_of) or 1)
 
 
 @dataclass(frozen=True)
@@ -157,10 +169,36 @@ class LineTokens:
     bounded: bool
 
 
-def line_tokens(url: str, body: dict[str, Any], default_output: int = DEFAULT_OUTPUT_BOUND) -> LineTokens:
+@dataclass(slots=True)  # one per line of an upload: a frozen dataclass's __init__ costs more than counting
+class BodyTokens:
+    """What a request's body alone says of its tokens: an upload keeps this for each line (the
+    provider's default output bound, which applies when the line sets none, is known only once
+    the line is routed)."""
+
+    input_min: int
+    input_estimate: int
+    input_max: int
+    own_output: int | None
+    choices: int
+
+    def output_max(self, default_output: int) -> int:
+        """The most output tokens the line can be charged for: its own limit, else `default_output`."""
+        return (self.own_output if self.own_output is not None else default_output) * self.choices
+
+    def bounded_by(self, default_output: int) -> LineTokens:
+        """The line's tokens, its output bounded by its own limit or else by `default_output`."""
+        return LineTokens(self.input_min, self.input_estimate, self.input_max, self.output_max(default_output),
+                          self.own_output is not None)
+
+
+def body_tokens(url: str, body: dict[str, Any]) -> BodyTokens:
     text = _text_of(url, body)
     low = max(text.words + text.exact_tokens, 1)
     high = max(text.bytes + text.exact_tokens + text.framing + text.extra_max, low)
     guess = math.ceil(text.bytes / BYTES_PER_TOKEN) + text.exact_tokens + text.framing
-    output, bounded = output_bound(url, body, default_output)
-    return LineTokens(low, min(max(guess, low), high), high, output, bounded)
+    own, choices = own_output(url, body)
+    return BodyTokens(low, min(max(guess, low), high), high, own, choices)
+
+
+def line_tokens(url: str, body: dict[str, Any], default_output: int = DEFAULT_OUTPUT_BOUND) -> LineTokens:
+    return body_tokens(url, body).bounded_by(default_output)

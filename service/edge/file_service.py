@@ -23,7 +23,8 @@ from service.edge import lookups
 from service.edge.auth import Authenticator
 from service.edge.grpc_errors import translate_errors
 from service.edge.multipart import MultipartError, Part, parse_multipart
-from service.intake.jsonl import NumberedProblem, check_lines, split_lines
+from service.intake.jsonl import NumberedProblem, check_upload, numbered_lines
+from service.intake.line_index import LineIndexWriter
 from service.intake.validation import LineValidator, check_expires_after, is_text
 from service.storage.blobs import BlobWriter, BlobWriterClosed
 from service.storage.repository import Store, UploadGone, new_id
@@ -226,8 +227,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                                expires_at=t + BATCH_FILE_TTL, updated_at=t)
             await self.store.begin_file(form.row)
             form.upload = _Upload(self.store, form.row, self.limits.max_file_bytes)
-            form.count, form.problems = await check_lines(split_lines(form.upload.chunks(aiter(part))),
-                                                          LineValidator(endpoint=None), self.limits.max_requests)
+            form.count, form.problems = await check_upload(numbered_lines(form.upload.chunks(aiter(part))),
+                                                           LineValidator(endpoint=None), self.limits.max_requests,
+                                                           LineIndexWriter(self.store, form.row.id))
         elif part.name == "expires_after[anchor]":
             form.expires_anchor = await _text_field(part, 32)
         elif part.name == "expires_after[seconds]":

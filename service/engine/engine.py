@@ -335,7 +335,7 @@ class Engine:
     async def _close_unfinished(self, batch: BatchRow, part: PartRow, status: ResultStatus, code: str,
                                 message: str) -> None:
         """Give every line of the part without a result an explicit error result (cancelled/expired/lost)."""
-        while pending := await self.store.pending_requests(batch.id, STORE_CHUNK, part_no=part.part_no):
+        while pending := await self.store.pending_requests(batch.id, STORE_CHUNK, part_no=part.part_no, bodies=False):
             await self.store.store_results(batch.id, [
                 LineOutcome(r.idx, r.custom_id, status, error=ResultError(code, message, type="batch_error"))
                 for r in pending], part_no=part.part_no)

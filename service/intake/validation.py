@@ -19,6 +19,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.base import Capabilities
 from service.domain.errors import InvalidRequest, clip
 from service.domain.model import (
     COMPLETION_WINDOWS,
@@ -32,6 +33,7 @@ from service.domain.model import (
     MAX_OBJECT_ID_LEN,
     SUPPORTED_ENDPOINTS,
 )
+from service.domain.tokens import BodyTokens
 from service.intake.estimate import Estimator
 from service.providers.routing import Route, Router, UnknownModel
 from service.storage.repository import NewPart, NewRequest
@@ -185,6 +187,8 @@ class LineValidator:
     closed_parts: list[_OpenPart] = field(default_factory=list)
     line_parts: array[int] = field(default_factory=lambda: array("i"))  # part of each checked line
     estimator: Estimator | None = None  # tallies tokens and cost per part, when set
+    # provider -> its capabilities (the adapter's, with configured limits), built once, not per line
+    _caps: dict[str, Capabilities] = field(default_factory=dict, repr=False)
 
     def check(self, raw: Any, size: int = 0) -> NewRequest:
         """Validate one line (`size`: its encoded length, for the provider's byte limit)."""
@@ -210,11 +214,7 @@ class LineValidator:
         if url not in SUPPORTED_ENDPOINTS:
             raise LineProblem("invalid_url", f"url {clip(url)} is not a supported endpoint "
                               f"({', '.join(SUPPORTED_ENDPOINTS)})", "url")
-        if self.endpoint is None:
-            self.endpoint = url
-        if url != self.endpoint:
-            raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
-                              "url")
+        self._check_endpoint(url)
         body = raw.get("body")
         if not isinstance(body, dict):
             raise LineProblem("invalid_body", "body must be a JSON object", "body")
@@ -228,15 +228,39 @@ class LineValidator:
         if shape is not None:
             raise LineProblem("line_too_complex" if "values" in shape else "invalid_json_line",
                               f"the request line {shape}", "body")
-        route = self._route(self.router, model, url, size) if self.router is not None else None
-        part_no = self._place(route, size) if route is not None else 0
+        route, part_no = self._admit(url, model, size)
         if self.estimator is not None and route is not None:
             self.estimator.add(part_no, route, url, body)
         self.seen.add(custom_id)
-        self.models.add(model)
         return NewRequest(custom_id=custom_id, model=model, body=body,
                           provider_model=route.model if route else None,
                           provider=route.provider if route else None, part_no=part_no)
+
+    def check_indexed(self, url: str, model: str, size: int, tokens: BodyTokens) -> None:
+        """Validate a line of an uploaded file from what its upload recorded of it (its url, model,
+        size and the token counts of its body). The upload held the line to every rule `check`
+        applies without a batch (a JSON object; custom_id present, short, text and unique in the
+        file; method; url supported; body; model; shape); what a batch can still refuse is checked
+        here by the same code as in `check`, in the same order: the url against the batch's
+        endpoint, then the route, the provider's capabilities and the part it goes into."""
+        self._check_endpoint(url)
+        route, part_no = self._admit(url, model, size)
+        if self.estimator is not None and route is not None:
+            self.estimator.add_tokens(part_no, route, tokens)
+
+    def _check_endpoint(self, url: str) -> None:
+        if self.endpoint is None:
+            self.endpoint = url
+        if url != self.endpoint:
+            raise LineProblem("url_mismatch", f"url {url!r} differs from the batch endpoint {self.endpoint!r}",
+                              "url")
+
+    def _admit(self, url: str, model: str, size: int) -> tuple[Route | None, int]:
+        """Route the line (when there is a router) and place it in its part."""
+        route = self._route(self.router, model, url, size) if self.router is not None else None
+        part_no = self._place(route, size) if route is not None else 0
+        self.models.add(model)
+        return route, part_no
 
     def route_of(self, model: str) -> Route:
         """The route a checked line's model was resolved to (for a second pass over a file)."""
@@ -268,8 +292,14 @@ class LineValidator:
         self.provider_models.setdefault(route.provider, set()).add(route.model)
         return route
 
+    def _capabilities(self, router: Router, provider: str) -> Capabilities:
+        caps = self._caps.get(provider)
+        if caps is None:
+            caps = self._caps[provider] = router.entry(provider).capabilities
+        return caps
+
     def _check_capabilities(self, router: Router, route: Route, url: str, size: int) -> None:
-        caps = router.entry(route.provider).capabilities
+        caps = self._capabilities(router, route.provider)
         if url not in caps.endpoints:
             raise LineProblem("unsupported_endpoint", f"provider {route.provider!r} cannot batch {url} (it serves "
                               f"{', '.join(sorted(caps.endpoints))})", "url")
@@ -287,7 +317,7 @@ class LineValidator:
         """The part this line goes into: the provider's current one, or a new one when the line
         would take that past the provider's per-batch line or byte limit."""
         assert self.router is not None
-        caps = self.router.entry(route.provider).capabilities
+        caps = self._capabilities(self.router, route.provider)
         part = self.open_parts.get(route.provider)
         full = part is not None and (
             (caps.max_lines is not None and part.lines + 1 > caps.max_lines)

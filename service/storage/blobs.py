@@ -9,8 +9,10 @@ through a `BlobStore`, keyed by the file id. Two implementations:
   object storage, so N replicas share files without putting gigabytes in PostgreSQL.
 
 Both stream both ways: `put` pulls an async iterator of chunks, `get` yields pieces of at most
-`CHUNK_BYTES`; neither ever holds a whole file. Content that is missing reads as empty, on both:
-callers compare what they read with the row's `bytes` (a file deleted and swept under a reader).
+`CHUNK_BYTES`; neither ever holds a whole file. `get_range` reads a span in one go (the lines of a
+batch stored by reference into its input file: one read per page of lines). Content that is
+missing reads as empty, on both: callers compare what they read with the row's `bytes` (a file
+deleted and swept under a reader).
 
 `BlobWriter` turns `put` around (push-style `write`), for writers that produce content while they
 do something else with it: an upload checks lines as it stores them, and a batch's finalizer
@@ -20,17 +22,20 @@ writes its output and error files in one pass over the results.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.storage.db import Sessions, insert_for
 from service.storage.tables import FileChunkRow
 
 CHUNK_BYTES = 1024 * 1024  # the most any `get` yields at once (a gRPC download message), and a DB row
+LAYOUTS_KEPT = 64  # files whose chunk layout DatabaseBlobs keeps for range reads
 
 
 class BlobStore(Protocol):
@@ -46,6 +51,12 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> AsyncIterator[bytes]:
         """The content in pieces of at most `CHUNK_BYTES`; nothing at all when there is none."""
+        ...
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        """Bytes `start` (inclusive) to `end` (exclusive) of the content, in one read (S3: one ranged
+        GET); None when there is no content or it ends before `end`. For lines of a batch stored by
+        reference into their input file (Store._fill_bodies)."""
         ...
 
     async def delete(self, keys: Sequence[str]) -> None:
@@ -74,6 +85,9 @@ class DatabaseBlobs:
     def __init__(self, sessions: Sessions, dialect: str) -> None:
         self.sessions = sessions
         self._dialect = dialect
+        # key -> (chunk seqs, the offset each starts at, size): stored content never changes, so the
+        # layout of the files being read by reference is kept (a few, least recently used dropped).
+        self._layouts: OrderedDict[str, tuple[list[int], list[int], int]] = OrderedDict()
 
     def _insert(self) -> postgresql.Insert | sqlite.Insert:
         return insert_for(self._dialect, FileChunkRow)
@@ -104,7 +118,47 @@ class DatabaseBlobs:
             seq = row[0]
             yield bytes(row[1])
 
+    async def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        layout = await self._layout(key)
+        if layout is None or end > layout[2]:
+            return None
+        seqs, starts, _ = layout
+        first = bisect.bisect_right(starts, start) - 1
+        last = max(bisect.bisect_left(starts, end) - 1, first)
+        async with self.sessions() as s:
+            rows = (await s.execute(select(FileChunkRow.data).where(
+                FileChunkRow.file_id == key, FileChunkRow.seq >= seqs[first], FileChunkRow.seq <= seqs[last])
+                .order_by(FileChunkRow.seq))).all()
+        if len(rows) != last - first + 1:  # deleted meanwhile
+            self._layouts.pop(key, None)
+            return None
+        at = start - starts[first]
+        if len(rows) == 1:
+            return bytes(rows[0][0][at:at + end - start])
+        return b"".join(bytes(r[0]) for r in rows)[at:at + end - start]
+
+    async def _layout(self, key: str) -> tuple[list[int], list[int], int] | None:
+        layout = self._layouts.get(key)
+        if layout is not None:
+            self._layouts.move_to_end(key)
+            return layout
+        async with self.sessions() as s:
+            rows = (await s.execute(select(FileChunkRow.seq, func.length(FileChunkRow.data))
+                                    .where(FileChunkRow.file_id == key).order_by(FileChunkRow.seq))).all()
+        if not rows:
+            return None
+        starts, at = [], 0
+        for _, size in rows:
+            starts.append(at)
+            at += int(size)
+        layout = self._layouts[key] = ([int(seq) for seq, _ in rows], starts, at)
+        if len(self._layouts) > LAYOUTS_KEPT:
+            self._layouts.popitem(last=False)
+        return layout
+
     async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._layouts.pop(key, None)
         for key in keys:  # one file per transaction: a 200 MB file is 200 rows, never thousands at once
             async with self.sessions.begin() as s:
                 await s.execute(delete(FileChunkRow).where(FileChunkRow.file_id == key))

@@ -15,19 +15,20 @@ names. Reads come in two kinds that cannot be confused: a tenant's (`get_batch(p
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import defer
 
-from service.domain import telemetry
-from service.domain.errors import Conflict, InsufficientQuota, NotFound
+from service.domain import codec, telemetry
+from service.domain.errors import Conflict, InsufficientQuota, Internal, NotFound
 from service.domain.model import (
     CANCELLABLE,
     TERMINAL,
@@ -50,6 +51,7 @@ from service.storage.tables import (
     CapacityStateRow,
     CapacityWindowRow,
     ChargeRow,
+    FileLineIndexRow,
     FileRow,
     IdempotencyRow,
     PartRow,
@@ -60,6 +62,7 @@ from service.storage.tables import (
 )
 from service.storage.webhooks import record_batch_ended, record_progress
 
+log = logging.getLogger(__name__)
 INSERT_CHUNK = 500
 INSERT_CHUNK_BYTES = 8 * 1024 * 1024  # a chunk of request rows is flushed at 500 rows or 8 MiB of bodies
 PAGE_BYTES = 8 * 1024 * 1024  # request bodies read per page (engine), whatever the page's line count
@@ -76,6 +79,19 @@ class UploadGone(Exception):
     """The upload's row is no longer `uploading` (swept as stale, or discarded)."""
 
 
+def file_gone(file_id: str) -> NotFound:
+    """A batch's input file that went away (deleted and swept) while the batch was being created."""
+    return NotFound(f"No such File object: {file_id} (it was deleted while the batch was being created)",
+                    param="input_file_id", code="file_not_found")
+
+
+def lines_lost(batch_id: str, file_id: str) -> Internal:
+    """Lines stored by reference whose input file content is gone without their bodies copied in
+    (the sweeper copies them before purging a file, so only content removed behind Sluice's back)."""
+    return Internal(f"The request bodies of batch {batch_id} are no longer available: the content of its input file "
+                    f"{file_id} is gone.", param="id", code="file_content_lost")
+
+
 def new_id(prefix: str) -> str:
     """Time-ordered (nanosecond clock first, then randomness), so ids sort in creation order even
     between objects created in the same second."""
@@ -85,11 +101,13 @@ def new_id(prefix: str) -> str:
 IDEMPOTENCY_TTL = 24 * 3600
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a microsecond per field, per line
 class NewRequest:
     """A validated request line, with the route intake resolved it to: the provider, its model
     name, and the part (provider batch) the line goes into. `origin_idx`: on a retry, the line's
-    index in the first batch of the chain."""
+    index in the first batch of the chain. With `line_offset`, the line is `line_length` bytes at
+    that offset of the batch's input file, which holds its body (`body` is then ignored): stored
+    by reference, never twice."""
 
     custom_id: str
     model: str
@@ -98,6 +116,8 @@ class NewRequest:
     provider: str | None = None
     part_no: int = 0
     origin_idx: int | None = None
+    line_offset: int | None = None
+    line_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -278,19 +298,27 @@ class Store:
             await s.flush()
             chunk: list[dict[str, Any]] = []
             count = chunk_bytes = 0
+            holding = False
             async for req in _aiter(requests):
-                body_json = json.dumps(req.body, separators=(",", ":"))
+                if req.line_offset is None:
+                    body_json = codec.dumps(req.body)
+                else:
+                    body_json = ""
+                    if not holding:
+                        await self._hold_file(s, batch.input_file_id)
+                        holding = True
                 chunk.append({"batch_id": batch.id, "idx": count, "custom_id": req.custom_id,
                               "model": req.model, "provider_model": req.provider_model,
                               "provider": req.provider, "part_no": req.part_no, "origin_idx": req.origin_idx,
-                              "body_json": body_json})
+                              "body_json": body_json, "line_offset": req.line_offset,
+                              "line_length": req.line_length})
                 count += 1
                 chunk_bytes += len(body_json)
                 if len(chunk) >= INSERT_CHUNK or chunk_bytes >= INSERT_CHUNK_BYTES:
-                    await s.execute(self._insert(RequestRow), chunk)
+                    await self._insert_requests(s, chunk)
                     chunk, chunk_bytes = [], 0
             if chunk:
-                await s.execute(self._insert(RequestRow), chunk)
+                await self._insert_requests(s, chunk)
             batch.total = count
             if parts is None and count:
                 parts = [NewPart(0, batch.provider, batch.provider_model, count)]
@@ -304,6 +332,36 @@ class Store:
             if BatchStatus(batch.status).terminal:  # failed at creation: its webhook event, atomically
                 await record_batch_ended(s, batch.id, BatchStatus(batch.status))
         return batch
+
+    async def _insert_requests(self, s: AsyncSession, rows: list[dict[str, Any]]) -> None:
+        """One chunk of request rows, one statement (Core: the ORM's bulk path costs more than
+        the database's work); on PostgreSQL one COPY, in the same transaction."""
+        conn = await s.connection()
+        if self._dialect != "postgresql":
+            await conn.execute(_INSERT_REQUESTS, rows)
+            return
+        import asyncpg  # the PostgreSQL driver (only installed pieces are imported on SQLite)
+
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        try:
+            await driver.copy_records_to_table("batch_requests", columns=_REQUEST_COLUMNS,
+                                               records=[tuple(row[c] for c in _REQUEST_COLUMNS) for row in rows])
+        except asyncpg.IntegrityConstraintViolationError as exc:  # as an INSERT reports it
+            raise IntegrityError("COPY batch_requests", None, exc) from exc
+
+    async def _hold_file(self, s: AsyncSession, file_id: str) -> None:
+        """Inside the create's transaction: the input file its lines point into still has its
+        content, and keeps it until the commit. A sweep claims a file (status `purging`) in a
+        write of its own before it copies the bodies of the lines that point into it and removes
+        its content: on SQLite that write waits for this transaction (one writer at a time); on
+        PostgreSQL for the share lock taken here. So the sweep either claimed the file before
+        (and the create fails, nothing stored) or sees these lines and copies their bodies."""
+        query = select(FileRow.id).where(FileRow.id == file_id,
+                                         FileRow.status.in_([FileStatus.PROCESSED, DELETED]))
+        if self._dialect == "postgresql":
+            query = query.with_for_update(read=True)
+        if await s.scalar(query) is None:
+            raise file_gone(file_id)
 
     async def _claim_key(self, s: AsyncSession, batch: BatchRow, claim: IdempotencyClaim) -> None:
         t = now()
@@ -482,11 +540,15 @@ class Store:
                      .where(RequestRow.batch_id == batch.id, RequestRow.idx > last))
             async with self.sessions() as s:
                 rows = (await s.execute(query.order_by(RequestRow.idx).limit(page))).all()
+            chosen = []
             for req, status in rows:
                 outcome = status if status is not None else (
                     ResultStatus.FAILED if batch.status is BatchStatus.FAILED else None)
                 if (req.custom_id in custom_ids) if custom_ids is not None else (outcome in outcomes):
-                    yield req
+                    chosen.append(req)
+            await self._fill_bodies(batch.id, chosen, batch.input_file_id)
+            for req in chosen:
+                yield req
             if len(rows) < page:
                 return
             last = rows[-1][0].idx
@@ -709,19 +771,24 @@ class Store:
         return await self._update_part(batch_id, part_no, PartRow.status.not_in(TERMINAL), **values)
 
     async def pending_requests(self, batch_id: str, limit: int, after_idx: int = -1,
-                               part_no: int | None = None, max_bytes: int = PAGE_BYTES) -> list[RequestRow]:
+                               part_no: int | None = None, max_bytes: int = PAGE_BYTES,
+                               bodies: bool = True) -> list[RequestRow]:
         """Lines with no stored result yet, in order (of one part, or of the whole batch): at most
         `limit`, and no more bodies than `max_bytes` (at least one line), so 500 lines of 500 KB are
-        never loaded at once."""
+        never loaded at once. Without `bodies`, lines stored by reference are not read from their
+        input file (closing lines that will not run needs none)."""
         async with self.sessions() as s:
-            query = (select(RequestRow.idx, func.length(RequestRow.body_json))
+            query = (select(RequestRow.idx, _BODY_SIZE)
                      .outerjoin(ResultRow, and_(ResultRow.batch_id == RequestRow.batch_id,
                                                 ResultRow.idx == RequestRow.idx))
                      .where(RequestRow.batch_id == batch_id, RequestRow.idx > after_idx, ResultRow.idx.is_(None)))
             if part_no is not None:
                 query = query.where(RequestRow.part_no == part_no)
             sizes = (await s.execute(query.order_by(RequestRow.idx).limit(limit))).all()
-            return await _rows_within(s, batch_id, sizes, max_bytes)
+            rows = await _rows_within(s, batch_id, sizes, max_bytes)
+        if bodies:
+            await self._fill_bodies(batch_id, rows)
+        return rows
 
     async def iter_requests(self, batch_id: str, page: int = 1000, part_no: int | None = None,
                             max_bytes: int = PAGE_BYTES) -> AsyncIterator[RequestRow]:
@@ -729,18 +796,58 @@ class Store:
         `page` lines and `max_bytes` of bodies)."""
         last = -1
         while True:
-            query = (select(RequestRow.idx, func.length(RequestRow.body_json))
+            query = (select(RequestRow.idx, _BODY_SIZE)
                      .where(RequestRow.batch_id == batch_id, RequestRow.idx > last))
             if part_no is not None:
                 query = query.where(RequestRow.part_no == part_no)
             async with self.sessions() as s:
                 sizes = (await s.execute(query.order_by(RequestRow.idx).limit(page))).all()
                 rows = await _rows_within(s, batch_id, sizes, max_bytes)
+            await self._fill_bodies(batch_id, rows)
             for row in rows:
                 yield row
             if not rows:
                 return
             last = rows[-1].idx
+
+    async def _fill_bodies(self, batch_id: str, rows: Sequence[RequestRow], file_id: str | None = None) -> None:
+        """Give the rows of lines stored by reference their `body_json`, read from the batch's input
+        file: one range read per run of nearby lines (`line_runs`), never one per line. Should the
+        file's content be gone meanwhile, the sweeper copied those bodies into the rows before it
+        removed it: they are read again from there."""
+        refs = [r for r in rows if r.line_offset is not None]
+        if not refs:
+            return
+        if file_id is None:
+            async with self.sessions() as s:
+                file_id = str(await s.scalar(select(BatchRow.input_file_id).where(BatchRow.id == batch_id)) or "")
+        bodies = await self._bodies_from_file(file_id, [(r.idx, r.line_offset or 0, r.line_length or 0)
+                                                        for r in refs])
+        missing = [r for r in refs if r.idx not in bodies]
+        if missing:
+            async with self.sessions() as s:
+                copied = {idx: body for idx, body, offset in (await s.execute(
+                    select(RequestRow.idx, RequestRow.body_json, RequestRow.line_offset).where(
+                        RequestRow.batch_id == batch_id, RequestRow.idx.in_([r.idx for r in missing])))).all()
+                    if offset is None}
+            if len(copied) != len(missing):
+                raise lines_lost(batch_id, file_id)
+            bodies.update(copied)
+        for r in refs:
+            r.body_json = bodies[r.idx]
+
+    async def _bodies_from_file(self, file_id: str, lines: Sequence[tuple[int, int, int]]) -> dict[int, str]:
+        """idx -> body JSON of the given (idx, offset, length) lines of a stored file; the lines of a
+        run whose content is gone are left out."""
+        out: dict[int, str] = {}
+        for run in line_runs(lines):
+            start, end = run[0][1], max(offset + length for _, offset, length in run)
+            data = await self.blobs.get_range(file_id, start, end)
+            if data is None:
+                continue
+            for idx, offset, length in run:
+                out[idx] = codec.dumps(codec.loads(data[offset - start:offset - start + length])["body"])
+        return out
 
     async def request_keys(self, batch_id: str, indexes: Sequence[int]) -> dict[int, RequestRow]:
         """index -> request row (without its body) for the given lines."""
@@ -895,6 +1002,64 @@ class Store:
             raise NotFound(f"No such File object: {file_id}", param="id", code="file_not_found")
         return row
 
+    async def add_file_index_block(self, file_id: str, seq: int, data: bytes) -> None:
+        """One block of an uploading file's line index (service/intake/line_index.py), in its own
+        short transaction, like the content's chunks."""
+        async with self.sessions.begin() as s:
+            await s.execute(self._insert(FileLineIndexRow).values(file_id=file_id, seq=seq, data=data))
+
+    async def file_index_blocks(self, file_id: str) -> AsyncIterator[bytes]:
+        """The file's line index, block by block, each read in its own query (one block in memory)."""
+        seq = -1
+        while True:
+            async with self.sessions() as s:
+                row = (await s.execute(select(FileLineIndexRow.seq, FileLineIndexRow.data).where(
+                    FileLineIndexRow.file_id == file_id, FileLineIndexRow.seq > seq)
+                    .order_by(FileLineIndexRow.seq).limit(1))).first()
+            if row is None:
+                return
+            seq = row[0]
+            yield bytes(row[1])
+
+    async def last_file_index_block(self, file_id: str) -> bytes | None:
+        async with self.sessions() as s:
+            data = await s.scalar(select(FileLineIndexRow.data).where(FileLineIndexRow.file_id == file_id)
+                                  .order_by(FileLineIndexRow.seq.desc()).limit(1))
+        return None if data is None else bytes(data)
+
+    async def copy_bodies_in(self, file_id: str, page: int = INSERT_CHUNK) -> int:
+        """Store in `body_json` the bodies of every line, of any batch, that points into `file_id`
+        (lines stored by reference, migration 0010), a page per transaction; returns how many. The
+        sweeper calls this on a file it claimed, before it removes the content: what a batch still
+        runs, or may retry, never loses its body. `lines_lost` if the content is gone already."""
+        async with self.sessions() as s:
+            readers = list((await s.scalars(select(BatchRow.id).where(BatchRow.input_file_id == file_id))).all())
+        table: Any = RequestRow.__table__
+        copy = (table.update().where(table.c.batch_id == bindparam("batch"), table.c.idx == bindparam("at"))
+                .values(body_json=bindparam("body"), line_offset=None, line_length=None))
+        copied = 0
+        for batch_id in readers:
+            last = -1
+            while True:
+                async with self.sessions() as s:
+                    rows = (await s.execute(
+                        select(RequestRow.idx, RequestRow.line_offset, RequestRow.line_length)
+                        .where(RequestRow.batch_id == batch_id, RequestRow.idx > last,
+                               RequestRow.line_offset.is_not(None))
+                        .order_by(RequestRow.idx).limit(page))).all()
+                if not rows:
+                    break
+                lines = [(int(idx), int(offset or 0), int(length or 0)) for idx, offset, length in rows]
+                bodies = await self._bodies_from_file(file_id, lines)
+                if len(bodies) != len(lines):
+                    raise lines_lost(batch_id, file_id)
+                async with self.sessions.begin() as s:
+                    await (await s.connection()).execute(copy, [{"batch": batch_id, "at": idx, "body": body}
+                                                                for idx, body in bodies.items()])
+                copied += len(bodies)
+                last = lines[-1][0]
+        return copied
+
     async def discard_file(self, file_id: str) -> None:
         """Remove a file and its content whatever its status (failed uploads, rewritten outputs).
         Content first: a crash in between leaves a row the sweeper finds, never content without one."""
@@ -999,6 +1164,11 @@ class Store:
                     claimed = list((await s.scalars(update(FileRow).where(FileRow.id.in_(ids), doomed)
                                                     .values(status=PURGING, updated_at=now())
                                                     .returning(FileRow.id))).all())
+                for file_id in claimed:  # batches reading it by reference get their bodies first
+                    try:
+                        await self.copy_bodies_in(file_id)
+                    except Internal as exc:  # its content was removed behind Sluice's back: nothing to save
+                        log.error("sweep: %s", exc.message)
                 await self.blobs.delete(claimed)
                 async with self.sessions.begin() as s:
                     await s.execute(delete(FileRow).where(FileRow.id.in_(claimed), FileRow.status == PURGING))
@@ -1039,6 +1209,33 @@ def _result_row(batch_id: str, res: LineOutcome, t: int) -> dict[str, Any]:
         "error_type": res.error.type if res.error else None,
         **usage_values(res.usage), "created_at": t,
     }
+
+
+_INSERT_REQUESTS: Any = RequestRow.__table__.insert()  # type: ignore[attr-defined]
+_REQUEST_COLUMNS = ("batch_id", "idx", "custom_id", "model", "provider_model", "provider", "part_no", "origin_idx",
+                    "body_json", "line_offset", "line_length")
+# A line's body size: its stored body, or for a line stored by reference its line in the input file.
+_BODY_SIZE = func.coalesce(RequestRow.line_length, func.length(RequestRow.body_json))
+RUN_BYTES = 8 * 1024 * 1024  # the most one range read of an input file spans
+RUN_GAP = 1024 * 1024  # lines further apart than this are read separately
+
+
+def line_runs(lines: Sequence[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """(idx, offset, length) lines grouped, in file order, into runs that one range read each
+    fetches: lines at most `RUN_GAP` apart, spanning at most `RUN_BYTES` (a longer line alone).
+    A page of a batch's lines is one run; a part whose lines interleave with another provider's
+    reads a few lines more, not one request per line."""
+    runs: list[list[tuple[int, int, int]]] = []
+    start = end = 0
+    for line in sorted(lines, key=lambda x: x[1]):
+        _, offset, length = line
+        if runs and offset - end <= RUN_GAP and offset + length - start <= RUN_BYTES:
+            runs[-1].append(line)
+            end = max(end, offset + length)
+        else:
+            runs.append([line])
+            start, end = offset, offset + length
+    return runs
 
 
 async def _rows_within(s: Any, batch_id: str, sizes: Sequence[Any], max_bytes: int) -> list[RequestRow]:

@@ -71,6 +71,13 @@ class S3Blobs:
         if pending:
             yield bytes(pending)
 
+    async def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        try:
+            data = await obstore.get_range_async(self._store, key, start=start, end=end)
+        except FileNotFoundError:
+            return None
+        return bytes(data) if len(data) == end - start else None
+
     async def delete(self, keys: Sequence[str]) -> None:
         if keys:
             await obstore.delete_async(self._store, list(keys))

@@ -176,6 +176,7 @@ class BatchRow(_UsageColumns, Base):
         Index("ix_batches_status", "status"),
         Index("ix_batches_retry_of", "retry_of"),
         Index("ix_batches_chain_id", "chain_id"),
+        Index("ix_batches_input_file", "input_file_id"),
     )
 
     @classmethod
@@ -193,6 +194,13 @@ class BatchRow(_UsageColumns, Base):
 
 
 class RequestRow(Base):
+    """One request line. Its body is `body_json`, or, for a line of a batch created from an uploaded
+    file (migration 0010), the `body` of the `line_length` bytes at `line_offset` in the batch's
+    input file (`body_json` is then ""): the file already holds it, so it is not stored twice. The
+    store fills `body_json` from the file when it reads such a line with its body; before a file's
+    content is purged, the sweeper copies the bodies of every line still pointing into it here
+    (`Store.sweep_files`)."""
+
     __tablename__ = "batch_requests"
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -209,6 +217,8 @@ class RequestRow(Base):
     # On a retry: the line's index in the first batch of the chain, so every attempt of a line is
     # found from any batch of the chain.
     origin_idx: Mapped[int | None] = mapped_column(Integer)
+    line_offset: Mapped[int | None] = mapped_column(BigInteger)
+    line_length: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (Index("ux_batch_requests_custom_id", "batch_id", "custom_id", unique=True),
                       Index("ix_batch_requests_part", "batch_id", "part_no", "idx"))
@@ -355,6 +365,17 @@ class FileRow(Base):
     __table_args__ = (Index("ix_files_project_created", "project", "created_at", "id"),
                       Index("ix_files_status_updated", "status", "updated_at"),
                       Index("ix_files_status_expires", "status", "expires_at"))
+
+
+class FileLineIndexRow(Base):
+    """What the upload learnt of an uploaded file's lines (service/intake/line_index.py), in blocks
+    written as it streamed: creating a batch from the file checks and stores its lines from this
+    alone, without parsing a body again. Opaque to storage."""
+
+    __tablename__ = "file_line_index"
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class FileChunkRow(Base):
