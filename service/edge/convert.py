@@ -8,11 +8,12 @@ turns integral doubles back into integers before a body is stored or sent anywhe
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from service.domain.codec import loads
 from service.domain.json_values import plain_json
 from service.domain.model import BatchError, BatchStatus, ResultStatus, Usage, request_counts
 from service.storage.tables import BatchRow, PartRow, RequestRow, ResultRow
@@ -25,14 +26,22 @@ def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def _usage(usage: Usage) -> batch_pb2.BatchUsage:
-    return batch_pb2.BatchUsage(
-        input_tokens=u32(usage.input_tokens),
-        input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=u32(usage.cached_tokens)),
-        output_tokens=u32(usage.output_tokens),
-        output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=u32(usage.reasoning_tokens)),
-        total_tokens=u32(usage.total_tokens),
-        input_cost=usage.input_cost, output_cost=usage.output_cost, total_cost=usage.total_cost,
-    )
+    msg = batch_pb2.BatchUsage()
+    _set_usage(msg, usage)
+    return msg
+
+
+def _set_usage(msg: batch_pb2.BatchUsage, usage: Usage) -> None:
+    """Fill a (present) BatchUsage in place, its two details messages present too."""
+    msg.SetInParent()
+    msg.input_tokens = u32(usage.input_tokens)
+    msg.input_tokens_details.SetInParent()
+    msg.input_tokens_details.cached_tokens = u32(usage.cached_tokens)
+    msg.output_tokens = u32(usage.output_tokens)
+    msg.output_tokens_details.SetInParent()
+    msg.output_tokens_details.reasoning_tokens = u32(usage.reasoning_tokens)
+    msg.total_tokens = u32(usage.total_tokens)
+    msg.input_cost, msg.output_cost, msg.total_cost = usage.input_cost, usage.output_cost, usage.total_cost
 
 
 def u32(value: int | None) -> int:
@@ -113,18 +122,48 @@ def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None,
     if res is None:
         msg.status = (ResultStatus.RUNNING if batch.status is BatchStatus.IN_PROGRESS else ResultStatus.PENDING).value
         return msg
-    msg.status = res.status
-    msg.status_code = res.status_code
-    msg.usage.CopyFrom(_usage(res.usage))
-    body = json.loads(res.response_json) if res.response_json else None
-    if isinstance(body, dict):
-        msg.response.update(body)
-    if res.error_code or res.status_code >= 400:
-        msg.error.CopyFrom(_result_error(res, body))
+    _fill_result(msg, res, res.usage)
     return msg
 
 
-def _result_error(res: ResultRow, body: Any) -> batch_pb2.BatchResultError:
+def add_results(data: Any, batch: BatchRow, rows: Iterable[Any], attempts: Mapping[int, int]) -> None:
+    """Append a page of stored results (`Store.result_page` rows) to a repeated BatchResult field,
+    each built in place: the same messages `result_message` builds, without ORM instances."""
+    url, batch_id, provider = batch.endpoint, batch.id, batch.provider
+    for row in rows:
+        msg = data.add(custom_id=row.custom_id, index=row.idx, model=row.model, provider=row.provider or provider,
+                       url=url, batch_id=batch_id, attempt=attempts[row.idx])
+        _fill_result(msg, row, Usage(row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens,
+                                     row.input_cost, row.output_cost))
+
+
+def response_bytes(body: dict[str, Any]) -> bytes:
+    """A result's body as served (`BatchResult.response`), serialized: what the store keeps beside
+    the JSON (`Store(encode_response=...)`), so that a page is built by parsing bytes in C
+    (`MergeFromString`) instead of building a Struct from a dict in Python at every read."""
+    struct = struct_pb2.Struct()
+    struct.update(body)
+    served: bytes = struct.SerializeToString()
+    return served
+
+
+def _fill_result(msg: batch_pb2.BatchResult, res: Any, usage: Usage) -> None:
+    """A stored result's fields (an ORM ResultRow, or a plain row with its columns)."""
+    msg.status = res.status
+    msg.status_code = res.status_code
+    _set_usage(msg.usage, usage)
+    failed = bool(res.error_code) or res.status_code >= 400
+    served = res.response_pb
+    body = loads(res.response_json) if res.response_json and (served is None or failed) else None
+    if served is not None:
+        msg.response.MergeFromString(served)
+    elif isinstance(body, dict):
+        msg.response.update(body)
+    if failed:
+        msg.error.CopyFrom(_result_error(res, body))
+
+
+def _result_error(res: Any, body: Any) -> batch_pb2.BatchResultError:
     """A failed line's error: Sluice's own (no response: cancelled, expired, lost) or the one the
     provider put in its HTTP error body, whose type and code win over generic ones."""
     provider_error = body.get("error") if isinstance(body, dict) else None
