@@ -84,7 +84,7 @@ async def test_a_results_page_is_the_messages_result_message_builds(store: Store
         rows, more = await store.result_page(batch, limit, after)
         pairs, more_too = await store.list_results("p", batch_id, limit, after)
         page = batch_pb2.ListBatchResultsResponse()
-        convert.add_results(page.data, batch, rows, {r.idx: 1 for r in rows})
+        convert.add_results(page, batch, rows, {r.idx: 1 for r in rows})
         assert list(page.data) == [convert.result_message(batch, req, res, 1) for req, res in pairs]
         assert more == more_too
 

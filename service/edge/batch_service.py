@@ -252,7 +252,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             rows, has_more = await self.store.result_page(batch, limit, after)
             numbers = await self._attempt_numbers(project, batch, rows)
             out = batch_pb2.ListBatchResultsResponse(object="list", batch_id=batch.id, has_more=has_more)
-            convert.add_results(out.data, batch, rows, numbers)
+            convert.add_results(out, batch, rows, numbers)
         data = out.data
         if data:
             out.first_id, out.last_id = data[0].custom_id, data[-1].custom_id

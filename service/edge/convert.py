@@ -7,7 +7,9 @@ turns integral doubles back into integers before a body is stored or sent anywhe
 
 from __future__ import annotations
 
+import contextlib
 import json
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -126,15 +128,82 @@ def result_message(batch: BatchRow, req: RequestRow, res: ResultRow | None,
     return msg
 
 
-def add_results(data: Any, batch: BatchRow, rows: Iterable[Any], attempts: Mapping[int, int]) -> None:
-    """Append a page of stored results (`Store.result_page` rows) to a repeated BatchResult field,
-    each built in place: the same messages `result_message` builds, without ORM instances."""
+def add_results(page: batch_pb2.ListBatchResultsResponse, batch: BatchRow, rows: Iterable[Any],
+                attempts: Mapping[int, int]) -> None:
+    """Append a page of stored results (`Store.result_page` rows) to `page.data`: the messages
+    `result_message` builds, without ORM instances or a Struct built in Python.
+
+    A repeated field may be written by concatenating its serialized items, and the stored served
+    form (`response_pb`) is already the `response` field's bytes: so a successful result's
+    BatchResult is written as bytes here, and the page parses them all at once, in C. A result
+    without a served form (stored before migration 0011, or a body that is not a JSON object) or
+    with an error is built in place as `result_message` builds it, then written the same way."""
     url, batch_id, provider = batch.endpoint, batch.id, batch.provider
+    shared = _string_field(0x32, url) + _string_field(0x5A, batch_id)
+    items = []
     for row in rows:
-        msg = data.add(custom_id=row.custom_id, index=row.idx, model=row.model, provider=row.provider or provider,
-                       url=url, batch_id=batch_id, attempt=attempts[row.idx])
-        _fill_result(msg, row, Usage(row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens,
-                                     row.input_cost, row.output_cost))
+        attempt = attempts[row.idx]
+        item = None
+        if row.response_pb is not None or not row.response_json:
+            with contextlib.suppress(ValueError, TypeError, OverflowError, UnicodeError):
+                item = _result_bytes(row, row.provider or provider, attempt, shared)
+        if item is None:  # built in place, exactly as result_message does (and raising what it raises)
+            msg = batch_pb2.BatchResult(custom_id=row.custom_id, index=row.idx, model=row.model,
+                                        provider=row.provider or provider, url=url, batch_id=batch_id,
+                                        attempt=attempt)
+            _fill_result(msg, row, Usage(row.input_tokens, row.cached_tokens, row.output_tokens,
+                                         row.reasoning_tokens, row.input_cost, row.output_cost))
+            item = msg.SerializeToString()
+        items.append(b"\x1a" + _varint(len(item)) + item)  # ListBatchResultsResponse.data = 3
+    page.MergeFromString(b"".join(items))
+
+
+_double = struct.Struct("<d").pack
+_BYTES = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer."""
+    if n < 0x80:
+        return _BYTES[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string_field(tag: int, value: str) -> bytes:
+    data = value.encode()
+    return _BYTES[tag] + _varint(len(data)) + data
+
+
+def _uint32(value: int) -> bytes:
+    if not 0 <= value < 2**32:
+        raise ValueError(f"{value} is not a uint32")
+    return _varint(value)
+
+
+def _result_bytes(row: Any, provider: str, attempt: int, shared: bytes) -> bytes | None:
+    """A stored result that did not fail, as a serialized BatchResult (field numbers of
+    proto/sluice/v1/batch.proto); None when it failed (its error is built in place)."""
+    status_code = row.status_code
+    if row.error_code or status_code >= 400:
+        return None
+    served = row.response_pb
+    usage = (b"\x08" + _varint(u32(row.input_tokens))
+             + b"\x12" + _BYTES[len(cached := _varint(u32(row.cached_tokens))) + 1] + b"\x08" + cached
+             + b"\x18" + _varint(u32(row.output_tokens))
+             + b"\x22" + _BYTES[len(reasoning := _varint(u32(row.reasoning_tokens))) + 1] + b"\x08" + reasoning
+             + b"\x28" + _varint(u32((row.input_tokens or 0) + (row.output_tokens or 0)))
+             + b"\x31" + _double(row.input_cost) + b"\x39" + _double(row.output_cost)
+             + b"\x41" + _double(row.input_cost + row.output_cost))
+    return b"".join((
+        _string_field(0x0A, row.custom_id), b"\x10", _uint32(row.idx), _string_field(0x1A, row.model),
+        _string_field(0x22, provider), b"\x28", _uint32(status_code), shared,
+        b"\x3a" + _varint(len(served)) + served if served is not None else b"",
+        _string_field(0x4A, row.status), b"\x52", _varint(len(usage)), usage, b"\x60", _uint32(attempt)))
 
 
 def response_bytes(body: dict[str, Any]) -> bytes:

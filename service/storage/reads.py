@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import namedtuple
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,16 +36,20 @@ from sqlalchemy.pool import SingletonThreadPool
 
 
 class Prepared:
-    """A SELECT compiled once for the local SQLite path: its SQL, the order of its parameters,
-    and one result processor per column (None: the value as sqlite3 gives it)."""
+    """A SELECT compiled once for the local SQLite path: its SQL, its parameters in order (with
+    the values compiled into it, such as an OFFSET), and one result processor per column (None:
+    the value as sqlite3 gives it). Rows come as `row_type` (a named tuple of the column names)."""
 
     def __init__(self, statement: Any, local: Engine | None) -> None:
         self.statement = statement
         self.sql, self.names, self.processors = "", [], []
+        self.defaults: dict[str, Any] = {}
+        self.row_type: Any = namedtuple("Row", [str(c.key) for c in statement.selected_columns], rename=True)  # type: ignore[misc]
         if local is not None:
             dialect = local.dialect
             compiled = statement.compile(dialect=dialect)
             self.sql, self.names = str(compiled), list(compiled.positiontup or [])
+            self.defaults = dict(compiled.params)
             self.processors = [c.type.dialect_impl(dialect).result_processor(dialect, None)
                                for c in statement.selected_columns]
 
@@ -90,15 +95,16 @@ class Reads:
         return Prepared(statement, self._local)
 
     async def prepared(self, prepared: Prepared, params: dict[str, Any]) -> Sequence[Sequence[Any]]:
-        """Every row of a prepared SELECT, as tuples typed as SQLAlchemy types them."""
+        """Every row of a prepared SELECT, typed as SQLAlchemy types them, by position and by name."""
         if self._local is not None:
             try:
-                rows = self._sqlite3().execute(prepared.sql, [params[n] for n in prepared.names]).fetchall()
+                values = [params[n] if n in params else prepared.defaults[n] for n in prepared.names]
+                rows = self._sqlite3().execute(prepared.sql, values).fetchall()
             except sqlite3.OperationalError:  # busy, or no schema yet: the asynchronous path, which waits
                 pass
             else:
-                processors = prepared.processors
-                return [tuple(p(v) if p is not None else v for p, v in zip(processors, row, strict=True))
+                processors, make = prepared.processors, prepared.row_type._make
+                return [make(p(v) if p is not None else v for p, v in zip(processors, row, strict=True))
                         for row in rows]
         return await self.all(prepared.statement, params)
 

@@ -217,6 +217,9 @@ class Store:
         self._reads = Reads(engine)  # hot reads: no session, no transaction, on SQLite no thread hand-off
         self._batch_by_id = self._reads.prepare(_BATCH_BY_ID)
         self._tenant_batch_by_id = self._reads.prepare(_TENANT_BATCH_BY_ID)
+        self._result_page = self._reads.prepare(
+            _RESULT_PAGE.where(_REQUESTS.c.batch_id == bindparam("batch_id"), _REQUESTS.c.idx > bindparam("after_idx"))
+            .order_by(_REQUESTS.c.idx).limit(bindparam("limit")))
 
     async def close(self) -> None:
         self._reads.close()
@@ -463,10 +466,9 @@ class Store:
         """One page of a (tenant's, already read) batch's stored results in request order, as plain
         rows of `_RESULT_PAGE`'s columns (the request's custom_id, idx, model, provider and
         origin_idx, the result's columns): one statement, no ORM instances."""
-        query = _RESULT_PAGE.where(_REQUESTS.c.batch_id == batch.id)
-        if after:
-            query = query.where(_REQUESTS.c.idx > await self._anchor(batch.id, after))
-        rows = await self._reads.all(query.order_by(_REQUESTS.c.idx).limit(limit + 1))
+        anchor = await self._anchor(batch.id, after) if after else -1
+        rows = await self._reads.prepared(self._result_page, {"batch_id": batch.id, "after_idx": anchor,
+                                                              "limit": limit + 1})
         return rows[:limit], len(rows) > limit
 
     async def _anchor(self, batch_id: str, after: str) -> int:
