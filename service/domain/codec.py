@@ -19,19 +19,20 @@ import orjson
 # The shortest integer literal beyond 64 bits has 20 digits: a text with 20 digits in a row (found
 # by mapping every digit to "0" and everything else to "x", a C loop: a regex costs 30x more).
 _DIGITS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
+_TEXT_DIGITS = str.maketrans("123456789", "000000000")  # text: other characters are never "0"
 _LONG_NUMBER = b"0" * 20
 
 
-def loads(data: bytes, slow: Callable[[bytes], Any] = json.loads) -> Any:
+def loads(data: bytes | str, slow: Callable[[Any], Any] = json.loads) -> Any:
     """`slow(data)` (by default `json.loads`), fast: orjson's value when orjson takes `data` and
     reads it as `json` does, else whatever `slow` returns or raises."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         return slow(data)
-    if _LONG_NUMBER in data.translate(_DIGITS):
-        return slow(data)
-    return value
+    long_number = (_LONG_NUMBER in data.translate(_DIGITS) if isinstance(data, bytes)
+                   else "0" * 20 in data.translate(_TEXT_DIGITS))
+    return slow(data) if long_number else value
 
 
 def dumps(value: Any) -> str:

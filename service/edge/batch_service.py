@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 from service.domain.errors import IdempotencyKeyReused, InvalidRequest, PayloadTooLarge
@@ -213,8 +213,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context: Context) -> batch_pb2.Batch:
         project = await self._project(context)
-        batch = await self.store.get_batch(project, lookups.batch_id(request.id))
-        return await self._message(batch)
+        batch, retries = await self.store.get_batch_with_retries(project, lookups.batch_id(request.id))
+        return convert.batch_message(batch, retries)
 
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest,
                           context: Context) -> batch_pb2.ListBatchesResponse:
@@ -246,20 +246,22 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         if request.across_retries:
             chain = await self.store.chain(project, batch.id)
             attempts, has_more = await self.store.latest_attempts(chain, after, limit)
-            data = [_attempt_message(a) for a in attempts]
-            batch = chain[0]
+            out = batch_pb2.ListBatchResultsResponse(object="list", batch_id=chain[0].id, has_more=has_more,
+                                                     data=[_attempt_message(a) for a in attempts])
         else:
-            rows, has_more = await self.store.list_results(project, batch.id, limit, after)
-            numbers = await self._attempt_numbers(project, batch, [req for req, _ in rows])
-            data = [convert.result_message(batch, req, res, numbers[req.idx]) for req, res in rows]
-        out = batch_pb2.ListBatchResultsResponse(object="list", batch_id=batch.id, has_more=has_more, data=data)
+            rows, has_more = await self.store.result_page(batch, limit, after)
+            numbers = await self._attempt_numbers(project, batch, rows)
+            out = batch_pb2.ListBatchResultsResponse(object="list", batch_id=batch.id, has_more=has_more)
+            convert.add_results(out, batch, rows, numbers)
+        data = out.data
         if data:
             out.first_id, out.last_id = data[0].custom_id, data[-1].custom_id
             if has_more:
                 out.next_cursor = out.last_id
         return out
 
-    async def _attempt_numbers(self, project: str, batch: BatchRow, requests: list[RequestRow]) -> dict[int, int]:
+    async def _attempt_numbers(self, project: str, batch: BatchRow, requests: Sequence[Any]) -> dict[int, int]:
+        """idx -> attempt number of each line (request rows, or result page rows: idx, origin_idx)."""
         if batch.chain_id is None:
             return {r.idx: 1 for r in requests}
         return await self.store.attempt_numbers(await self.store.chain(project, batch.id), batch, requests)

@@ -59,8 +59,8 @@ async def watch_batch(store: Store, project: str, batch_id: str, poll_seconds: f
                       closing: asyncio.Event) -> AsyncIterator[tuple[WatchEvent, batch_pb2.Batch]]:
     """The events of one batch of `project`. Raises NotFound before the first event; ends after a
     terminal status, or early when the server is closing (`closing` is set)."""
-    row = await store.get_batch(project, batch_id)
-    last = await batch_with_retries(store, row)
+    row, retries = await store.get_batch_with_retries(project, batch_id)
+    last = convert.batch_message(row, retries)
     yield WatchEvent.SNAPSHOT, last
     while not BatchStatus(last.status).terminal:
         with contextlib.suppress(TimeoutError):
@@ -68,13 +68,13 @@ async def watch_batch(store: Store, project: str, batch_id: str, poll_seconds: f
         if closing.is_set():
             return
         try:
-            row = await store.get_batch(project, batch_id)
+            row, retries = await store.get_batch_with_retries(project, batch_id)
         except NotFound:
             raise
         except Exception:  # a database hiccup: the stream goes on at the next look
             log.warning("watch %s: reading the batch failed; retrying", batch_id, exc_info=True)
             continue
-        batch = await batch_with_retries(store, row)
+        batch = convert.batch_message(row, retries)
         if batch.status != last.status:
             path = statuses_between(BatchStatus(last.status), BatchStatus(batch.status), _visited(row))
             for missed in path[:-1]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -45,6 +44,7 @@ from adapters.base import (
 )
 from adapters.base import LineError as AdapterLineError
 from service.domain import telemetry
+from service.domain.codec import loads
 from service.domain.model import (
     BatchError,
     BatchStatus,
@@ -328,7 +328,7 @@ class Engine:
         return self.router.entry(self._provider_of(req, part)).price(self._provider_model(req))
 
     def _line(self, req: RequestRow, batch: BatchRow) -> RequestLine:
-        body = json.loads(req.body_json)
+        body = loads(req.body_json)  # parsed once, here, as the line is sent
         body["model"] = self._provider_model(req)
         return RequestLine(index=req.idx, custom_id=req.custom_id, url=batch.endpoint, body=body)
 

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.edge import convert
 from service.edge.admin_service import AdminGate, AdminServicer
 from service.edge.auth import Authenticator, hash_key
 from service.edge.batch_service import BatchServicer
@@ -122,7 +123,8 @@ async def open_blobs(settings: Settings) -> BlobStore | None:
 async def start(settings: Settings, router: Router | None = None) -> App:
     webhooks = webhook_config(settings)
     await migrate(settings.database_url)
-    store = Store(create_engine(settings.database_url), blobs=await open_blobs(settings))
+    store = Store(create_engine(settings.database_url), blobs=await open_blobs(settings),
+                  encode_response=convert.response_bytes)
     webhook_store = WebhookStore(store.engine)
     for endpoint_id, secret in (await webhook_store.sync_endpoints(webhooks.endpoints, new_secret)).items():
         # Shown once (stdout, never the log): the receiver needs it to verify signatures.

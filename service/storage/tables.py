@@ -272,6 +272,10 @@ class ResultRow(_UsageColumns, Base):
     status_code: Mapped[int] = mapped_column(Integer, default=0)
     request_id: Mapped[str | None] = mapped_column(String(256))
     response_json: Mapped[str | None] = mapped_column(Text)
+    # The same body as the API serves it (a serialized google.protobuf.Struct), written once when the
+    # result is stored so that result pages are not rebuilt from JSON at every read (migration 0011;
+    # NULL before it, and for a body that is not a JSON object: built from `response_json` then).
+    response_pb: Mapped[bytes | None] = mapped_column(LargeBinary)
     error_code: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_type: Mapped[str | None] = mapped_column(String(64))

@@ -71,14 +71,22 @@ async def record_progress(session: AsyncSession, batch_id: str) -> None:
     again is a no-op, so each endpoint gets each threshold once, whatever the order of updates.
 
     A line counts as ended when its result is stored, or, for a native part still running at its
-    provider, when the provider's own counts say so (whichever is more)."""
-    project, total, stored = (await session.execute(select(
-        BatchRow.project, BatchRow.total, BatchRow.completed + BatchRow.failed).where(BatchRow.id == batch_id))).one()
-    endpoints = (await session.execute(select(WebhookEndpointRow.id, WebhookEndpointRow.progress_thresholds).where(
-        WebhookEndpointRow.project == project, WebhookEndpointRow.enabled.is_(True),
-        WebhookEndpointRow.event_types.contains(PROGRESS_EVENT_TYPE)))).all()
-    if not endpoints or not total:
+    provider, when the provider's own counts say so (whichever is more).
+
+    It runs in every transaction that stores results or a provider's counts, and almost always
+    nobody asked for progress: the batch's counts and the endpoints that asked come in one
+    statement, and that is all it costs then."""
+    subscribed = (await session.execute(
+        select(BatchRow.project, BatchRow.total, BatchRow.completed + BatchRow.failed, WebhookEndpointRow.id,
+               WebhookEndpointRow.progress_thresholds)
+        .join(WebhookEndpointRow, and_(WebhookEndpointRow.project == BatchRow.project,
+                                       WebhookEndpointRow.enabled.is_(True),
+                                       WebhookEndpointRow.event_types.contains(PROGRESS_EVENT_TYPE)))
+        .where(BatchRow.id == batch_id))).all()
+    if not subscribed or not subscribed[0][1]:
         return
+    project, total, stored = subscribed[0][:3]
+    endpoints = [(endpoint_id, thresholds) for *_, endpoint_id, thresholds in subscribed]
     part_stored = PartRow.completed + PartRow.failed
     part_reported = func.coalesce(PartRow.provider_completed, 0) + func.coalesce(PartRow.provider_failed, 0)
     by_parts = await session.scalar(select(func.sum(case((part_stored >= part_reported, part_stored),
