@@ -57,8 +57,12 @@ buf-breaking: $(STAMP)
 	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
 	else echo "buf breaking: no previous commit with buf.yaml; skipped"; fi
 
+## Three workers, each module on one of them (its module-scoped servers start once): most tests wait
+## on real processes, so three share two cores well. A crashed worker ends the run rather than
+## restarting (its module's remaining tests would be lost). PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= 3
 pytest: $(STAMP) postgres
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(PYTEST_WORKERS) --dist loadfile --max-worker-restart 0
 
 ## Mutation testing, not part of `make test` (docs/mutation.md says how long it takes): mutmut
 ## mutates the engine, storage, intake and auth modules and runs the fast in-process tests

@@ -355,6 +355,7 @@ def test_a_project_over_its_budget_is_refused_and_nothing_is_stored(stack: Stack
 # --------------------------------------------------------------------------- past provider limits
 
 
+@pytest.mark.timeout(1200)  # its wait allows 900 s: four provider batches of 50,000 lines on a loaded machine
 def test_a_200000_line_file_runs_as_provider_batches_of_at_most_50000(stack: Stack, clean_fake: ProviderFake) -> None:
     """Sluice's own limit raised to 200,000 lines (SLUICE_MAX_BATCH_REQUESTS); OpenAI takes 50,000
     per batch (its adapter's declared limit), so the batch is four OpenAI batches, transparently."""
