@@ -15,6 +15,7 @@ store's own tests (test_store.py) cover PostgreSQL. Time is moved, never waited 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -40,6 +41,7 @@ from adapters.base import (
     RequestLine,
     TokenUsage,
 )
+from service.domain import telemetry
 from service.domain.model import BatchError, BatchStatus, LineOutcome, Price, ResultStatus, Usage, now
 from service.engine import engine as engine_module
 from service.engine.engine import EXECUTOR_RETRIES, UNROUTABLE_RETRY_SECONDS, Engine, EngineSettings
@@ -118,6 +120,7 @@ class FakeNative(NativeBatchAdapter):
         self.failures: dict[str, BaseException] = {}
         self.provider_id = "pb_1"
         self.on_poll: Callable[[], Awaitable[None]] | None = None
+        self.on_results: Callable[[], Awaitable[None]] | None = None
 
     def _fail(self, method: str) -> None:
         if method in self.failures:
@@ -152,6 +155,8 @@ class FakeNative(NativeBatchAdapter):
 
     async def results(self, provider_batch_id: str) -> AsyncIterator[LineResult]:
         self.calls.append(("results", provider_batch_id))
+        if self.on_results is not None:
+            await self.on_results()
         self._fail("results")
         for result in self.outputs:
             yield result
@@ -211,6 +216,38 @@ async def store(tmp_path: Path, migrated_database: Path) -> AsyncIterator[Store]
         yield s
     finally:
         await s.close()
+
+
+class RecordingTelemetry(telemetry.Telemetry):
+    """The process's telemetry hook (metrics, traces), recording what the engine reports."""
+
+    def __init__(self) -> None:
+        self.retries: list[tuple[str, str, float]] = []
+        self.steps: list[tuple[str, str | None]] = []
+
+    def retry(self, provider: str, operation: str, delay_seconds: float) -> None:
+        self.retries.append((provider, operation, delay_seconds))
+
+    def trace_parent(self) -> str | None:
+        return TRACE_PARENT
+
+    @contextlib.contextmanager
+    def batch_work(self, batch_id: str, trace_parent: str | None) -> Iterator[None]:
+        self.steps.append((batch_id, trace_parent))
+        yield
+
+
+TRACE_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture(autouse=True)
+def hooks() -> Iterator[RecordingTelemetry]:
+    recorder = RecordingTelemetry()
+    previous = telemetry.install(recorder)
+    try:
+        yield recorder
+    finally:
+        telemetry.install(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -329,7 +366,7 @@ def part(row: BatchRow, part_no: int = 0) -> PartRow:
 # --------------------------------------------------------------------------- executor providers
 
 
-async def test_an_executor_batch_runs_every_line_once_and_completes(store: Store) -> None:
+async def test_an_executor_batch_runs_every_line_once_and_completes(store: Store, hooks: RecordingTelemetry) -> None:
     fx = FakeExecutor()
     finalizer = RecordingFinalizer()
     batch_id = await add_batch(store, "exec", 3)
@@ -350,6 +387,7 @@ async def test_an_executor_batch_runs_every_line_once_and_completes(store: Store
     assert (part(done).status, part(done).completed, part(done).failed) == (BatchStatus.COMPLETED, 3, 0)
     assert part(done).ended_at is not None
     assert engine._wake.is_set()  # after a step, the loop looks for more work at once
+    assert hooks.steps == [(batch_id, TRACE_PARENT)]  # the step joins the trace of the request that made the batch
     stored = (await results(store, batch_id))["c1"]
     assert (stored.status, stored.status_code, stored.request_id) == (ResultStatus.COMPLETED, 200, "req-1")
     assert json.loads(stored.response_json or "null") == {"echo": "c1", "model": PROVIDER_MODEL}
@@ -391,8 +429,8 @@ async def _async(value: LineResult) -> LineResult:
     return value
 
 
-async def test_retryable_failures_are_retried_with_backoff_then_kept(store: Store,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_retryable_failures_are_retried_with_backoff_then_kept(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                                      hooks: RecordingTelemetry) -> None:
     fx = FakeExecutor()
     flaky = ProviderError("overloaded", retryable=True, status_code=529, code="overloaded")
     fx.script = {"c0": [flaky, ProviderError("slow down", retryable=True, retry_after=2.0), flaky, flaky, flaky],
@@ -411,6 +449,7 @@ async def test_retryable_failures_are_retried_with_backoff_then_kept(store: Stor
     assert fx.executed().count("c0") == EXECUTOR_RETRIES + 1 == 4
     assert fx.executed().count("c1") == 2  # one retry, then it answered
     assert sorted(waits) == [(0, None, 0.5), (0, None, 0.5), (1, 2.0, 0.5), (2, None, 0.5)]
+    assert hooks.retries == [("exec", "execute", 0.0)] * 4  # each retry is counted, with its delay
     found = await results(store, batch_id)
     assert statuses(found) == {"c0": ResultStatus.FAILED, "c1": ResultStatus.COMPLETED}
     assert (found["c0"].status_code, found["c0"].error_code, found["c0"].error_message) == (529, "overloaded",
@@ -860,7 +899,60 @@ async def test_stop_cancels_a_step_stuck_at_the_provider_after_the_grace(store: 
     assert (row.status, row.lease_owner, engine._running) == (BatchStatus.IN_PROGRESS, None, {})
 
 
+async def test_stop_ends_a_loop_waiting_on_the_database(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shutdown while the loop waits for a claim (a slow database) cancels it and returns."""
+    claiming = asyncio.Event()
+
+    async def slow_claim(owner: str, lease_seconds: float, limit: int) -> list[str]:
+        claiming.set()
+        await asyncio.Event().wait()
+        return []
+
+    monkeypatch.setattr(store, "claim", slow_claim)
+    engine = make_engine(store, FakeExecutor(), tick_seconds=0.02)
+    engine.start()
+    await asyncio.wait_for(claiming.wait(), 10)
+    await engine.stop(grace_seconds=0.05)
+    assert engine._loop_task is not None and engine._loop_task.cancelled()
+
+
+async def test_stop_gives_running_steps_five_seconds_by_default(
+store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's shutdown calls `stop()` without a grace: a running step gets 5 s to reach a
+    stored state. The wait is recorded and cut short rather than sat through."""
+    fake = FakeNative()
+    never = asyncio.Event()
+
+    async def stuck() -> None:
+        await never.wait()
+
+    fake.on_poll = stuck
+    batch_id = await native_running(store, 1)
+    engine = make_engine(store, fake, tick_seconds=0.02)
+    real_wait = asyncio.wait
+    graces: list[float | None] = []
+
+    async def recorded(tasks: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
+        if engine._stopping and timeout is not None and timeout >= 1:
+            graces.append(timeout)
+            timeout = 0.05
+        return await real_wait(tasks, timeout=timeout, **kwargs)
+
+    engine.start()
+    try:
+        async def polling() -> bool:
+            return fake.called("poll") == 1
+
+        await until("the step to reach the provider", polling, 10)
+        monkeypatch.setattr(engine_module.asyncio, "wait", recorded)
+    finally:
+        await engine.stop()
+    assert graces == [5.0]
+    assert ((await store.engine_batch(batch_id)).lease_owner, engine._running) == (None, {})
+
+
 async def test_the_loop_takes_at_most_max_parallel_batches(store: Store) -> None:
+
     gate = asyncio.Event()
     fx = FakeExecutor(concurrency=1)
 
@@ -1065,8 +1157,16 @@ async def test_a_completed_native_batch_stores_every_result_once(store: Store,
         result(4, 0, LineError("server_error", "oops", type="upstream_error")),
     ]
     batch_id = await native_running(store, 6)
+    seen_while_storing: list[tuple[BatchStatus, BatchStatus]] = []
+
+    async def look() -> None:
+        row = await store.engine_batch(batch_id)
+        seen_while_storing.append((row.status, part(row).status))
+
+    fake.on_results = look
     with caplog.at_level(logging.WARNING):
         row = await step(make_engine(store, fake, finalizer=finalizer), batch_id)
+    assert seen_while_storing == [(BatchStatus.FINALIZING, BatchStatus.FINALIZING)]
 
     assert row.status is BatchStatus.COMPLETED and row.next_poll_at is None
     assert row.finalizing_at is not None and row.completed_at is not None
@@ -1104,7 +1204,18 @@ def stored_groups(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return sizes
 
 
+async def test_native_results_of_lines_stored_without_their_provider_are_priced_by_the_part(store: Store) -> None:
+    fake = FakeNative()
+    fake.polls = [status(ProviderState.COMPLETED)]
+    fake.outputs = [result(0)]
+    batch_id = await add_batch(store, "native", 1, line_provider=False)  # rows from before migration 0005
+    await store.record_provider_batch_id(batch_id, 0, "pb_1")
+    row = await step(make_engine(store, fake), batch_id)
+    assert (row.status, (await results(store, batch_id))["c0"].usage) == (BatchStatus.COMPLETED, priced(PRICE))
+
+
 async def test_native_results_are_stored_in_groups(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+
     monkeypatch.setattr(engine_module, "STORE_CHUNK", 2)
     fake = FakeNative()
     fake.polls = [status(ProviderState.COMPLETED)]
@@ -1245,8 +1356,8 @@ async def test_a_cancel_arriving_while_polling_a_finished_provider_completes(sto
 # --------------------------------------------------------------------------- the retry policy and the watchdog
 
 
-async def test_a_retryable_poll_failure_backs_off_exponentially(store: Store,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_retryable_poll_failure_backs_off_exponentially(store: Store, caplog: pytest.LogCaptureFixture,
+                                                                hooks: RecordingTelemetry) -> None:
     fake = FakeNative()
     fake.polls = [ProviderError("busy", retryable=True, status_code=503), ProviderError("timeout", retryable=True),
                   status(ProviderState.IN_PROGRESS)]
@@ -1260,6 +1371,8 @@ async def test_a_retryable_poll_failure_backs_off_exponentially(store: Store,
     assert between(row.next_poll_at, before + 6.25, after + 6.25)
     assert part(row).next_poll_at == row.next_poll_at
     assert f"batch {batch_id} part 0: native answered 503 (busy); next try in 6.2s" in messages(caplog)
+    assert hooks.retries == [("native", "step", 6.25)]
+
 
     before = time.time()
     with caplog.at_level(logging.WARNING):
@@ -1500,6 +1613,7 @@ async def test_a_mixed_batch_runs_each_part_on_its_provider_and_ends_once_every_
     assert [(line.index, line.custom_id) for line in fake.sent_lines] == [(2, "c2"), (3, "c3"), (4, "c4")]
     assert [(p.status, p.completed, p.provider_batch_id) for p in row.parts] == [
         (BatchStatus.COMPLETED, 2, None), (BatchStatus.IN_PROGRESS, 0, "pb_1")]
+    assert (part(row, 0).submit_started_at, part(row, 1).submit_started_at is not None) == (None, True)
     assert (row.status, row.completed, row.finalizing_at, finalizer.seen) == (BatchStatus.IN_PROGRESS, 2, None, [])
     assert between(row.next_poll_at, before + 5.0, after + 5.0)  # when the native part is due
 
@@ -1527,6 +1641,8 @@ async def test_native_parts_have_their_own_provider_batch_status_and_schedule(st
     assert [line.custom_id for line in nb.sent_lines] == ["c2", "c3"]
     assert [(p.provider, p.provider_batch_id, p.status) for p in row.parts] == [
         ("na", "pa", BatchStatus.IN_PROGRESS), ("nb", "pb", BatchStatus.IN_PROGRESS)]
+    assert all(p.submit_started_at is not None for p in row.parts)
+
 
     # Each part is polled at its own pace: one answers, the other backs off.
     na.polls = [status(ProviderState.IN_PROGRESS, "running", completed=1, failed=0)]
@@ -1545,6 +1661,14 @@ async def test_native_parts_have_their_own_provider_batch_status_and_schedule(st
     await store.schedule_part(batch_id, 0, time.time() - 1)
     na.polls = [status(ProviderState.COMPLETED)]
     na.outputs = [result(0), result(1)]
+    # While a part's results are stored, the batch shows finalizing only if no other part still runs.
+    seen: list[tuple[BatchStatus, list[BatchStatus]]] = []
+
+    async def look() -> None:
+        row = await store.engine_batch(batch_id)
+        seen.append((row.status, [p.status for p in row.parts]))
+
+    na.on_results = nb.on_results = look
     row = await step(engine, batch_id, parts_due=False)
     assert (na.called("poll"), nb.called("poll")) == (2, 1)
     assert [p.status for p in row.parts] == [BatchStatus.COMPLETED, BatchStatus.IN_PROGRESS]
@@ -1555,6 +1679,9 @@ async def test_native_parts_have_their_own_provider_batch_status_and_schedule(st
     nb.outputs = [result(2), result(3)]
     row = await step(engine, batch_id)
     assert (na.called("poll"), nb.called("poll")) == (2, 2)  # an ended part is not polled again
+    assert seen == [(BatchStatus.IN_PROGRESS, [BatchStatus.FINALIZING, BatchStatus.IN_PROGRESS]),
+                    (BatchStatus.FINALIZING, [BatchStatus.COMPLETED, BatchStatus.FINALIZING])]
+
     assert (row.status, row.completed, row.next_poll_at) == (BatchStatus.COMPLETED, 4, None)
     assert row.finalizing_at is not None and finalizer.seen == [(batch_id, BatchStatus.FINALIZING)]
 
@@ -1608,6 +1735,8 @@ async def test_a_batch_whose_parts_all_failed_fails_with_every_reason(store: Sto
                           BatchError("permission_denied", "nb: forbidden", "parts[1]")]
     assert (finalizer.seen, await results(store, batch_id)) == ([], {})  # like OpenAI: no per-line results
     assert nb.calls == [("poll", "pb"), ("cancel", "pb")]
+    assert (part(row, 0).cancel_sent_at, part(row, 1).cancel_sent_at is not None) == (None, True)
+
     assert f"batch {batch_id} failed: bad a; nb: forbidden" in messages(caplog)
 
 
