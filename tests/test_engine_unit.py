@@ -944,7 +944,7 @@ store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
             return fake.called("poll") == 1
 
         await until("the step to reach the provider", polling, 10)
-        monkeypatch.setattr(engine_module.asyncio, "wait", recorded)
+        monkeypatch.setattr(asyncio, "wait", recorded)  # the engine's asyncio is this one
     finally:
         await engine.stop()
     assert graces == [5.0]
