@@ -44,6 +44,7 @@ from adapters.base import (
 from service.domain import telemetry
 from service.domain.model import BatchError, BatchStatus, LineOutcome, Price, ResultStatus, Usage, now
 from service.engine import engine as engine_module
+from service.engine.capacity import Capacity, Ticket
 from service.engine.engine import EXECUTOR_RETRIES, UNROUTABLE_RETRY_SECONDS, Engine, EngineSettings
 from service.providers.routing import ProviderEntry, Router
 from service.storage.db import create_engine, migrate
@@ -271,10 +272,10 @@ def settings(**overrides: Any) -> EngineSettings:
 
 
 def make_engine(store: Store, *providers: Any, finalizer: RecordingFinalizer | None = None,
-                **overrides: Any) -> Engine:
+                capacity: Capacity | None = None, **overrides: Any) -> Engine:
     router = Router({p.name: ProviderEntry(provider=p, models={"m"}, default_price=DEFAULT_PRICE,
                                            prices={PROVIDER_MODEL: PRICE, "m": ROUTED_PRICE}) for p in providers})
-    return Engine(store, router, settings(**overrides), finalizer or RecordingFinalizer())
+    return Engine(store, router, settings(**overrides), finalizer or RecordingFinalizer(), capacity)
 
 
 async def add_batch(store: Store, provider: str, n: int = 3, *, provider_model: str | None = PROVIDER_MODEL,
@@ -601,7 +602,56 @@ async def test_lines_run_at_most_concurrency_at_a_time(store: Store) -> None:
     assert sorted(fx.executed()) == [f"c{i}" for i in range(6)]
 
 
+class RecordingCapacity:
+    """A shared capacity (service/engine/capacity.py's port) of one line at a time per batch, that
+    records who asked and what each call reported using."""
+
+    def __init__(self) -> None:
+        self.widths: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str, str]] = []
+        self.used: list[int | None] = []
+
+    async def width(self, provider: LineExecutor, project: str) -> int:
+        self.widths.append((provider.name, project))
+        return 1
+
+    @contextlib.asynccontextmanager
+    async def request(self, provider: LineExecutor, project: str, line: RequestLine) -> AsyncIterator[Ticket]:
+        self.calls.append((provider.name, project, line.custom_id))
+        ticket = Ticket()
+        try:
+            yield ticket
+        finally:
+            self.used.append(ticket.used_tokens)
+
+
+async def test_executor_lines_run_within_the_shared_capacity_of_their_project(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.0)  # the width is asked again at every look
+    capacity = RecordingCapacity()
+    fx = FakeExecutor(concurrency=4)
+    running = peak = 0
+
+    async def counted(line: RequestLine) -> LineResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        running -= 1
+        return answer(line)
+
+    fx.script = {f"c{i}": [counted] for i in range(3)}
+    batch_id = await add_batch(store, "exec", 3)
+    row = await step(make_engine(store, fx, capacity=capacity), batch_id)
+    assert (row.status, row.completed, peak) == (BatchStatus.COMPLETED, 3, 1)  # the capacity's width, not 4
+    assert sorted(capacity.calls) == [("exec", "alpha", "c0"), ("exec", "alpha", "c1"), ("exec", "alpha", "c2")]
+    assert capacity.used == [TOKENS.total_tokens] * 3  # what each call used, for the per-minute token budget
+    assert len(capacity.widths) >= 2 and set(capacity.widths) == {("exec", "alpha")}
+
+
 async def test_a_slow_line_does_not_hold_the_others_back(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+
     monkeypatch.setattr(engine_module, "CHECK_SECONDS", 3600.0)  # only a finished line frees a slot
     fx = FakeExecutor(concurrency=2)
     last_started = asyncio.Event()
@@ -1215,16 +1265,15 @@ async def test_native_results_of_lines_stored_without_their_provider_are_priced_
 
 
 async def test_native_results_are_stored_in_groups(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-
     monkeypatch.setattr(engine_module, "STORE_CHUNK", 2)
     fake = FakeNative()
     fake.polls = [status(ProviderState.COMPLETED)]
     fake.outputs = [result(i) for i in range(5)]
-    batch_id = await native_running(store, 6)
+    batch_id = await native_running(store, 10)
     groups = stored_groups(store, monkeypatch)
     row = await step(make_engine(store, fake), batch_id)
-    assert groups == [2, 2, 1, 1]  # the provider's five in twos, then the missing line
-    assert (row.status, row.completed, row.failed) == (BatchStatus.COMPLETED, 5, 1)
+    assert groups == [2, 2, 1, 2, 2, 1]  # the provider's five in twos, then the five missing lines in twos
+    assert (row.status, row.completed, row.failed) == (BatchStatus.COMPLETED, 5, 5)
 
 
 async def test_executed_results_are_stored_in_groups(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
