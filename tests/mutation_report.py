@@ -30,6 +30,24 @@ EQUIVALENT: dict[str, str] = {
     **{f"service.engine.output_files.xǁOutputFilesǁ_row__mutmut_{n}":
        "the new file row's `bytes`/`line_count` placeholders: `finish_file` sets both before the row leaves "
        "`uploading`, so no reader ever sees the placeholder" for n in (6, 7, 15, 16, 26, 27)},
+    # service/engine/engine.py, the parts engine (numbers as of its scoring on 2026-11-30; they shift
+    # when the engine changes: re-check each by its diff, `mutmut show NAME`).
+    **{f"service.engine.engine.xǁEngineǁstart__mutmut_{n}":
+       "the engine loop task's name (None, left out, or another string): a label for debugging, read by nothing"
+       for n in (3, 5, 6, 7)},
+    "service.engine.engine.xǁEngineǁ_pending_lines__mutmut_3":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.engine.engine.xǁEngineǁ_pending_lines__mutmut_5":
+        "a page of pending lines without a line limit: `pending_requests` still stops at PAGE_BYTES of bodies, "
+        "and the lines and their order are the same",
+    "service.engine.engine.xǁEngineǁ_execute_pending__mutmut_24":
+        "`more = None` instead of False: it is only ever tested for truth",
+    "service.engine.engine.xǁEngineǁ_execute_pending__mutmut_46":
+        "`>` instead of `>=` between two readings of the monotonic clock and CHECK_SECONDS: a float duration is "
+        "never exactly equal to the interval",
+    "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
+        "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
+        "code in _ENDED_BY_BATCH, so the line is failed either way",
 }
 
 

@@ -514,7 +514,36 @@ async def test_a_cancel_during_execution_stops_it_and_keeps_what_ran(store: Stor
     assert not any("requests done" in m for m in messages(caplog))  # progress is logged every 10 s, not at each look
 
 
+async def test_a_line_finishing_as_a_cancel_is_noticed_keeps_its_result(store: Store,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.0)
+    fx = FakeExecutor(concurrency=2)
+    batch_id = await add_batch(store, "exec", 3)
+    store_results = store.store_results
+    c0_stored = asyncio.Event()
+
+    async def cancel_once_c0_is_stored(batch: str, outcomes: Sequence[LineOutcome], part_no: int | None = None) -> int:
+        stored = await store_results(batch, outcomes, part_no=part_no)
+        if [o.custom_id for o in outcomes] == ["c0"]:
+            await store.request_cancel("alpha", batch_id)
+            c0_stored.set()  # c1 answers now, while the engine reads the batch and sees the cancel
+        return stored
+
+    async def after_c0(line: RequestLine) -> LineResult:
+        await c0_stored.wait()
+        return answer(line)
+
+    fx.script = {"c1": [after_c0]}
+    monkeypatch.setattr(store, "store_results", cancel_once_c0_is_stored)
+    done = await step(make_engine(store, fx), batch_id)
+    assert (done.status, sorted(fx.executed())) == (BatchStatus.CANCELLED, ["c0", "c1"])
+    assert statuses(await results(store, batch_id)) == {"c0": ResultStatus.COMPLETED, "c1": ResultStatus.COMPLETED,
+                                                        "c2": ResultStatus.CANCELLED}
+    assert (done.completed, part(done).completed) == (2, 2)
+
+
 async def test_a_cancel_is_noticed_while_a_line_hangs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+
     monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.0)
     fx = FakeExecutor(concurrency=1)
     batch_id = await add_batch(store, "exec", 3)
@@ -1283,7 +1312,8 @@ async def test_executed_results_are_stored_in_groups(store: Store, monkeypatch: 
     groups = stored_groups(store, monkeypatch)
     row = await step(make_engine(store, FakeExecutor(concurrency=1)), batch_id)
     assert groups == [2, 2, 1]
-    assert (row.status, row.completed) == (BatchStatus.COMPLETED, 5)
+    assert (row.status, row.completed, part(row).completed) == (BatchStatus.COMPLETED, 5, 5)
+
 
 
 async def test_a_native_batch_the_provider_expired_keeps_its_results(store: Store) -> None:
