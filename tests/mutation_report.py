@@ -45,6 +45,28 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_execute_pending__mutmut_46":
         "`>` instead of `>=` between two readings of the monotonic clock and CHECK_SECONDS: a float duration is "
         "never exactly equal to the interval",
+    "service.engine.engine.xǁEngineǁ_execute_with_retries__mutmut_3":
+        "one more turn of the retry loop (EXECUTOR_RETRIES + 2): the loop returns at `attempt == EXECUTOR_RETRIES` "
+        "before it gets there",
+    **{f"service.engine.engine.xǁEngineǁ_execute_with_retries__mutmut_{n}":
+       "the message of the AssertionError after the retry loop, which is unreachable (the last attempt returns)"
+       for n in (48, 49, 50)},
+    "service.engine.engine.xǁEngineǁ_advance_native__mutmut_70":
+        "`started = None`: `_start` then runs at every poll of a running part, and both its writes are "
+        "compare-and-sets from validating (part and batch), which change nothing once either has started",
+    "service.engine.engine.xǁEngineǁ_step_due_parts__mutmut_5":
+        "not forgetting an ended part's next look: a part only ends in a step of this engine, which records "
+        "None for it, and None is neither due nor a time to look again",
+    "service.engine.engine.xǁEngineǁ_step_due_parts__mutmut_12":
+        "reading a part's next look from the stored part instead of this step's memory: every look chosen is "
+        "stored (`schedule_part`) before the parts are read again, so both are the same value",
+    "service.engine.engine.xǁEngineǁ_step_due_parts__mutmut_23":
+        "a part due at `when < now` instead of `<=`: the float clock is never exactly at the time chosen",
+    **{f"service.engine.engine.xǁEngineǁ_step_due_parts__mutmut_{n}":
+       "`zip(..., strict=...)` left out or False: `gather` returns one result per step, so the lengths always match"
+       for n in (34, 37, 38)},
+    "service.engine.engine.xǁEngineǁ_step_native__mutmut_1":
+        "the watchdog's `time.time() > deadline` instead of `>=`: the float clock is never exactly at the deadline",
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
