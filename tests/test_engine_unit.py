@@ -582,7 +582,22 @@ async def test_an_executor_batch_expires_keeping_finished_work(store: Store) -> 
     assert (part(done).status, part(done).completed) == (BatchStatus.EXPIRED, 1)
 
 
+@pytest.mark.parametrize("provider", ["exec", "native"])
+async def test_no_line_starts_in_the_last_second_of_the_window(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                               provider: str) -> None:
+    """The window ends at `expires_at` (whole seconds): a batch that reaches it unfinished starts
+    nothing more, also in that very second (the clock is held there)."""
+    fx, fake = FakeExecutor(), FakeNative()
+    batch_id = await add_batch(store, provider, 2)
+    expires_at = (await store.engine_batch(batch_id)).expires_at
+    monkeypatch.setattr(engine_module, "now", lambda: expires_at)
+    row = await step(make_engine(store, fx, fake), batch_id)
+    assert (row.status, fx.calls, fake.calls) == (BatchStatus.EXPIRED, [], [])
+    assert statuses(await results(store, batch_id)) == dict.fromkeys(["c0", "c1"], ResultStatus.EXPIRED)
+
+
 async def test_a_validating_executor_batch_past_its_window_expires_without_running(store: Store) -> None:
+
     fx = FakeExecutor()
     batch_id = await add_batch(store, "exec", 2)
     await move_expiry(store, batch_id, now() - 1)
