@@ -67,6 +67,9 @@ EQUIVALENT: dict[str, str] = {
        for n in (34, 37, 38)},
     "service.engine.engine.xǁEngineǁ_step_native__mutmut_1":
         "the watchdog's `time.time() > deadline` instead of `>=`: the float clock is never exactly at the deadline",
+    "service.engine.engine.xǁEngineǁ_finalize__mutmut_4":
+        "the status of a batch without parts: none reaches the engine unfinished (a batch with no lines is "
+        "created failed by intake: `empty_file`, and CreateBatch refuses an empty inline list)",
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",

@@ -1876,17 +1876,18 @@ async def test_a_cancel_reaches_every_part_at_once(store: Store) -> None:
 async def test_a_part_for_an_unconfigured_provider_waits_while_the_others_run(
         store: Store, caplog: pytest.LogCaptureFixture) -> None:
     fx = FakeExecutor()
-    batch_id = await add_parts_batch(store, [("exec", 1), ("gone", 1)])
+    batch_id = await add_parts_batch(store, [("gone", 1), ("exec", 1)])
     before = time.time()
     with caplog.at_level(logging.WARNING):
         row = await step(make_engine(store, fx), batch_id)
     after = time.time()
-    assert fx.executed() == ["c0"]
+    assert fx.executed() == ["c1"]
     assert (row.status, [p.status for p in row.parts]) == (BatchStatus.IN_PROGRESS,
-                                                           [BatchStatus.COMPLETED, BatchStatus.VALIDATING])
+                                                           [BatchStatus.VALIDATING, BatchStatus.COMPLETED])
     assert between(row.next_poll_at, before + 60.0, after + 60.0)
-    assert (f"batch {batch_id} needs provider 'gone', which is not configured now (is its API key set?); its part 1 "
+    assert (f"batch {batch_id} needs provider 'gone', which is not configured now (is its API key set?); its part 0 "
             "waits until a replica that has it picks it up") in messages(caplog)
+
 
 
 async def test_native_parts_are_stepped_while_an_executor_part_runs(store: Store,
