@@ -741,6 +741,9 @@ async def test_a_part_that_fails_unexpectedly_is_retried_later(store: Store,
     assert statuses(await results(store, batch_id)) == {"c0": ResultStatus.COMPLETED}  # kept, not lost
     assert part(row).status is BatchStatus.IN_PROGRESS
     assert f"engine: batch {batch_id}: running a part failed; retrying later" in messages(caplog)
+    logged = next(r for r in caplog.records if "running a part failed" in r.getMessage())
+    assert logged.exc_info is not None and str(logged.exc_info[1]) == "adapter bug"  # with its traceback
+
 
     row = await step(make_engine(store, fx, poll_seconds=7.0), batch_id)  # c1 answers this time
     assert (row.status, row.completed) == (BatchStatus.COMPLETED, 3)
@@ -1892,20 +1895,24 @@ async def test_a_part_for_an_unconfigured_provider_waits_while_the_others_run(
 
 async def test_native_parts_are_stepped_while_an_executor_part_runs(store: Store,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A native part due during a long executor part is stepped then, not after it."""
-    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.05)
+    """A native part that becomes due during a long executor part is stepped when it is due, not
+    after the executor part (nor at the next look at the batch): here it is submitted, polled and
+    collected while the executor part's only line waits for exactly that."""
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 3600.0)  # no periodic look: only the part's due time
     fx, fake = FakeExecutor(), FakeNative()
-    fake.polls = [status(ProviderState.IN_PROGRESS)]
+    fake.polls = [status(ProviderState.COMPLETED)]
+    fake.outputs = [result(1)]
     batch_id = await add_parts_batch(store, [("exec", 1), ("native", 1)])
 
-    async def until_submitted(line: RequestLine) -> LineResult:
-        async def submitted() -> bool:
-            return fake.called("submit") == 1
+    async def until_collected(line: RequestLine) -> LineResult:
+        async def collected() -> bool:
+            return fake.called("results") == 1
 
-        await until("the native part to be submitted", submitted, 10)
+        await until("the native part to be collected", collected, 10)
         return answer(line)
 
-    fx.script = {"c0": [until_submitted]}
-    row = await step(make_engine(store, fx, fake), batch_id)
-    assert [p.status for p in row.parts] == [BatchStatus.COMPLETED, BatchStatus.IN_PROGRESS]
-    assert part(row, 1).provider_batch_id == "pb_1"
+    fx.script = {"c0": [until_collected]}
+    row = await step(make_engine(store, fx, fake, poll_seconds=0.2), batch_id)
+    assert fake.calls == [("submit", f"{batch_id}-p1"), ("poll", "pb_1"), ("results", "pb_1")]
+    assert (row.status, row.completed) == (BatchStatus.COMPLETED, 2)
+    assert [p.status for p in row.parts] == [BatchStatus.COMPLETED, BatchStatus.COMPLETED]
