@@ -32,6 +32,10 @@ EQUIVALENT: dict[str, str] = {
        "`uploading`, so no reader ever sees the placeholder" for n in (6, 7, 15, 16, 26, 27)},
     # service/engine/engine.py, the parts engine (numbers as of its scoring on 2026-11-30; they shift
     # when the engine changes: re-check each by its diff, `mutmut show NAME`).
+    "service.engine.engine.xǁEngineǁ__init____mutmut_9":
+        "`_loop_task` '' instead of None before start: it is only ever tested for truth",
+    "service.engine.engine.xǁEngineǁ__init____mutmut_10":
+        "`_stopping` None instead of False: it is only ever tested for truth",
     **{f"service.engine.engine.xǁEngineǁstart__mutmut_{n}":
        "the engine loop task's name (None, left out, or another string): a label for debugging, read by nothing"
        for n in (3, 5, 6, 7)},
@@ -70,6 +74,9 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_finalize__mutmut_4":
         "the status of a batch without parts: none reaches the engine unfinished (a batch with no lines is "
         "created failed by intake: `empty_file`, and CreateBatch refuses an empty inline list)",
+    "service.engine.engine.xǁEngineǁ_renew__mutmut_4":
+        "renewing the lease every quarter of its length instead of every third: it is kept either way, with more "
+        "writes",
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
