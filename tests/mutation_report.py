@@ -77,6 +77,15 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_renew__mutmut_4":
         "renewing the lease every quarter of its length instead of every third: it is kept either way, with more "
         "writes",
+    "service.engine.engine.xǁEngineǁ_execute_pending__mutmut_70":
+        "`>` instead of `>=` between two readings of the monotonic clock and PROGRESS_LOG_SECONDS: a float "
+        "duration is never exactly equal to the interval",
+    "service.engine.engine.xǁEngineǁ_advance__mutmut_56":
+        "a wait of 0.01 s instead of until the next due part while executor parts run: the loop only turns "
+        "more often (CPU), every part is stepped when due and nothing else differs",
+    "service.engine.engine.xǁEngineǁ_advance__mutmut_64":
+        "waiting for all executor parts instead of the first, with a timeout of at most CHECK_SECONDS: a finished "
+        "part is only noticed at the timeout, and nothing is done with it then but logging its failure",
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
