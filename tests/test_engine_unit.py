@@ -49,7 +49,7 @@ from service.engine.engine import EXECUTOR_RETRIES, UNROUTABLE_RETRY_SECONDS, En
 from service.providers.routing import ProviderEntry, Router
 from service.storage.db import create_engine, migrate
 from service.storage.repository import NewPart, NewRequest, OutputFileIds, Store, new_id
-from service.storage.tables import BatchRow, PartRow, ResultRow
+from service.storage.tables import BatchRow, PartRow
 from tests.harness import move_expiry, until
 
 REPLICA = "replica-under-test"
@@ -326,15 +326,21 @@ async def step(engine: Engine, batch_id: str, *, parts_due: bool = True) -> Batc
     return await engine.store.engine_batch(batch_id)
 
 
-async def results(store: Store, batch_id: str) -> dict[str, ResultRow]:
+async def results(store: Store, batch_id: str) -> dict[str, Any]:
+    """custom_id -> stored result (a plain row with ResultRow's column names)."""
     return {r.custom_id: r async for r in store.iter_results(batch_id)}
 
 
-def statuses(found: dict[str, ResultRow]) -> dict[str, ResultStatus]:
+def usage_of(row: Any) -> Usage:
+    return Usage(row.input_tokens, row.cached_tokens, row.output_tokens, row.reasoning_tokens,
+                 row.input_cost, row.output_cost)
+
+
+def statuses(found: dict[str, Any]) -> dict[str, ResultStatus]:
     return {custom_id: row.status for custom_id, row in sorted(found.items())}
 
 
-def errors_of(found: dict[str, ResultRow]) -> dict[str, tuple[str | None, str | None, str | None]]:
+def errors_of(found: dict[str, Any]) -> dict[str, tuple[str | None, str | None, str | None]]:
     return {c: (r.error_code, r.error_message, r.error_type) for c, r in sorted(found.items()) if r.error_code}
 
 
@@ -392,7 +398,7 @@ async def test_an_executor_batch_runs_every_line_once_and_completes(store: Store
     stored = (await results(store, batch_id))["c1"]
     assert (stored.status, stored.status_code, stored.request_id) == (ResultStatus.COMPLETED, 200, "req-1")
     assert json.loads(stored.response_json or "null") == {"echo": "c1", "model": PROVIDER_MODEL}
-    assert stored.usage == priced(PRICE)
+    assert usage_of(stored) == priced(PRICE)
     assert done.usage == Usage(30, 6, 12, 3, 3 * priced(PRICE).input_cost, 3 * priced(PRICE).output_cost)
 
 
@@ -401,7 +407,7 @@ async def test_lines_stored_without_a_provider_model_are_routed_and_priced_now(s
     batch_id = await add_batch(store, "exec", 1, provider_model=None, line_provider=False)
     await step(make_engine(store, fx), batch_id)
     assert fx.calls[0].body["model"] == "m"  # "exec/m" routed now
-    assert (await results(store, batch_id))["c0"].usage == priced(ROUTED_PRICE)
+    assert usage_of((await results(store, batch_id))["c0"]) == priced(ROUTED_PRICE)
 
 
 async def test_http_errors_and_provider_failures_are_failed_results(store: Store) -> None:
@@ -1279,7 +1285,7 @@ async def test_a_completed_native_batch_stores_every_result_once(store: Store,
         "c4": ("server_error", "oops", "upstream_error"),
         "c5": ("missing_result", "native returned no result for this request (ended).", "batch_error"),
     }
-    assert found["c0"].usage == priced(PRICE) and found["c0"].request_id == "req-0"
+    assert usage_of(found["c0"]) == priced(PRICE) and found["c0"].request_id == "req-0"
     assert found["c1"].status_code == 400
     assert (row.completed, row.failed) == (1, 3)
     assert (part(row).status, part(row).completed, part(row).failed) == (BatchStatus.COMPLETED, 1, 3)
@@ -1308,7 +1314,7 @@ async def test_native_results_of_lines_stored_without_their_provider_are_priced_
     batch_id = await add_batch(store, "native", 1, line_provider=False)  # rows from before migration 0005
     await store.record_provider_batch_id(batch_id, 0, "pb_1")
     row = await step(make_engine(store, fake), batch_id)
-    assert (row.status, (await results(store, batch_id))["c0"].usage) == (BatchStatus.COMPLETED, priced(PRICE))
+    assert (row.status, usage_of((await results(store, batch_id))["c0"])) == (BatchStatus.COMPLETED, priced(PRICE))
 
 
 async def test_native_results_are_stored_in_groups(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 STORE_CHUNK = 500
 CHECK_SECONDS = 0.5
 PROGRESS_LOG_SECONDS = 10.0
+# When a step stops running lines early (a cancel, the window's end, the engine stopping), lines in
+# flight get this long to answer before they are cancelled: an answer already on its way is kept
+# rather than thrown away after the provider did (and billed) the work. Later lines run again, or
+# are closed as cancelled/expired.
+IN_FLIGHT_GRACE_SECONDS = 0.5
 UNROUTABLE_RETRY_SECONDS = 60.0
 EXECUTOR_RETRIES = 3
 # A provider's own "the batch ended before this ran" line (OpenAI's output-line error codes) gets
@@ -428,6 +433,9 @@ class Engine:
                                  fresh.completed + fresh.failed, fresh.total, fresh.failed)
             return not self._stopping
         finally:
+            if running:  # a line whose answer is arriving keeps it: the provider did the work
+                done, running = await asyncio.wait(running, timeout=IN_FLIGHT_GRACE_SECONDS)
+                finished.extend(t.result() for t in done if not t.cancelled() and t.exception() is None)
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
