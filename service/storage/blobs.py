@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.storage.db import Sessions, insert_for
-from service.storage.tables import FileChunkRow
+from service.storage.tables import FileChunkRow, FileLineIndexRow
 
 CHUNK_BYTES = 1024 * 1024  # the most any `get` yields at once (a gRPC download message), and a DB row
 LAYOUTS_KEPT = 64  # files whose chunk layout DatabaseBlobs keeps for range reads
@@ -105,18 +105,8 @@ class DatabaseBlobs:
                 size += len(piece)
         return size
 
-    async def get(self, key: str) -> AsyncIterator[bytes]:
-        """One stored chunk at a time, each read in its own query."""
-        seq = -1
-        while True:
-            async with self.sessions() as s:
-                row = (await s.execute(select(FileChunkRow.seq, FileChunkRow.data).where(
-                    FileChunkRow.file_id == key, FileChunkRow.seq > seq)
-                    .order_by(FileChunkRow.seq).limit(1))).first()
-            if row is None:
-                return
-            seq = row[0]
-            yield bytes(row[1])
+    def get(self, key: str) -> AsyncIterator[bytes]:
+        return pieces(self.sessions, FileChunkRow, key)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes | None:
         layout = await self._layout(key)
@@ -233,3 +223,18 @@ class BlobWriter:
             self._task.cancel()
         with contextlib.suppress(BaseException):
             await self._task
+
+
+async def pieces(sessions: Sessions, table: type[FileChunkRow] | type[FileLineIndexRow],
+                 file_id: str) -> AsyncIterator[bytes]:
+    """A file's pieces in order (content chunks, or line index blocks), each read in its own query,
+    so that one piece at a time is in memory however large the file."""
+    seq = -1
+    while True:
+        async with sessions() as s:
+            row = (await s.execute(select(table.seq, table.data).where(table.file_id == file_id, table.seq > seq)
+                                   .order_by(table.seq).limit(1))).first()
+        if row is None:
+            return
+        seq = row[0]
+        yield bytes(row[1])

@@ -43,7 +43,7 @@ from service.domain.model import (
     month_of,
     now,
 )
-from service.storage.blobs import BlobStore, DatabaseBlobs
+from service.storage.blobs import BlobStore, DatabaseBlobs, pieces
 from service.storage.db import Sessions, insert_for
 from service.storage.reads import Reads
 from service.storage.tables import (
@@ -1073,18 +1073,9 @@ class Store:
         async with self.sessions.begin() as s:
             await s.execute(self._insert(FileLineIndexRow).values(file_id=file_id, seq=seq, data=data))
 
-    async def file_index_blocks(self, file_id: str) -> AsyncIterator[bytes]:
-        """The file's line index, block by block, each read in its own query (one block in memory)."""
-        seq = -1
-        while True:
-            async with self.sessions() as s:
-                row = (await s.execute(select(FileLineIndexRow.seq, FileLineIndexRow.data).where(
-                    FileLineIndexRow.file_id == file_id, FileLineIndexRow.seq > seq)
-                    .order_by(FileLineIndexRow.seq).limit(1))).first()
-            if row is None:
-                return
-            seq = row[0]
-            yield bytes(row[1])
+    def file_index_blocks(self, file_id: str) -> AsyncIterator[bytes]:
+        """The file's line index, block by block (one block in memory)."""
+        return pieces(self.sessions, FileLineIndexRow, file_id)
 
     async def last_file_index_block(self, file_id: str) -> bytes | None:
         async with self.sessions() as s:
