@@ -1922,3 +1922,41 @@ async def test_native_parts_are_stepped_while_an_executor_part_runs(store: Store
     assert fake.calls == [("submit", f"{batch_id}-p1"), ("poll", "pb_1"), ("results", "pb_1")]
     assert (row.status, row.completed) == (BatchStatus.COMPLETED, 2)
     assert [p.status for p in row.parts] == [BatchStatus.COMPLETED, BatchStatus.COMPLETED]
+
+
+@pytest.mark.logs_errors("step failed; retrying later")
+async def test_a_failure_while_an_executor_part_runs_fails_the_step_and_ends_its_lines(
+        store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A database error in the loop that steps native parts while an executor part runs: the step
+    fails as a failure (logged, looked at again after `poll_seconds`, the lease handed back), not as
+    a cancellation, and the executor part's tasks have all ended before the lease is released."""
+    fx, fake = FakeExecutor(), FakeNative()
+    batch_id = await add_parts_batch(store, [("exec", 1), ("native", 1)])
+    started = asyncio.Event()
+
+    async def never_answers(line: RequestLine) -> LineResult:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    fx.script = {"c0": [never_answers]}
+    engine_batch = store.engine_batch
+    reads = 0
+
+    async def second_read_fails(batch: str) -> BatchRow:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the read of the loop that steps the native part, once the line runs
+            await started.wait()
+            raise RuntimeError("database hiccup")
+        return await engine_batch(batch)
+
+    monkeypatch.setattr(store, "engine_batch", second_read_fails)
+    before = time.time()
+    with caplog.at_level(logging.ERROR):
+        row = await step(make_engine(store, fx, fake, poll_seconds=7.0), batch_id)
+    after = time.time()
+    assert f"engine: batch {batch_id} step failed; retrying later" in messages(caplog)
+    assert not row.status.terminal and row.lease_owner is None
+    assert between(row.next_poll_at, before + 7.0, after + 7.0)
+    assert fx.executed() == ["c0"] and fake.calls == []
