@@ -171,7 +171,8 @@ async def test_unexpected_exception_in_a_servicer_is_internal_and_logged(
         async def broken(*_: Any, **__: Any) -> Any:
             raise RuntimeError(f"connection to {SECRET} reset")
 
-        monkeypatch.setattr(app.store, "get_batch", broken)
+        for read in ("get_batch", "get_batch_with_retries"):  # every way GetBatch may read the batch
+            monkeypatch.setattr(app.store, read, broken)
         err = await expect_error(c.stub.GetBatch(batch_pb2.GetBatchRequest(id=batch.id), metadata=md()),
                                  grpc.StatusCode.INTERNAL)
         _assert_generic_internal(err)
