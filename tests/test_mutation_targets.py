@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from service.domain.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthenticated
 from service.domain.model import BatchStatus, now
+from service.edge import auth as auth_module
 from service.edge.auth import Authenticator, hash_key
 from service.engine.output_files import OUTPUT_TTL, OutputFiles, _FileWriter, output_line
 from service.intake.jsonl import MAX_LINE_BYTES, check_lines, parse_line, split_lines
@@ -94,6 +97,75 @@ async def test_registering_again_moves_a_key_to_its_new_project(store: Store) ->
     assert await store.project_for_key_hash(hash_key("sk-key-1")) == "p9"
     assert await store.project_for_key_hash(hash_key("sk-key-2")) == "p2"
     await Authenticator(store).register({})  # nothing to register is fine
+
+
+def _counting(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key hashes the Authenticator looks up in the database, in order."""
+    lookups: list[str] = []
+    original = store.project_for_key_hash
+
+    async def counted(key_hash: str) -> str | None:
+        lookups.append(key_hash)
+        return await original(key_hash)
+
+    monkeypatch.setattr(store, "project_for_key_hash", counted)
+    return lookups
+
+
+async def test_forget_drops_a_key_or_a_projects_keys_from_the_cache_and_nothing_else(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What was revoked or archived on this replica is asked of the database at once; other keys
+    stay cached."""
+    lookups = _counting(store, monkeypatch)
+    auth = Authenticator(store)
+    await auth.register({"sk-key-1": "p1", "sk-key-2": "p1", "sk-key-3": "p3"})
+    keys = ("sk-key-1", "sk-key-2", "sk-key-3")
+    for key in keys:
+        await auth.project((("authorization", f"Bearer {key}"),))
+    auth.forget(key_hash=hash_key("sk-key-3"))
+    for key in keys:
+        await auth.project((("authorization", f"Bearer {key}"),))
+    assert lookups[3:] == [hash_key("sk-key-3")]
+    auth.forget(project="p1")
+    for key in keys:
+        await auth.project((("authorization", f"Bearer {key}"),))
+    assert lookups[4:] == [hash_key("sk-key-1"), hash_key("sk-key-2")]
+
+
+async def test_register_empties_the_cache_and_says_what_it_removed(
+        store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    lookups = _counting(store, monkeypatch)
+    auth = Authenticator(store)
+    await auth.register({"sk-key-1": "p1", "sk-key-2": "p2"})
+    assert await auth.project((("authorization", "Bearer sk-key-2"),)) == "p2"
+    with caplog.at_level(logging.INFO, logger="service.edge.auth"):
+        await auth.register({"sk-key-1": "p1"})  # sk-key-2 is no longer configured
+    assert [r.getMessage() for r in caplog.records if r.name == "service.edge.auth"] == [
+        "removed 1 API key(s) that are no longer configured"]
+    with pytest.raises(Unauthenticated):  # refused at once: not served from the cache
+        await auth.project((("authorization", "Bearer sk-key-2"),))
+    assert lookups == [hash_key("sk-key-2")] * 2
+
+
+async def test_the_key_cache_lasts_cache_seconds_and_zero_turns_it_off(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = _counting(store, monkeypatch)
+    clock = [1000.0]
+    monkeypatch.setattr(auth_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))  # this module's clock only
+    header = (("authorization", "Bearer sk-key-1"),)
+    auth = Authenticator(store, cache_seconds=5.0)
+    await auth.register({"sk-key-1": "p1"})
+    await auth.project(header)
+    clock[0] += 4.9
+    await auth.project(header)
+    assert len(lookups) == 1
+    clock[0] += 0.1  # the entry expires at exactly first lookup + 5 s
+    await auth.project(header)
+    assert len(lookups) == 2
+    uncached = Authenticator(store, cache_seconds=0.0)
+    for _ in range(2):
+        assert await uncached.project(header) == "p1"
+    assert len(lookups) == 4
 
 
 # --------------------------------------------------------------------------- JSONL
