@@ -214,7 +214,8 @@ def _wait_started(stack: Stack, timeout: float) -> None:
 
 
 @contextmanager
-def start_stack(work_dir: Path, database_url: str, timeout: float = 60.0, **env: str) -> Iterator[Stack]:
+def start_stack(work_dir: Path, database_url: str, timeout: float = 60.0, retries_left: int = 2,
+                **env: str) -> Iterator[Stack]:
     """`sluice run` on free ports with keys alpha/beta/gamma; SIGINT and checks on the way out."""
     work_dir.mkdir(parents=True, exist_ok=True)
     http_port, grpc_port = free_port(), free_port()
@@ -236,7 +237,16 @@ def start_stack(work_dir: Path, database_url: str, timeout: float = 60.0, **env:
                                 cwd=ROOT, env=full_env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
     stack = Stack(proc, http_port, grpc_port, work_dir, database_url)
     try:
-        _wait_started(stack, timeout)
+        try:
+            _wait_started(stack, timeout)
+        except RuntimeError:
+            if retries_left > 0 and "Address already in use" in stack.log_tail():
+                # A port picked free was taken before the server bound it (another test process,
+                # e.g. a parallel pytest worker, picked it too): start again on other ports.
+                with start_stack(work_dir, database_url, timeout, retries_left - 1, **env) as again:
+                    yield again
+                return
+            raise
         yield stack
     finally:
         stack.stop()
