@@ -447,11 +447,16 @@ class OpenAILike(Provider):
         return self.store.overridden(b, obj, "status", obj.get("request_counts"))
 
     def batch_usage(self, b: Batch) -> JSON:
+        inp, cached, out, reasoning = b.summed("usage", lambda: self._usage_sums(b))
+        return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": out,
+                "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": inp + out}
+
+    @staticmethod
+    def _usage_sums(b: Batch) -> tuple[int, int, int, int]:
         inp = cached = out = reasoning = 0
         for it in b.items:
             if b.outcome(it) == "succeeded" and it.kind in ("chat", "responses"):
                 u = usage_for(it.prompt)
                 inp, cached, out, reasoning = (inp + u.prompt, cached + u.cached,
                                                out + u.output + u.reasoning, reasoning + u.reasoning)
-        return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": out,
-                "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": inp + out}
+        return inp, cached, out, reasoning
