@@ -484,16 +484,20 @@ class PostgresServer:
             )
 
     # ------------------------------------------------------------------ databases
-    def create_database(self, name: str) -> str:
-        """Create an empty database ``name`` owned by :attr:`user`; return its SQLAlchemy URL."""
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create a database ``name`` owned by :attr:`user`, empty or a copy of ``template``;
+        return its SQLAlchemy URL."""
         self._check_identifier(name)
+        if template is not None:
+            self._check_identifier(template)
         if not self.running:
             raise PostgresServerError("server is not running")
+        copy = f' TEMPLATE "{template}"' if template is not None else ""
 
         async def create() -> None:
             conn = await self._admin_connect()
             try:
-                await conn.execute(f'CREATE DATABASE "{name}" OWNER "{self.user}"')
+                await conn.execute(f'CREATE DATABASE "{name}" OWNER "{self.user}"{copy}')
             finally:
                 await conn.close()
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -20,6 +21,8 @@ from service.storage.tables import Base
 from tests.harness import gateway, make_settings
 from tests.native_scenarios import Flavor, make_router
 from tests.provider_fake import ProviderFake
+
+pytestmark = pytest.mark.empty_database  # these tests run the migrations themselves, from the first
 
 
 async def upgrade(url: str, revision: str) -> None:

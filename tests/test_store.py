@@ -80,6 +80,7 @@ async def count(store: Store, table: Any, batch_id: str | None = None) -> int:
 # --------------------------------------------------------------------------- schema
 
 
+@pytest.mark.empty_database
 async def test_migrations_apply_twice_idempotently(db_url: str) -> None:
     await migrate(db_url)
     await migrate(db_url)
