@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run serve test postgres lint lint-imports typecheck proto proto-check buf-lint buf-breaking pytest bench mutation breakages clean
 
+## uv installs the same versions pip would, in seconds instead of a minute (a fresh-clone `make test`
+## spends its set-up here); pip only installs uv itself.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet 'uv>=0.13,<1'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
 	@touch $(STAMP)
 
 ## Start the gRPC server, the engine and Envoy (REST) on SQLite with the simulated provider.
