@@ -12,10 +12,8 @@ guards every test runs under:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 from service.runtime.server import App
 from service.storage.db import create_engine, migrate
 from service.storage.repository import Store
+from tests.databases import database_url, sqlite_template  # noqa: F401
 from tests.harness import Client, gateway, make_settings
 from tests.pg_fixtures import migrated_postgres_url, postgres_server, postgres_template, postgres_url  # noqa: F401
 from tests.provider_fake.server import live_fakes
@@ -87,28 +86,8 @@ def no_unexpected_error_logs(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every storage-touching test runs on both backends, so no SQLite-only habit creeps in.
-
-    The database is already migrated to head, as a copy of a template migrated once per worker
-    (the gateway's own `migrate` then finds nothing to do): migrating anew for each of the ~600
-    tests that take this fixture cost about two minutes of CPU in `make test`. A test of the
-    migrations themselves asks for a database nothing has touched with `@pytest.mark.empty_database`."""
-    empty = request.node.get_closest_marker("empty_database") is not None
-    if request.param == "sqlite":
-        path = tmp_path / "sluice.db"
-        if not empty:
-            shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        return f"sqlite+aiosqlite:///{path}"
-    url: str = request.getfixturevalue("postgres_url" if empty else "migrated_postgres_url")
-    return url
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite file migrated to head, once per worker; `db_url` hands each test a copy (its
-    connections are all closed, so the file holds everything: no WAL beside it)."""
-    path = tmp_path_factory.mktemp("template") / "sluice.db"
-    asyncio.run(migrate(f"sqlite+aiosqlite:///{path}"))
-    return path
+    The database is already migrated (`database_url`)."""
+    return database_url(request, tmp_path, postgres=request.param == "postgres")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from service.domain.model import now
 from service.runtime.server import App
 from service.storage.tables import BatchRow, FileChunkRow, FileRow
 from sluice.v1 import batch_pb2, file_pb2
+from tests.databases import database_url
 from tests.harness import (
     KEY_A,
     KEY_B,
@@ -44,9 +45,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """This module's tests run on both databases with the content in the database, and once more
     with the content in S3 (the blob store is independent of the database)."""
-    if backend == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+    return database_url(request, tmp_path, postgres=backend == "postgres")
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ from service.runtime.server import App
 from service.storage.repository import NewRequest, Store
 from service.storage.tables import BatchRow, FileLineIndexRow, FileRow, RequestRow
 from sluice.v1 import batch_pb2, file_pb2
+from tests.databases import database_url
 from tests.harness import Client, gateway, make_settings, md
 from tests.rpc_errors import expect_error
 from tests.s3_server import S3Bucket
@@ -48,9 +49,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if backend == "postgres":
-        return str(request.getfixturevalue("postgres_url"))
-    return f"sqlite+aiosqlite:///{tmp_path}/sluice.db"
+    return database_url(request, tmp_path, postgres=backend == "postgres")
 
 
 @pytest.fixture
