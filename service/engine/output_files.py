@@ -155,8 +155,11 @@ class OutputFiles:
 
     async def _merged_lines(self, batch: BatchRow) -> AsyncIterator[tuple[bool, bytes]]:
         """A retry's merged files: every line of the chain's first batch, in its order, from the
-        latest batch of the chain that ran it (this one included, as it ends)."""
+        latest batch of the chain up to this one that ran it (this one included, as it ends). A
+        retry made after this one does not count: its lines may still be running, and a line must
+        not drop out of this batch's files because a later retry has not answered it yet."""
         chain = await self.store.chain(batch.project, batch.id)
+        chain = chain[:[b.id for b in chain].index(batch.id) + 1]
         after = ""
         while True:
             attempts, more = await self.store.latest_attempts(chain, after, MERGE_PAGE)
