@@ -285,6 +285,22 @@ def test_capabilities_are_read_once_per_provider() -> None:
     assert reads == ["two"]
 
 
+def test_a_model_is_routed_once_per_batch() -> None:
+    resolved: list[str] = []
+
+    class Counting(Router):
+        def resolve(self, model: str) -> Route:
+            resolved.append(model)
+            return super().resolve(model)
+
+    r = router()
+    v = LineValidator(endpoint=CHAT, router=Counting(r.entries))
+    for i in range(4):
+        v.check(line(f"r{i}", "alias" if i % 2 else "sim/x"))
+    assert resolved == ["sim/x", "alias"]
+    assert v.check(line("z", "alias")).provider_model == "m1" and resolved == ["sim/x", "alias"]
+
+
 def test_parts_split_at_the_line_and_byte_limits_and_are_numbered_in_order() -> None:
     v = LineValidator(endpoint=CHAT, router=router())
     placed = [v.check(line(cid, model), size=size).part_no for cid, model, size in (
@@ -465,6 +481,10 @@ def test_count_values_at_most() -> None:
     assert count_values_at_most(escaped) == 2
     at_limit = b"[" + b"0," * (MAX_LINE_VALUES - 2) + b"0]"  # exactly MAX_LINE_VALUES
     assert count_values_at_most(at_limit) == MAX_LINE_VALUES
+    # a first count within the limit is taken as it is, commas in strings included (a bound)
+    strings_at_limit = b'["' + b"," * (MAX_LINE_VALUES - 2) + b'"]'
+    assert count_values_at_most(strings_at_limit) == MAX_LINE_VALUES
+    assert count_values_at_most(b'["' + b"," * (MAX_LINE_VALUES - 1) + b'"]') == 2
 
 
 def test_parse_line_messages() -> None:
@@ -675,7 +695,9 @@ async def test_a_good_file_gives_its_lines_routed_and_placed(store: Store, index
     else:
         assert [r.body for r in lines] == [item["body"] for item in FILE_LINES]
         assert all(r.line_offset is None and r.line_length is None for r in lines)
-    assert [(p.part_no, p.provider, p.total) for p in validator.parts] == [(0, "two", 2), (1, SIM, 2), (2, "two", 1)]
+    sizes = [len(json.dumps(item)) + (1 if i % 2 else 0) for i, item in enumerate(FILE_LINES)]  # "\r" kept
+    assert [(p.part_no, p.provider, p.total, p.bytes) for p in validator.parts] == [
+        (0, "two", 2, sizes[0] + sizes[2]), (1, SIM, 2, sizes[1] + sizes[3]), (2, "two", 1, sizes[4])]
     assert validator.estimator is not None
     assert [t.lines for _, t in sorted(validator.estimator.parts.items())] == [2, 2, 1]
     assert validator.estimator.parts[0].output_max == 5 + 77
@@ -749,3 +771,13 @@ async def test_a_file_that_lost_lines_between_the_passes_is_gone(store: Store) -
         async for r in lines:
             got.append(r.custom_id)
     assert got == ["a", "b"] and "file-p (it was deleted while the batch was being created)" in info.value.message
+
+
+async def test_a_file_of_several_stored_chunks_without_its_index_is_read_whole(store: Store) -> None:
+    """The size check counts every chunk read (the content is stored in 1 MiB chunks)."""
+    lines = [line(f"r{i}", "sim/x", text="word " * 150_000) for i in range(3)]
+    content = jsonl(lines)
+    assert len(content) > 2 * 2**20
+    await new_file(store, "file-big", content, index=False)
+    _, requests = await prepared(store, "file-big")
+    assert requests is not None and [r.custom_id for r in requests] == ["r0", "r1", "r2"]
