@@ -461,6 +461,7 @@ async def test_the_line_length_limit_is_exact_whether_or_not_the_line_is_split()
     assert await numbered(limit + b"\n") == [[(1, 0, limit)]]
     assert await numbered(limit[:-1], b"y\nz") == [[(1, 0, limit)], [(2, MAX_LINE_BYTES + 1, b"z")]]
     assert await numbered(b"a\n", limit) == [[(1, 0, b"a")], [(2, 2, limit)]]
+    assert await numbered(b"a\n" + limit + b"\nb") == [[(1, 0, b"a"), (2, 2, limit)], [(3, MAX_LINE_BYTES + 3, b"b")]]
     for parts in ((b"a\n" + limit + b"y\n",), (b"a\n", limit, b"y\n"), (b"a\n" + limit[:-1], b"yy\n"),
                   (b"a\n", limit + b"y")):
         with pytest.raises(PayloadTooLarge) as info:
@@ -618,6 +619,15 @@ async def test_an_upload_indexes_each_line_with_its_offset_and_tokens(store: Sto
     assert await whole_index(store, "file-1", 3)
     assert not await whole_index(store, "file-1", 4) and not await whole_index(store, "file-1", 2)
     assert [(url, len(e)) async for url, e in index_blocks(store, "file-1")] == [(CHAT, 3)]
+
+
+async def test_an_upload_is_held_to_the_configured_request_limit(store: Store) -> None:
+    content = jsonl([line(f"r{i}", "sim/x") for i in range(3)])
+    assert (await new_file(store, "file-3", content, max_requests=3))[0] == 3
+    with pytest.raises(PayloadTooLarge) as info:
+        await new_file(store, "file-2", content, max_requests=2)
+    assert (info.value.code, info.value.message) == ("too_many_requests",
+                                                     "The file has more than 2 requests (line 4).")
 
 
 def test_tokens_of_an_entry() -> None:
