@@ -103,6 +103,10 @@ EQUIVALENT: dict[str, str] = {
     "service.intake.validation.xǁLineValidatorǁ_place__mutmut_3":
         "no router for `_capabilities` in `_place`: `_route` always ran `_check_capabilities` first, which "
         "cached the provider's capabilities, so the router is never read there",
+    "service.intake.jsonl.x_count_values_at_most__mutmut_18":
+        "strings blanked to 'XX\"\"XX' instead of '\"\"': the count reads only commas and brackets, which neither has",
+    "service.intake.jsonl.x_parse_line__mutmut_32":
+        "`json`'s message cut at 201 characters instead of 200: none of its messages (or this module's) is that long",
     "service.intake.jsonl.x_check_upload__mutmut_25":
         "the url of an indexed line when the validator has no endpoint, '' or 'XXXX': unreachable, a line that "
         "passed `check` has set the endpoint",

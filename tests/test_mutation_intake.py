@@ -476,6 +476,7 @@ def test_count_values_at_most() -> None:
     # many commas inside strings: counted again without the strings, exactly
     inside = b'["' + b"," * MAX_LINE_VALUES + b'", "[{"]'
     assert count_values_at_most(inside) == 3
+    assert count_values_at_most(b'[{"a": "' + b"," * MAX_LINE_VALUES + b'"}, {}]') == 5
     real = b"[" + b"0," * MAX_LINE_VALUES + b"0]"
     assert count_values_at_most(real) == MAX_LINE_VALUES + 2
     escaped = b'["\\",' + b"," * MAX_LINE_VALUES + b'"]'  # an escaped quote does not end the string
@@ -711,6 +712,9 @@ async def test_a_good_file_gives_its_lines_routed_and_placed(store: Store, index
     assert validator.estimator is not None
     assert [t.lines for _, t in sorted(validator.estimator.parts.items())] == [2, 2, 1]
     assert validator.estimator.parts[0].output_max == 5 + 77
+    counted = [body_tokens(CHAT, item["body"]) for item in FILE_LINES]
+    assert [t.input_max for _, t in sorted(validator.estimator.parts.items())] == [
+        counted[0].input_max + counted[2].input_max, counted[1].input_max + counted[3].input_max, counted[4].input_max]
 
 
 @pytest.mark.parametrize("index", [True, False], ids=["indexed", "parsed"])
