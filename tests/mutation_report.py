@@ -89,6 +89,37 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
+    # service/intake/ (numbers as of its scoring on 2026-11-30: re-check each by its diff, `mutmut show NAME`).
+    "service.intake.validation.x__encodable__mutmut_3":
+        "'UTF-8' for 'utf-8': the same codec",
+    **{f"service.intake.validation.xǁLineValidatorǁ_route__mutmut_{n}":
+       "the value `providers` keeps per provider (its first model, or None): only its keys are ever read "
+       "(`provider`, `provider_model`)" for n in (26, 28)},
+    **{f"service.intake.validation.xǁLineValidatorǁ_check_capabilities__mutmut_{n}":
+       "None instead of an empty set for a provider without models yet: both are false in "
+       "`one_model_per_job and models and ...`" for n in (22, 24)},
+    "service.intake.validation.xǁLineValidatorǁ_check_capabilities__mutmut_48":
+        "the `field` None left out of batch_too_large's LineProblem: None is its default",
+    "service.intake.validation.xǁLineValidatorǁ_place__mutmut_3":
+        "no router for `_capabilities` in `_place`: `_route` always ran `_check_capabilities` first, which "
+        "cached the provider's capabilities, so the router is never read there",
+    "service.intake.jsonl.x_count_values_at_most__mutmut_18":
+        "strings blanked to 'XX\"\"XX' instead of '\"\"': the count reads only commas and brackets, which neither has",
+    "service.intake.jsonl.x_parse_line__mutmut_32":
+        "`json`'s message cut at 201 characters instead of 200: none of its messages (or this module's) is that long",
+    "service.intake.jsonl.x_check_upload__mutmut_25":
+        "the url of an indexed line when the validator has no endpoint, '' or 'XXXX': unreachable, a line that "
+        "passed `check` has set the endpoint",
+    **{f"service.intake.line_index.xǁLineIndexWriterǁ__init____mutmut_{n}":
+       "the url before the first line (None or 'XXXX' for ''): `add` sets it before any block is written, and "
+       "check_upload closes an index only after a line was added" for n in (4, 5)},
+    "service.intake.line_index.xǁLineIndexWriterǁ__init____mutmut_7":
+        "block numbers from 1 instead of 0: they only order the blocks (`pieces` reads seq > the last one, the "
+        "last block is the highest), nothing reads a block by its number",
+    "service.intake.line_index.xǁLineIndexWriterǁadd__mutmut_17":
+        "`_flush(last=None)` for False: only its truth is read",
+    "service.intake.line_index.xǁLineIndexWriterǁ_flush__mutmut_18":
+        "block numbers 0, 2, 4, ...: they only order the blocks (as for numbering from 1)",
 }
 
 
