@@ -509,3 +509,370 @@ async def test_a_key_lookup_and_its_last_use_at_most_once_a_minute(store: Store,
     async with store.sessions() as s:
         arch = await s.scalar(select(ApiKeyRow.last_used_at).where(ApiKeyRow.key_hash == "h-arch"))
     assert arch is None
+
+
+# --------------------------------------------------------------------------- files
+
+
+async def test_list_files_orders_by_creation_time_then_id_with_cursors(store: Store) -> None:
+    """Files created in different seconds, whose ids sort the other way: the order and the cursor
+    go by created_at first, by id only within a second."""
+    for file_id, created in (("f-a", T0 + 30), ("f-b", T0 + 20), ("f-c", T0 + 20), ("f-d", T0 + 10)):
+        await add_file(store, file_id, created_at=created)
+    await add_file(store, "f-other", project="q", created_at=T0 + 15)
+
+    async def page(limit: int, after: str, ascending: bool) -> tuple[list[str], bool]:
+        rows, more = await store.list_files("p", "", limit, after, ascending)
+        return [r.id for r in rows], more
+
+    assert await page(10, "", False) == (["f-a", "f-c", "f-b", "f-d"], False)
+    assert await page(10, "", True) == (["f-d", "f-b", "f-c", "f-a"], False)
+    assert await page(1, "f-a", False) == (["f-c"], True)
+    assert await page(1, "f-c", False) == (["f-b"], True)
+    assert await page(5, "f-b", False) == (["f-d"], False)
+    assert await page(1, "f-d", True) == (["f-b"], True)
+    assert await page(1, "f-b", True) == (["f-c"], True)
+    assert await page(2, "f-c", True) == (["f-a"], False)
+    assert await page(2, "f-a", True) == ([], False)
+    assert await page(4, "", False) == (["f-a", "f-c", "f-b", "f-d"], False)
+    assert await page(3, "", True) == (["f-d", "f-b", "f-c"], True)
+
+
+async def test_expired_files_are_not_found_from_their_expiry_second(store: Store,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    await add_file(store, "f-exp", expires_at=T0)
+    await add_file(store, "f-later", expires_at=T0 + 1)
+    freeze(monkeypatch, T0)
+    assert (await store.get_file("p", "f-later")).id == "f-later"
+    with pytest.raises(NotFound) as info:
+        await store.get_file("p", "f-exp")
+    assert (info.value.message, info.value.param, info.value.code) == (
+        "No such File object: f-exp", "id", "file_not_found")
+    assert [r.id for r in (await store.list_files("p", "", 10, "", True))[0]] == ["f-later"]
+    with pytest.raises(NotFound):
+        await store.mark_file_deleted("p", "f-exp")
+
+
+async def test_an_upload_is_touched_and_finished_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    await store.begin_file(FileRow(id="f-up", project="p", filename="in.jsonl", purpose="", bytes=0, line_count=0,
+                                   status=FileStatus.UPLOADING, created_at=T0, updated_at=T0 - 100))
+    await store.touch_upload("f-up", 1234)
+    async with store.sessions() as s:
+        row = await s.get(FileRow, "f-up")
+    assert row is not None and (row.bytes, row.updated_at, row.status) == (1234, T0, FileStatus.UPLOADING)
+    freeze(monkeypatch, T0 + 5)
+    done = await store.finish_upload("f-up", size=2000, line_count=7, purpose="batch", expires_at=T0 + 99)
+    assert (done.id, done.bytes, done.line_count, done.purpose, done.expires_at, done.status, done.updated_at) == (
+        "f-up", 2000, 7, "batch", T0 + 99, FileStatus.PROCESSED, T0 + 5)
+    assert (await store.get_file("p", "f-up")).line_count == 7
+    with pytest.raises(UploadGone):
+        await store.touch_upload("f-up", 1)
+    with pytest.raises(UploadGone):
+        await store.finish_upload("f-up", size=1, line_count=1, purpose="batch", expires_at=None)
+    with pytest.raises(UploadGone):
+        await store.touch_upload("f-none", 1)
+    with pytest.raises(NotFound) as info:
+        await store.finish_file("f-none", 1, 1)
+    assert (info.value.message, info.value.param, info.value.code) == (
+        "No such File object: f-none", "id", "file_not_found")
+
+
+async def test_a_files_line_index_blocks_in_order_and_the_last_one(store: Store) -> None:
+    await add_file(store, "f-i", status=FileStatus.UPLOADING)
+    await add_file(store, "f-j", status=FileStatus.UPLOADING)
+    assert await store.last_file_index_block("f-i") is None
+    for seq, data in ((0, b"zero"), (2, b"two"), (1, b"one")):
+        await store.add_file_index_block("f-i", seq, data)
+    await store.add_file_index_block("f-j", 5, b"other")
+    assert [b async for b in store.file_index_blocks("f-i")] == [b"zero", b"one", b"two"]
+    assert await store.last_file_index_block("f-i") == b"two"
+    assert await store.last_file_index_block("f-j") == b"other"
+
+
+async def test_discard_file_removes_that_file_only(store: Store) -> None:
+    await add_file(store, "f-x", b"xx\n", status=FileStatus.UPLOADING)
+    await add_file(store, "f-y", b"yy\n")
+    await store.discard_file("f-x")
+    assert await file_ids(store) == {"f-y"}
+    assert [c async for c in store.blobs.get("f-x")] == []
+    assert b"".join([c async for c in store.blobs.get("f-y")]) == b"yy\n"
+
+
+async def test_the_sweeper_removes_what_is_due_at_its_exact_bounds(store: Store,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    abandoned = T0 - repository.ABANDONED_PURGE_SECONDS
+    files = {
+        "up-stale": dict(status=FileStatus.UPLOADING, updated_at=T0 - 901),
+        "up-edge": dict(status=FileStatus.UPLOADING, updated_at=T0 - 900),  # not before the bound: stays
+        "up-engine": dict(status=FileStatus.UPLOADING, updated_at=None),
+        "del-old": dict(status=FileStatus.DELETED, updated_at=T0 - 3601),
+        "del-edge": dict(status=FileStatus.DELETED, updated_at=T0 - 3600),
+        "purge-dead": dict(status=FileStatus.PURGING, updated_at=abandoned - 1),
+        "purge-edge": dict(status=FileStatus.PURGING, updated_at=abandoned),
+        "exp-due": dict(expires_at=T0 - 10),
+        "exp-edge": dict(expires_at=T0),
+        "exp-later": dict(expires_at=T0 + 1),
+        "exp-none": dict(expires_at=None),
+        "exp-input-running": dict(expires_at=T0 - 10),
+        "exp-input-ended": dict(expires_at=T0 - 10),
+        "exp-deleted": dict(status=FileStatus.DELETED, updated_at=T0, expires_at=T0 - 10),
+    }
+    for file_id, fields in files.items():
+        await add_file(store, file_id, **fields)  # type: ignore[arg-type]
+    await store.create_batch(batch_row(project="p", input_file_id="exp-input-running"), [])
+    ended = await store.create_batch(batch_row(project="p", input_file_id="exp-input-ended"), [])
+    assert await store.transition(ended.id, BatchStatus.VALIDATING, BatchStatus.FAILED)
+    without_expiry = await store.sweep_files(T0 - 900, T0 - 3600)
+    assert without_expiry.expired == []
+    assert (sorted(without_expiry.stale_uploads), sorted(without_expiry.deleted)) == (
+        ["up-stale"], ["del-old", "purge-dead"])
+    swept = await store.sweep_files(T0 - 900, T0 - 3600, expired_before=T0)
+    assert (swept.stale_uploads, swept.deleted) == ([], [])
+    assert sorted(swept.expired) == ["exp-due", "exp-edge", "exp-input-ended"]
+    assert swept.total == 3 and without_expiry.total == 3
+    assert await file_ids(store) == {"up-edge", "up-engine", "del-edge", "purge-edge", "exp-later", "exp-none",
+                                     "exp-input-running", "exp-deleted"}
+    for gone in ("up-stale", "del-old", "purge-dead", "exp-due"):
+        assert [c async for c in store.blobs.get(gone)] == []
+    assert b"".join([c async for c in store.blobs.get("exp-later")]) == b"a\n"
+
+
+async def test_the_sweeper_goes_through_every_chunk(store: Store) -> None:
+    for i in range(5):
+        await add_file(store, f"del-{i}", status=FileStatus.DELETED, updated_at=T0 - 7200)
+    await add_file(store, "keep", status=FileStatus.DELETED, updated_at=T0)
+    swept = await store.sweep_files(0, T0 - 3600, chunk=2)
+    assert sorted(swept.deleted) == [f"del-{i}" for i in range(5)]
+    assert await file_ids(store) == {"keep"}
+    for i in range(4):
+        await add_file(store, f"up-{i}", status=FileStatus.UPLOADING, updated_at=T0 - 7200)
+    assert len((await store.sweep_files(T0, 0, chunk=2)).stale_uploads) == 4
+    assert await file_ids(store) == {"keep"}
+    assert repository.SWEEP_CHUNK == 100
+
+
+# --------------------------------------------------------------------------- engine side
+
+
+async def test_claim_takes_due_free_unfinished_batches_oldest_first_up_to_the_limit(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    ids = [(await store.create_batch(batch_row(project="p", created_at=T0 - 10 * i), [])).id for i in range(4)]
+    # ids[3] is the oldest
+    assert await store.claim("r1", 30, 2) == [ids[3], ids[2]]
+    assert await store.claim("r2", 30, 10) == [ids[1], ids[0]]
+    async with store.sessions() as s:
+        leases = {b.id: (b.lease_owner, b.lease_until) for b in (await s.scalars(select(BatchRow))).all()}
+    assert leases == {ids[3]: ("r1", T0 + 30), ids[2]: ("r1", T0 + 30), ids[1]: ("r2", T0 + 30),
+                      ids[0]: ("r2", T0 + 30)}
+    assert await store.claim("r3", 30, 10) == []
+    assert sorted(await store.claim("r1", 60, 10)) == sorted([ids[3], ids[2]])  # its own leases: renewed
+    freeze(monkeypatch, T0 + 30)  # a lease ending now is still held
+    assert await store.claim("r3", 30, 10) == []
+    freeze(monkeypatch, T0 + 31)
+    assert sorted(await store.claim("r3", 30, 10)) == sorted([ids[1], ids[0]])
+    await store.release(ids[1], "r3", next_poll_at=T0 + 40)
+    await store.release(ids[0], "r3", next_poll_at=T0 + 41)
+    async with store.sessions() as s:
+        row = await s.get(BatchRow, ids[1])
+    assert row is not None and (row.lease_owner, row.lease_until, row.next_poll_at) == (None, None, T0 + 40)
+    freeze(monkeypatch, T0 + 39)
+    assert await store.claim("r4", 30, 10) == []
+    freeze(monkeypatch, T0 + 40)  # due at exactly its time
+    assert await store.claim("r4", 30, 10) == [ids[1]]
+    await store.make_due(ids[0])
+    assert await store.claim("r4", 30, 10) == [ids[1], ids[0]]
+    assert await store.transition(ids[1], BatchStatus.VALIDATING, BatchStatus.FAILED)
+    await store.release(ids[1], "r4")
+    assert await store.claim("r5", 30, 10) == []  # ended: never leased again
+    assert not await store.renew(ids[0], "r5", 10)
+    assert await store.renew(ids[0], "r4", 100)
+    assert (await store.engine_batch(ids[0])).lease_until == T0 + 140
+    await store.release(ids[0], "r5")  # not its lease: nothing
+    assert (await store.engine_batch(ids[0])).lease_owner == "r4"
+
+
+async def test_part_updates_touch_only_their_part(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    lines = [NewRequest("a", "x/m", {}, part_no=0), NewRequest("b", "y/m", {}, part_no=1)]
+    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 1), NewPart(1, "y", None, 1)])
+    other = await new_batch(store, 1, project="p")
+
+    async def parts() -> list[Any]:
+        return (await store.engine_batch(batch.id)).parts
+
+    await store.mark_submit_started(batch.id, 1)
+    await store.record_provider_batch_id(batch.id, 1, "pb-1")
+    await store.mark_cancel_sent(batch.id, 1)
+    await store.schedule_part(batch.id, 1, T0 + 5.5)
+    assert await store.record_poll_failure(batch.id, 1) == 1
+    assert await store.record_poll_failure(batch.id, 1) == 2
+    p0, p1 = await parts()
+    assert (p1.submit_started_at, p1.provider_batch_id, p1.status, p1.cancel_sent_at, p1.next_poll_at,
+            p1.poll_failures) == (T0, "pb-1", BatchStatus.IN_PROGRESS, T0, T0 + 5.5, 2)
+    assert (p0.submit_started_at, p0.provider_batch_id, p0.status, p0.cancel_sent_at, p0.next_poll_at,
+            p0.poll_failures) == (None, None, BatchStatus.VALIDATING, None, None, 0)
+    await store.record_provider_status(batch.id, 1, "in_progress", 3, 1)
+    _, p1 = await parts()
+    assert (p1.poll_failures, p1.provider_status, p1.provider_completed, p1.provider_failed) == (
+        0, "in_progress", 3, 1)
+    await store.schedule_part(batch.id, 0, T0 + 9)
+    async with store.sessions.begin() as s:
+        await s.execute(update(BatchRow).where(BatchRow.id == batch.id).values(next_poll_at=T0 + 9))
+    await store.make_due(batch.id)
+    assert [p.next_poll_at for p in await parts()] == [None, None]
+    assert (await store.engine_batch(batch.id)).next_poll_at is None
+    await store.start_part(batch.id, 0)
+    await store.part_finalizing(batch.id, 0)
+    assert [p.status for p in await parts()] == [BatchStatus.FINALIZING, BatchStatus.IN_PROGRESS]
+    why = [BatchError(code="provider_error", message="down")]
+    assert await store.end_part(batch.id, 1, BatchStatus.FAILED, why)
+    assert not await store.end_part(batch.id, 1, BatchStatus.COMPLETED)  # once
+    await store.part_finalizing(batch.id, 1)  # an ended part stays ended
+    await store.start_part(batch.id, 1)
+    assert await store.end_part(batch.id, 0, BatchStatus.COMPLETED)
+    p0, p1 = await parts()
+    assert (p1.status, p1.errors, p1.ended_at) == (BatchStatus.FAILED, why, T0)
+    assert (p0.status, p0.errors, p0.ended_at) == (BatchStatus.COMPLETED, None, T0)
+    (untouched,) = (await store.engine_batch(other)).parts
+    assert (untouched.status, untouched.provider_batch_id, untouched.poll_failures) == (
+        BatchStatus.VALIDATING, None, 0)
+
+
+async def test_transition_stamps_records_files_and_refuses_illegal_moves(store: Store,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    a = await new_batch(store, 1, project="p")
+    with pytest.raises(ValueError, match="illegal batch transition validating -> completed"):
+        await store.transition(a, BatchStatus.VALIDATING, BatchStatus.COMPLETED)
+    assert await store.transition(a, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+    assert not await store.transition(a, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)  # moved meanwhile
+    assert await store.transition(a, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING, errors=[])
+    assert await store.transition(a, BatchStatus.FINALIZING, BatchStatus.COMPLETED,
+                                  files=OutputFileIds("f-out", None))
+    row = await store.engine_batch(a)
+    assert (row.status, row.in_progress_at, row.finalizing_at, row.completed_at, row.errors, row.output_file_id,
+            row.error_file_id, row.merged_output_file_id, row.merged_error_file_id) == (
+        BatchStatus.COMPLETED, T0, T0, T0, None, "f-out", None, None, None)
+    b = await new_batch(store, 1, project="p")
+    await store.transition(b, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+    await store.transition(b, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
+    assert await store.transition(b, BatchStatus.FINALIZING, BatchStatus.COMPLETED,
+                                  files=OutputFileIds(None, "f-err", None, "f-merr"))
+    row = await store.engine_batch(b)
+    assert (row.output_file_id, row.error_file_id, row.merged_output_file_id, row.merged_error_file_id) == (
+        None, "f-err", None, "f-merr")
+    c = await new_batch(store, 1, project="p")
+    await store.transition(c, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+    await store.transition(c, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
+    assert await store.transition(c, BatchStatus.FINALIZING, BatchStatus.COMPLETED,
+                                  files=OutputFileIds("o", "e", "mo", None))
+    row = await store.engine_batch(c)
+    assert (row.output_file_id, row.error_file_id, row.merged_output_file_id, row.merged_error_file_id) == (
+        "o", "e", "mo", None)
+    async with store.sessions() as s:
+        events = sorted((await s.scalars(select(WebhookEventRow.batch_id))).all())
+    assert events == sorted([a, b, c])  # one ended event each, none for the moves in between
+
+
+async def test_stored_results_count_per_part_and_keep_the_served_form(store: Store) -> None:
+    lines = [NewRequest(f"r{i}", "x/m", {}, part_no=i % 2) for i in range(4)]
+    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 2), NewPart(1, "y", None, 2)])
+    encoded: list[dict[str, Any]] = []
+
+    def encode(body: dict[str, Any]) -> bytes:
+        encoded.append(body)
+        if "bad" in body:
+            raise ValueError("not a struct")
+        return b"pb:" + json.dumps(body).encode()
+
+    store.encode_response = encode
+    assert await store.store_results(batch.id, []) == 0
+    stored = await store.store_results(batch.id, [
+        LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {"b": [1, 2], "a": "é"}),
+        LineOutcome(2, "r2", ResultStatus.FAILED, 500, {"bad": 1}, ResultError("x", "y")),
+    ], part_no=0)
+    assert stored == 2
+    assert await store.store_results(batch.id, [LineOutcome(1, "r1", ResultStatus.COMPLETED, 200, {}),
+                                                 LineOutcome(3, "r3", ResultStatus.EXPIRED, 0, None)]) == 2
+    async with store.sessions() as s:
+        rows = {r.idx: (r.response_json, r.response_pb) for r in (await s.scalars(select(ResultRow))).all()}
+    assert rows == {0: ('{"b":[1,2],"a":"\\u00e9"}', b'pb:{"b": [1, 2], "a": "\\u00e9"}'), 2: ('{"bad":1}', None),
+                    1: ("{}", None), 3: (None, None)}
+    assert encoded == [{"b": [1, 2], "a": "é"}, {"bad": 1}]
+    row = await store.engine_batch(batch.id)
+    assert (row.completed, row.failed) == (2, 1)
+    assert [(p.completed, p.failed) for p in row.parts] == [(1, 1), (0, 0)]  # only the named part's counts
+
+
+async def test_results_stored_are_reported_by_provider_and_model(store: Store) -> None:
+    from service.domain import telemetry
+
+    class Counting(telemetry.Telemetry):
+        counts_results = True
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, list[tuple[str, int]]]] = []
+
+        def results_stored(self, provider: str, stored: Any) -> None:
+            self.seen.append((provider, [(model, o.index) for model, o in stored]))
+
+    lines = [NewRequest("a", "x/m", {}, "xm", part_no=0), NewRequest("b", "y/m", {}, None, part_no=1),
+             NewRequest("c", "x/m2", {}, "xm2", part_no=0)]
+    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 2), NewPart(1, "y", None, 1)])
+    counting = Counting()
+    previous = telemetry.install(counting)
+    try:
+        await store.store_results(batch.id, [LineOutcome(i, c, ResultStatus.COMPLETED, 200, {})
+                                             for i, c in enumerate("abc")])
+        await store.store_results(batch.id, [LineOutcome(0, "a", ResultStatus.COMPLETED, 200, {})])  # again
+    finally:
+        telemetry.install(previous)
+    assert sorted(counting.seen) == [("x", [("xm", 0), ("xm2", 2)]), ("y", [("y/m", 1)])]
+
+
+async def test_pending_lines_stop_at_the_limit_and_the_byte_budget(store: Store) -> None:
+    sizes = [100, 200, 300, 50]
+    lines = [NewRequest(f"r{i}", "sim/m", {"t": "x" * (n - len(codec.dumps({"t": ""})))}) for i, n in enumerate(sizes)]
+    batch = await store.create_batch(batch_row(project="p"), lines)
+    assert [r.idx for r in await store.pending_requests(batch.id, 10, max_bytes=300)] == [0, 1]
+    assert [r.idx for r in await store.pending_requests(batch.id, 10, max_bytes=299)] == [0]
+    assert [r.idx for r in await store.pending_requests(batch.id, 10, max_bytes=10)] == [0]  # at least one
+    assert [r.idx for r in await store.pending_requests(batch.id, 2)] == [0, 1]
+    assert [r.idx for r in await store.pending_requests(batch.id, 10, after_idx=1, max_bytes=350)] == [2, 3]
+    assert [len(r.body_json) for r in await store.pending_requests(batch.id, 10)] == sizes
+    pages = []
+    async for row in store.iter_requests(batch.id, page=10, max_bytes=300):
+        pages.append(row.idx)
+    assert pages == [0, 1, 2, 3]
+    await store.store_results(batch.id, [LineOutcome(0, "r0", ResultStatus.COMPLETED, 200, {})])
+    assert [r.idx for r in await store.pending_requests(batch.id, 10, max_bytes=500)] == [1, 2]
+    empty = await store.create_batch(batch_row(project="p"), [])
+    assert await store.pending_requests(empty.id, 10) == []
+    assert [r async for r in store.iter_requests(empty.id)] == []
+
+
+async def test_request_keys_and_results_are_per_batch(store: Store) -> None:
+    a = await new_batch(store, 3, project="p")
+    b = await new_batch(store, 3, project="p")
+    assert set(await store.request_keys(a, [0, 2])) == {0, 2}
+    keys_b = await store.request_keys(b, [1])
+    assert [(i, r.batch_id, r.custom_id) for i, r in keys_b.items()] == [(1, b, "r1")]
+    await store.store_results(a, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {"a": i}) for i in range(3)])
+    await store.store_results(b, [LineOutcome(i, f"r{i}", ResultStatus.COMPLETED, 200, {"b": i}) for i in range(3)])
+    page, more = await store.list_results("p", b, 5, "r0")
+    assert [(req.batch_id, res.batch_id, req.custom_id, res.response_json) for req, res in page] == [
+        (b, b, "r1", '{"b":1}'), (b, b, "r2", '{"b":2}')] and not more
+    row_b = await store.get_batch("p", b)
+    rows, more = await store.result_page(row_b, 1, "r0")
+    assert [(r.custom_id, r.response_json) for r in rows] == [("r1", '{"b":1}')] and more
+    rows, more = await store.result_page(row_b, 5, "")
+    assert [r.idx for r in rows] == [0, 1, 2] and not more
+    with pytest.raises(NotFound) as info:
+        await store.result_page(row_b, 5, "nope")
+    assert info.value.message == f"No request with custom_id 'nope' in batch '{b}'."
+    assert [r.response_json async for r in store.iter_results(b, page=2)] == ['{"b":0}', '{"b":1}', '{"b":2}']
+    verbatim = [r.verbatim async for r in store.iter_results(b)]
+    assert verbatim == [False, False, False]
