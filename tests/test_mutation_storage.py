@@ -876,3 +876,258 @@ async def test_request_keys_and_results_are_per_batch(store: Store) -> None:
     assert [r.response_json async for r in store.iter_results(b, page=2)] == ['{"b":0}', '{"b":1}', '{"b":2}']
     verbatim = [r.verbatim async for r in store.iter_results(b)]
     assert verbatim == [False, False, False]
+
+
+# --------------------------------------------------------------------------- retries
+
+
+async def _ended(store: Store, batch_id: str) -> BatchRow:
+    await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+    await store.transition(batch_id, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
+    await store.transition(batch_id, BatchStatus.FINALIZING, BatchStatus.COMPLETED)
+    return await store.engine_batch(batch_id)
+
+
+async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
+    """root (r0 completed, r1 and r2 failed); retry1 of root (r1 completed, r2 failed); retry2 of
+    retry1 (r2 pending); retry3 of root (r1 completed again)."""
+    def ok(i: int, cid: str) -> LineOutcome:
+        return LineOutcome(i, cid, ResultStatus.COMPLETED, 200, {"ok": cid})
+
+    def bad(i: int, cid: str) -> LineOutcome:
+        return LineOutcome(i, cid, ResultStatus.FAILED, 500, None, ResultError("boom", "no"))
+
+    root = await store.create_batch(batch_row(project="p", created_at=T0),
+                                    [NewRequest(f"r{i}", "sim/m", {"i": i}) for i in range(3)])
+    await store.store_results(root.id, [ok(0, "r0"), bad(1, "r1"), bad(2, "r2")])
+
+    async def retry(of: BatchRow, age: int, origins: list[int]) -> BatchRow:
+        row = batch_row(project="p", created_at=T0 + age, chain_id=root.id, retry_of=of.id)
+        return await store.create_batch(row, [NewRequest(f"r{o}", "sim/m", {"i": o}, origin_idx=o) for o in origins])
+
+    r1 = await retry(root, 1, [1, 2])
+    await store.store_results(r1.id, [ok(0, "r1"), bad(1, "r2")])
+    r2 = await retry(r1, 2, [2])
+    r3 = await retry(root, 3, [1])
+    await store.store_results(r3.id, [ok(0, "r1")])
+    return (await _ended(store, root.id), await _ended(store, r1.id), await store.engine_batch(r2.id),
+            await store.engine_batch(r3.id))
+
+
+async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> None:
+    root, r1, r2, r3 = await _chain(store)
+    assert await store.retries_of([]) == {}
+    assert await store.retries_of([root.id, r1.id, r2.id]) == {root.id: [r1.id, r3.id], r1.id: [r2.id]}
+    assert (await store.get_batch_with_retries("p", root.id))[1] == [r1.id, r3.id]
+    assert (await store.get_batch_with_retries("p", r2.id))[1] == []
+    chain = await store.chain("p", r2.id)
+    assert [b.id for b in chain] == [root.id, r1.id, r2.id, r3.id]
+    assert [b.id for b in await store.chain("p", root.id)] == [root.id, r1.id, r2.id, r3.id]
+    with pytest.raises(NotFound):
+        await store.chain("q", root.id)
+    rows = [r async for r in store.iter_requests(r3.id)]
+    assert await store.attempt_numbers(chain, r3, rows) == {0: 3}  # root, retry1, then retry3
+    assert await store.attempt_numbers(chain, r2, [r async for r in store.iter_requests(r2.id)]) == {0: 3}
+    assert await store.attempt_numbers(chain, r1, [r async for r in store.iter_requests(r1.id)]) == {0: 2, 1: 2}
+    assert await store.attempt_numbers(chain, root, [r async for r in store.iter_requests(root.id)]) == {
+        0: 1, 1: 1, 2: 1}
+    assert await store.attempt_numbers(chain, r3, []) == {}
+
+    latest, more = await store.latest_attempts(chain, "", 10)
+    assert not more
+    assert [(a.request.custom_id, a.batch.id, a.number, a.result.status if a.result else None) for a in latest] == [
+        ("r0", root.id, 1, ResultStatus.COMPLETED), ("r1", r3.id, 3, ResultStatus.COMPLETED),
+        ("r2", r2.id, 3, None)]
+    latest, more = await store.latest_attempts(chain, "r0", 1)
+    assert [a.request.custom_id for a in latest] == ["r1"] and more
+    latest, more = await store.latest_attempts(chain, "r1", 1)
+    assert [a.request.custom_id for a in latest] == ["r2"] and not more
+    with pytest.raises(NotFound) as info:
+        await store.latest_attempts(chain, "r9", 1)
+    assert (info.value.message, info.value.param, info.value.code) == (
+        f"No request with custom_id 'r9' in batch '{root.id}'.", "after", "cursor_not_found")
+    attempts = await store.line_attempts(chain, "r2")
+    assert [(a.batch.id, a.number, a.request.idx, a.result.status if a.result else None) for a in attempts] == [
+        (root.id, 1, 2, ResultStatus.FAILED), (r1.id, 2, 1, ResultStatus.FAILED), (r2.id, 3, 0, None)]
+    assert [a.number for a in await store.line_attempts(chain, "r0")] == [1]
+    with pytest.raises(NotFound) as info:
+        await store.line_attempts(chain, "r9")
+    assert (info.value.message, info.value.param, info.value.code) == (
+        f"No request with custom_id 'r9' in batch '{root.id}'.", "custom_id", "result_not_found")
+    single = await store.latest_attempts([root], "", 10)
+    assert [(a.batch.id, a.number) for a in single[0]] == [(root.id, 1)] * 3
+
+
+async def test_a_line_retried_twice_is_its_third_attempt_in_the_batch_as_a_caller_reads_it(store: Store) -> None:
+    """GetBatchResult and ListBatchResults number a retry's lines with the batch they read
+    (`get_batch`) and the chain (`chain`): two reads, two instances of each batch. Before the fix
+    `attempt_numbers` looked the batch up in the chain by identity, never found it, and called
+    every line of any retry its second attempt."""
+    root, _, r2, _ = await _chain(store)
+    batch = await store.get_batch("p", r2.id)
+    rows, _ = await store.result_page(batch, 10, "")
+    lines = [r async for r in store.iter_requests(r2.id)]
+    assert await store.attempt_numbers(await store.chain("p", r2.id), batch, lines) == {0: 3}
+    assert rows == []  # r2's line has no result yet: the numbers come from the request rows
+    assert await store.attempt_numbers(await store.chain("p", root.id), await store.get_batch("p", root.id),
+                                       lines) == {0: 1}
+
+
+async def test_the_lines_a_retry_runs_again(store: Store) -> None:
+    root, r1, _, _ = await _chain(store)
+    failed = frozenset({ResultStatus.FAILED})
+    assert [r.custom_id async for r in store.iter_retry_lines(root, failed, None, page=1)] == ["r1", "r2"]
+    assert [r.custom_id async for r in store.iter_retry_lines(root, frozenset({ResultStatus.COMPLETED}), None)] == [
+        "r0"]
+    assert [r.custom_id async for r in store.iter_retry_lines(root, failed, frozenset({"r0", "r2"}), page=2)] == [
+        "r0", "r2"]
+    assert [(r.idx, r.body_json) async for r in store.iter_retry_lines(r1, failed, None)] == [(1, '{"i":2}')]
+    whole = await new_batch(store, 3, project="p")  # failed as a whole: no results, every line failed
+    await store.transition(whole, BatchStatus.VALIDATING, BatchStatus.FAILED)
+    row = await store.engine_batch(whole)
+    assert [r.idx async for r in store.iter_retry_lines(row, failed, None, page=2)] == [0, 1, 2]
+    assert [r.idx async for r in store.iter_retry_lines(row, frozenset({ResultStatus.EXPIRED}), None)] == []
+    expired = await new_batch(store, 2, project="p")
+    await store.transition(expired, BatchStatus.VALIDATING, BatchStatus.EXPIRED)
+    row = await store.engine_batch(expired)
+    assert [r.idx async for r in store.iter_retry_lines(row, failed, None)] == []  # no result, not failed
+
+
+async def test_known_custom_ids_looks_up_more_than_one_chunk(store: Store) -> None:
+    batch = await store.create_batch(batch_row(project="p"), [NewRequest(f"c{i}", "sim/m", {}) for i in range(3)])
+    other = await store.create_batch(batch_row(project="p"), [NewRequest("c9", "sim/m", {})])
+    asked = [f"x{i}" for i in range(INSERT_CHUNK + 100)]
+    asked[0], asked[INSERT_CHUNK - 1], asked[INSERT_CHUNK], asked[-1] = "c0", "c1", "c2", "c9"
+    assert await store.known_custom_ids(batch.id, asked) == {"c0", "c1", "c2"}
+    assert await store.known_custom_ids(other.id, asked) == {"c9"}
+    assert await store.known_custom_ids(batch.id, []) == set()
+
+
+# --------------------------------------------------------------------------- executor capacity
+
+
+async def slots(store: Store, provider: str = "x") -> dict[int, tuple[str | None, float | None]]:
+    from service.storage.tables import CapacitySlotRow
+
+    async with store.sessions() as s:
+        return {r.slot: (r.holder, r.until) for r in (await s.scalars(
+            select(CapacitySlotRow).where(CapacitySlotRow.provider == provider))).all()}
+
+
+async def test_capacity_slots_are_taken_once_and_run_out(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    await store.ensure_capacity("x", 3, 4.0)
+    await store.ensure_capacity("x", 5, 9.0)  # more slots; the limit chosen first stays
+    await store.ensure_capacity("y", 1, 1.0)
+    assert await slots(store) == dict.fromkeys(range(5), (None, None))
+    assert (await store.capacity_limit("x"), await store.capacity_limit("none")) == (4.0, None)
+    assert await store.take_slot("x", 2, "h1", T0 + 10) == 0
+    assert await store.take_slot("x", 2, "h2", T0 + 20) == 1
+    assert await store.take_slot("x", 2, "h3", T0 + 20) is None
+    assert await store.take_slot("y", 2, "hy", T0 + 20) == 0  # per provider
+    assert await store.take_slot("x", 5, "h3", T0 + 20) == 2
+    freeze(monkeypatch, T0 + 10)  # h1's lease runs out at T0 + 10: still held then
+    assert await store.take_slot("x", 2, "h4", T0 + 30) is None
+    await store.renew_slots([], T0 + 99)
+    await store.renew_slots(["h2", "h3"], T0 + 50)
+    freeze(monkeypatch, T0 + 11)
+    assert await store.take_slot("x", 2, "h4", T0 + 30) == 0
+    await store.free_slot("x", "h2")
+    await store.free_slot("x", "nobody")
+    assert await slots(store) == {0: ("h4", T0 + 30), 1: (None, None), 2: ("h3", T0 + 50), 3: (None, None),
+                                  4: (None, None)}
+    assert await store.take_slot("x", 5, "h5", T0 + 30) == 1
+    assert await store.take_slot("x", 5, "h6", T0 + 30) == 3
+    assert (await slots(store, "y")) == {0: ("hy", T0 + 20)}
+
+
+async def test_the_adaptive_limit_backs_off_once_per_cooldown_and_recovers(store: Store,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    await store.ensure_capacity("x", 1, 8.0)
+    await store.ensure_capacity("y", 1, 8.0)
+    assert await store.back_off("x", 0.5, 1.5, cooldown=60)
+    assert await store.capacity_limit("x") == 4.0
+    assert not await store.back_off("x", 0.5, 1.5, cooldown=60)
+    freeze(monkeypatch, T0 + 60)
+    assert not await store.back_off("x", 0.5, 1.5, cooldown=60)
+    freeze(monkeypatch, T0 + 61)
+    assert await store.back_off("x", 0.5, 1.5, cooldown=60)
+    assert await store.capacity_limit("x") == 2.0
+    freeze(monkeypatch, T0 + 200)
+    assert await store.back_off("x", 0.5, 1.5, cooldown=60)
+    assert await store.capacity_limit("x") == 1.5  # never below the floor
+    assert await store.capacity_limit("y") == 8.0
+    await store.recover("x", 0.25, 10.0)
+    assert await store.capacity_limit("x") == 1.75
+    await store.recover("x", 5.0, 3.0)
+    assert await store.capacity_limit("x") == 3.0  # never above the ceiling
+    assert await store.capacity_limit("y") == 8.0
+
+
+async def test_requests_and_tokens_are_counted_per_minute_within_the_limits(store: Store) -> None:
+    from service.storage.tables import CapacityWindowRow
+
+    async def windows() -> dict[tuple[str, int], tuple[int, int]]:
+        async with store.sessions() as s:
+            return {(w.provider, w.minute): (w.requests, w.tokens) for w in
+                    (await s.scalars(select(CapacityWindowRow))).all()}
+
+    assert await store.count_request("x", 100, 10, rpm=2, tpm=25)
+    assert await store.count_request("x", 100, 15, rpm=2, tpm=25)  # exactly the token budget
+    assert not await store.count_request("x", 100, 0, rpm=2, tpm=None)  # a third request this minute
+    assert await windows() == {("x", 100): (2, 25)}
+    assert await store.count_request("x", 101, 30, rpm=5, tpm=25)  # larger than the budget: alone
+    assert not await store.count_request("x", 101, 1, rpm=5, tpm=25)
+    await store.correct_tokens("x", 101, -10)
+    assert await store.count_request("x", 101, 5, rpm=5, tpm=25)  # 20 + 5
+    await store.correct_tokens("x", 101, 0)
+    assert await store.count_request("y", 101, 1000, rpm=None, tpm=None)
+    assert await windows() == {("x", 100): (2, 25), ("x", 101): (2, 25), ("y", 101): (1, 1000)}
+    assert await store.count_request("x", 102, 1, rpm=1, tpm=None)
+    assert await windows() == {("x", 101): (2, 25), ("x", 102): (1, 1), ("y", 101): (1, 1000)}  # older: dropped
+
+
+async def test_running_parts_per_project(store: Store) -> None:
+    def parts(*providers: str) -> tuple[list[NewRequest], list[NewPart]]:
+        return ([NewRequest(f"r{i}", f"{p}/m", {}, part_no=i) for i, p in enumerate(providers)],
+                [NewPart(i, p, None, 1) for i, p in enumerate(providers)])
+
+    a = await store.create_batch(batch_row(project="p"), *parts("x", "y"))
+    b = await store.create_batch(batch_row(project="p"), *parts("x", "x"))
+    c = await store.create_batch(batch_row(project="q"), *parts("x"))
+    d = await store.create_batch(batch_row(project="q"), *parts("x"))
+    await store.start_part(b.id, 1)
+    await store.end_part(a.id, 0, BatchStatus.COMPLETED)
+    await store.part_finalizing(c.id, 0)
+    await store.transition(d.id, BatchStatus.VALIDATING, BatchStatus.FAILED)
+    assert await store.running_parts("x") == {"p": 2}
+    assert await store.running_parts("y") == {"p": 1}
+    assert await store.running_parts("z") == {}
+
+
+# --------------------------------------------------------------------------- cancel, counts
+
+
+async def test_cancel_moves_a_cancellable_batch_once_and_refuses_an_ended_one(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    freeze(monkeypatch, T0)
+    a = await new_batch(store, 1, project="p")
+    async with store.sessions.begin() as s:
+        await s.execute(update(BatchRow).where(BatchRow.id == a).values(next_poll_at=T0 + 100))
+    row = await store.request_cancel("p", a)
+    assert (row.status, row.cancelling_at, row.next_poll_at) == (BatchStatus.CANCELLING, T0, None)
+    freeze(monkeypatch, T0 + 5)
+    assert (await store.request_cancel("p", a)).cancelling_at == T0  # a repeated cancel changes nothing
+    await store.transition(a, BatchStatus.CANCELLING, BatchStatus.CANCELLED)
+    assert (await store.request_cancel("p", a)).status == BatchStatus.CANCELLED
+    with pytest.raises(NotFound):
+        await store.request_cancel("q", a)
+    b = await new_batch(store, 1, project="p")
+    await store.transition(b, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
+    assert (await store.request_cancel("p", b)).status == BatchStatus.CANCELLING
+    c = await new_batch(store, 1, project="p")
+    await store.transition(c, BatchStatus.VALIDATING, BatchStatus.EXPIRED)
+    with pytest.raises(repository.Conflict) as info:
+        await store.request_cancel("p", c)
+    assert info.value.message == "Cannot cancel a batch with status 'expired'."
