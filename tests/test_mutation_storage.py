@@ -555,8 +555,9 @@ async def test_expired_files_are_not_found_from_their_expiry_second(store: Store
 
 async def test_an_upload_is_touched_and_finished_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     freeze(monkeypatch, T0)
-    await store.begin_file(FileRow(id="f-up", project="p", filename="in.jsonl", purpose="", bytes=0, line_count=0,
-                                   status=FileStatus.UPLOADING, created_at=T0, updated_at=T0 - 100))
+    for file_id in ("f-up", "f-other"):  # two uploads at once: each call moves its own only
+        await store.begin_file(FileRow(id=file_id, project="p", filename="in.jsonl", purpose="", bytes=0,
+                                       line_count=0, status=FileStatus.UPLOADING, created_at=T0, updated_at=T0 - 100))
     await store.touch_upload("f-up", 1234)
     async with store.sessions() as s:
         row = await s.get(FileRow, "f-up")
@@ -566,12 +567,19 @@ async def test_an_upload_is_touched_and_finished_once(store: Store, monkeypatch:
     assert (done.id, done.bytes, done.line_count, done.purpose, done.expires_at, done.status, done.updated_at) == (
         "f-up", 2000, 7, "batch", T0 + 99, FileStatus.PROCESSED, T0 + 5)
     assert (await store.get_file("p", "f-up")).line_count == 7
+    async with store.sessions() as s:
+        other = await s.get(FileRow, "f-other")
+    assert other is not None and (other.bytes, other.updated_at, other.status) == (0, T0 - 100, FileStatus.UPLOADING)
     with pytest.raises(UploadGone):
         await store.touch_upload("f-up", 1)
     with pytest.raises(UploadGone):
         await store.finish_upload("f-up", size=1, line_count=1, purpose="batch", expires_at=None)
-    with pytest.raises(UploadGone):
+    with pytest.raises(UploadGone) as gone:
         await store.touch_upload("f-none", 1)
+    assert gone.value.args == ("f-none",)
+    with pytest.raises(UploadGone) as gone:
+        await store.finish_upload("f-none", size=1, line_count=1, purpose="batch", expires_at=None)
+    assert gone.value.args == ("f-none",)
     with pytest.raises(NotFound) as info:
         await store.finish_file("f-none", 1, 1)
     assert (info.value.message, info.value.param, info.value.code) == (
@@ -822,6 +830,9 @@ async def test_results_stored_are_reported_by_provider_and_model(store: Store) -
     lines = [NewRequest("a", "x/m", {}, "xm", part_no=0), NewRequest("b", "y/m", {}, None, part_no=1),
              NewRequest("c", "x/m2", {}, "xm2", part_no=0)]
     batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 2), NewPart(1, "y", None, 1)])
+    # a later batch with lines at the same indexes, on other providers and models: never mixed in
+    await store.create_batch(batch_row(project="p"), [NewRequest(c, "z/m", {}, "zm", part_no=0) for c in "abc"],
+                             [NewPart(0, "z", None, 3)])
     counting = Counting()
     previous = telemetry.install(counting)
     try:
@@ -982,15 +993,27 @@ async def test_the_lines_a_retry_runs_again(store: Store) -> None:
     assert [r.custom_id async for r in store.iter_retry_lines(root, failed, frozenset({"r0", "r2"}), page=2)] == [
         "r0", "r2"]
     assert [(r.idx, r.body_json) async for r in store.iter_retry_lines(r1, failed, None)] == [(1, '{"i":2}')]
-    whole = await new_batch(store, 3, project="p")  # failed as a whole: no results, every line failed
+    whole = await new_batch(store, 5, project="p")  # failed as a whole: no results, every line failed
     await store.transition(whole, BatchStatus.VALIDATING, BatchStatus.FAILED)
     row = await store.engine_batch(whole)
-    assert [r.idx async for r in store.iter_retry_lines(row, failed, None, page=2)] == [0, 1, 2]
+    assert [r.idx async for r in store.iter_retry_lines(row, failed, None, page=3)] == [0, 1, 2, 3, 4]
+    assert [r.idx async for r in store.iter_retry_lines(row, failed, None, page=5)] == [0, 1, 2, 3, 4]
     assert [r.idx async for r in store.iter_retry_lines(row, frozenset({ResultStatus.EXPIRED}), None)] == []
     expired = await new_batch(store, 2, project="p")
     await store.transition(expired, BatchStatus.VALIDATING, BatchStatus.EXPIRED)
     row = await store.engine_batch(expired)
     assert [r.idx async for r in store.iter_retry_lines(row, failed, None)] == []  # no result, not failed
+
+
+async def test_retry_lines_whose_input_content_is_gone_name_their_batch(store: Store) -> None:
+    batch_id = await by_reference(store, "file-r", BODIES[:2])
+    await store.transition(batch_id, BatchStatus.VALIDATING, BatchStatus.FAILED)
+    await store.blobs.delete(["file-r"])
+    row = await store.engine_batch(batch_id)
+    with pytest.raises(Internal) as info:
+        [r async for r in store.iter_retry_lines(row, frozenset({ResultStatus.FAILED}), None)]
+    assert info.value.message == (f"The request bodies of batch {batch_id} are no longer available: the "
+                                  "content of its input file file-r is gone.")
 
 
 async def test_known_custom_ids_looks_up_more_than_one_chunk(store: Store) -> None:
@@ -1131,3 +1154,23 @@ async def test_cancel_moves_a_cancellable_batch_once_and_refuses_an_ended_one(
     with pytest.raises(repository.Conflict) as info:
         await store.request_cancel("p", c)
     assert info.value.message == "Cannot cancel a batch with status 'expired'."
+
+
+async def test_lines_streamed_from_an_async_iterable_are_stored_in_order(store: Store) -> None:
+    async def stream() -> AsyncIterator[NewRequest]:
+        for i in range(3):
+            yield NewRequest(f"s{i}", "sim/m", {"i": i})
+
+    batch = await store.create_batch(batch_row(project="p"), stream())
+    assert batch.total == 3
+    assert [(r.idx, r.custom_id, r.body_json) async for r in store.iter_requests(batch.id)] == [
+        (i, f"s{i}", f'{{"i":{i}}}') for i in range(3)]
+
+
+def test_ids_carry_their_prefix_and_sort_in_creation_order() -> None:
+    import re
+
+    ids = [repository.new_id("batch_") for _ in range(50)]
+    assert all(re.fullmatch(r"batch_[0-9a-f]{32}", i) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 50
+    assert repository.new_id("file-").startswith("file-")
