@@ -916,10 +916,10 @@ async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
         row = batch_row(project="p", created_at=T0 + age, chain_id=root.id, retry_of=of.id)
         return await store.create_batch(row, [NewRequest(f"r{o}", "sim/m", {"i": o}, origin_idx=o) for o in origins])
 
+    r3 = await retry(root, 3, [1])  # made first, but dated last: the chain goes by created_at, not by id
     r1 = await retry(root, 1, [1, 2])
     await store.store_results(r1.id, [ok(0, "r1"), bad(1, "r2")])
     r2 = await retry(r1, 2, [2])
-    r3 = await retry(root, 3, [1])
     await store.store_results(r3.id, [ok(0, "r1")])
     return (await _ended(store, root.id), await _ended(store, r1.id), await store.engine_batch(r2.id),
             await store.engine_batch(r3.id))
@@ -931,6 +931,8 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     assert await store.retries_of([root.id, r1.id, r2.id]) == {root.id: [r1.id, r3.id], r1.id: [r2.id]}
     assert (await store.get_batch_with_retries("p", root.id))[1] == [r1.id, r3.id]
     assert (await store.get_batch_with_retries("p", r2.id))[1] == []
+    with pytest.raises(NotFound):
+        await store.get_batch_with_retries("q", root.id)
     chain = await store.chain("p", r2.id)
     assert [b.id for b in chain] == [root.id, r1.id, r2.id, r3.id]
     assert [b.id for b in await store.chain("p", root.id)] == [root.id, r1.id, r2.id, r3.id]
@@ -1017,10 +1019,10 @@ async def test_retry_lines_whose_input_content_is_gone_name_their_batch(store: S
 
 
 async def test_known_custom_ids_looks_up_more_than_one_chunk(store: Store) -> None:
-    batch = await store.create_batch(batch_row(project="p"), [NewRequest(f"c{i}", "sim/m", {}) for i in range(3)])
+    batch = await store.create_batch(batch_row(project="p"), [NewRequest(f"c{i}", "sim/m", {}) for i in range(4)])
     other = await store.create_batch(batch_row(project="p"), [NewRequest("c9", "sim/m", {})])
-    asked = [f"x{i}" for i in range(INSERT_CHUNK + 100)]
-    asked[0], asked[INSERT_CHUNK - 1], asked[INSERT_CHUNK], asked[-1] = "c0", "c1", "c2", "c9"
+    asked = [f"x{i}" for i in range(2 * INSERT_CHUNK + 100)]  # c3 is not asked for
+    asked[0], asked[INSERT_CHUNK - 1], asked[2 * INSERT_CHUNK + 50], asked[-1] = "c0", "c1", "c2", "c9"
     assert await store.known_custom_ids(batch.id, asked) == {"c0", "c1", "c2"}
     assert await store.known_custom_ids(other.id, asked) == {"c9"}
     assert await store.known_custom_ids(batch.id, []) == set()
@@ -1101,14 +1103,16 @@ async def test_requests_and_tokens_are_counted_per_minute_within_the_limits(stor
     assert not await store.count_request("x", 100, 0, rpm=2, tpm=None)  # a third request this minute
     assert await windows() == {("x", 100): (2, 25)}
     assert await store.count_request("x", 101, 30, rpm=5, tpm=25)  # larger than the budget: alone
+    assert await store.count_request("x", 101, 0, rpm=None, tpm=None)  # no limits: counted whatever the window
+    assert await windows() == {("x", 100): (2, 25), ("x", 101): (2, 30)}  # this minute's window only
     assert not await store.count_request("x", 101, 1, rpm=5, tpm=25)
     await store.correct_tokens("x", 101, -10)
     assert await store.count_request("x", 101, 5, rpm=5, tpm=25)  # 20 + 5
     await store.correct_tokens("x", 101, 0)
     assert await store.count_request("y", 101, 1000, rpm=None, tpm=None)
-    assert await windows() == {("x", 100): (2, 25), ("x", 101): (2, 25), ("y", 101): (1, 1000)}
+    assert await windows() == {("x", 100): (2, 25), ("x", 101): (3, 25), ("y", 101): (1, 1000)}
     assert await store.count_request("x", 102, 1, rpm=1, tpm=None)
-    assert await windows() == {("x", 101): (2, 25), ("x", 102): (1, 1), ("y", 101): (1, 1000)}  # older: dropped
+    assert await windows() == {("x", 101): (3, 25), ("x", 102): (1, 1), ("y", 101): (1, 1000)}  # older: dropped
 
 
 async def test_running_parts_per_project(store: Store) -> None:
