@@ -5,43 +5,18 @@ pins what a caller relies on: what is stored, exact errors, boundaries, order an
 
 from __future__ import annotations
 
-from service.storage.repository import RUN_BYTES, RUN_GAP, line_runs
+import json
+import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
+import pytest
+from sqlalchemy import func, select, update
 
-def test_line_runs_group_nearby_lines_in_file_order_within_the_span() -> None:
-    assert line_runs([]) == []
-    # out of order in, file order out; a gap of exactly RUN_GAP still joins, one byte more splits
-    a, b = (0, 100, 10), (1, 0, 10)
-    c = (2, 110 + RUN_GAP, 5)
-    d = (3, 115 + 2 * RUN_GAP + 1, 5)
-    assert line_runs([a, b, c, d]) == [[b, a, c], [d]]
-    # a run spans at most RUN_BYTES: exactly RUN_BYTES joins, one byte more starts a new run
-    e, f = (0, 0, RUN_BYTES - 10), (1, RUN_BYTES - 10, 10)
-    assert line_runs([e, f]) == [[e, f]]
-    g = (1, RUN_BYTES - 10, 11)
-    assert line_runs([e, g]) == [[e], [g]]
-    # a line longer than RUN_BYTES is a run of its own
-    h, i = (0, 0, RUN_BYTES + 5), (1, RUN_BYTES + 5, 1)
-    assert line_runs([h, i]) == [[h], [i]]
-    # the end of a run is the furthest end seen, not the last line's
-    j, k, m = (0, 0, 1000), (1, 10, 10), (2, 1000 + RUN_GAP, 1)
-    assert line_runs([j, k, m]) == [[j, k, m]]
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-import json  # noqa: E402
-import time  # noqa: E402
-from collections.abc import AsyncIterator  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-from typing import Any  # noqa: E402
-
-import pytest  # noqa: E402
-from sqlalchemy import func, select, update  # noqa: E402
-
-from service.domain import codec  # noqa: E402
-from service.domain.errors import Internal, InsufficientQuota, NotFound  # noqa: E402
-from service.domain.model import (  # noqa: E402
+from service.domain import codec
+from service.domain.errors import Conflict, InsufficientQuota, Internal, NotFound
+from service.domain.model import (
     BatchError,
     BatchStatus,
     FileStatus,
@@ -52,10 +27,12 @@ from service.domain.model import (  # noqa: E402
     month_of,
     now,
 )
-from service.storage import repository  # noqa: E402
-from service.storage.repository import (  # noqa: E402
+from service.storage import repository
+from service.storage.repository import (
     IDEMPOTENCY_TTL,
     INSERT_CHUNK,
+    RUN_BYTES,
+    RUN_GAP,
     IdempotencyClaim,
     KeyTaken,
     NewPart,
@@ -64,20 +41,20 @@ from service.storage.repository import (  # noqa: E402
     Reservation,
     Store,
     UploadGone,
+    line_runs,
 )
-from service.storage.tables import (  # noqa: E402
+from service.storage.tables import (
     ApiKeyRow,
     BatchRow,
     ChargeRow,
     FileRow,
-    PartRow,
+    IdempotencyRow,
     ProjectRow,
     RequestRow,
     ResultRow,
-    SpendRow,
     WebhookEventRow,
 )
-from tests.test_store import batch_row, new_batch  # noqa: E402
+from tests.test_store import batch_row, new_batch
 
 T0 = 1_800_000_000
 
@@ -147,12 +124,32 @@ async def by_reference(store: Store, file_id: str, bodies: list[dict[str, Any]],
 BODIES = [{"model": "sim/m", "n": i, "text": "é \u2028" * i} for i in range(5)]
 
 
+def test_line_runs_group_nearby_lines_in_file_order_within_the_span() -> None:
+    assert line_runs([]) == []
+    # out of order in, file order out; a gap of exactly RUN_GAP still joins, one byte more splits
+    a, b = (0, 100, 10), (1, 0, 10)
+    c = (2, 110 + RUN_GAP, 5)
+    d = (3, 115 + 2 * RUN_GAP + 1, 5)
+    assert line_runs([a, b, c, d]) == [[b, a, c], [d]]
+    # a run spans at most RUN_BYTES: exactly RUN_BYTES joins, one byte more starts a new run
+    e, f = (0, 0, RUN_BYTES - 10), (1, RUN_BYTES - 10, 10)
+    assert line_runs([e, f]) == [[e, f]]
+    g = (1, RUN_BYTES - 10, 11)
+    assert line_runs([e, g]) == [[e], [g]]
+    # a line longer than RUN_BYTES is a run of its own
+    h, i = (0, 0, RUN_BYTES + 5), (1, RUN_BYTES + 5, 1)
+    assert line_runs([h, i]) == [[h], [i]]
+    # the end of a run is the furthest end seen, not the last line's
+    j, k, m = (0, 0, 1000), (1, 10, 10), (2, 1000 + RUN_GAP, 1)
+    assert line_runs([j, k, m]) == [[j, k, m]]
+
+
 # --------------------------------------------------------------------------- lines stored by reference
 
 
 async def test_lines_by_reference_store_no_body_and_read_their_own_from_the_file(store: Store) -> None:
     batch_id = await by_reference(store, "file-in", BODIES, inline=frozenset({2}))
-    content, spans = jsonl_lines(BODIES)
+    _, spans = jsonl_lines(BODIES)
     stored = await stored_lines(store, batch_id)
     assert stored == [(i, codec.dumps(b) if i == 2 else "", None if i == 2 else spans[i][0],
                        None if i == 2 else spans[i][1]) for i, b in enumerate(BODIES)]
@@ -206,7 +203,7 @@ async def test_the_input_file_must_still_hold_its_content_at_create(store: Store
 
 async def test_copy_bodies_in_stores_every_readers_bodies_and_leaves_others(store: Store) -> None:
     a = await by_reference(store, "file-a", BODIES, inline=frozenset({1}))
-    content, spans = jsonl_lines(BODIES)
+    _, spans = jsonl_lines(BODIES)
     b = (await store.create_batch(batch_row(project="p", input_file_id="file-a"), [
         NewRequest("x", "sim/m", {}, line_offset=spans[3][0], line_length=spans[3][1])])).id
     other = await by_reference(store, "file-o", BODIES[:2])
@@ -448,7 +445,7 @@ async def test_idempotency_keys_last_24_hours(store: Store, monkeypatch: pytest.
     kept = await store.find_idempotency_key("other", "key-1")
     assert kept is None  # other's key is as old: expired for reads, but not dropped by p's create
     async with store.sessions() as s:
-        assert await s.scalar(select(func.count()).select_from(repository.IdempotencyRow)) == 2
+        assert await s.scalar(select(func.count()).select_from(IdempotencyRow)) == 2
     assert other.id != again.id
 
 
@@ -705,7 +702,8 @@ async def test_claim_takes_due_free_unfinished_batches_oldest_first_up_to_the_li
 async def test_part_updates_touch_only_their_part(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     freeze(monkeypatch, T0)
     lines = [NewRequest("a", "x/m", {}, part_no=0), NewRequest("b", "y/m", {}, part_no=1)]
-    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 1), NewPart(1, "y", None, 1)])
+    batch = await store.create_batch(batch_row(project="p"), lines,
+                                     [NewPart(0, "x", None, 1), NewPart(1, "y", None, 1)])
     other = await new_batch(store, 1, project="p")
 
     async def parts() -> list[Any]:
@@ -787,7 +785,8 @@ async def test_transition_stamps_records_files_and_refuses_illegal_moves(store: 
 
 async def test_stored_results_count_per_part_and_keep_the_served_form(store: Store) -> None:
     lines = [NewRequest(f"r{i}", "x/m", {}, part_no=i % 2) for i in range(4)]
-    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 2), NewPart(1, "y", None, 2)])
+    batch = await store.create_batch(batch_row(project="p"), lines,
+                                     [NewPart(0, "x", None, 2), NewPart(1, "y", None, 2)])
     encoded: list[dict[str, Any]] = []
 
     def encode(body: dict[str, Any]) -> bytes:
@@ -829,7 +828,8 @@ async def test_results_stored_are_reported_by_provider_and_model(store: Store) -
 
     lines = [NewRequest("a", "x/m", {}, "xm", part_no=0), NewRequest("b", "y/m", {}, None, part_no=1),
              NewRequest("c", "x/m2", {}, "xm2", part_no=0)]
-    batch = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", None, 2), NewPart(1, "y", None, 1)])
+    batch = await store.create_batch(batch_row(project="p"), lines,
+                                     [NewPart(0, "x", None, 2), NewPart(1, "y", None, 1)])
     # a later batch with lines at the same indexes, on other providers and models: never mixed in
     await store.create_batch(batch_row(project="p"), [NewRequest(c, "z/m", {}, "zm", part_no=0) for c in "abc"],
                              [NewPart(0, "z", None, 3)])
@@ -1155,7 +1155,7 @@ async def test_cancel_moves_a_cancellable_batch_once_and_refuses_an_ended_one(
     assert (await store.request_cancel("p", b)).status == BatchStatus.CANCELLING
     c = await new_batch(store, 1, project="p")
     await store.transition(c, BatchStatus.VALIDATING, BatchStatus.EXPIRED)
-    with pytest.raises(repository.Conflict) as info:
+    with pytest.raises(Conflict) as info:
         await store.request_cancel("p", c)
     assert info.value.message == "Cannot cancel a batch with status 'expired'."
 
