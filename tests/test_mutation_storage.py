@@ -908,6 +908,9 @@ async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
     def bad(i: int, cid: str) -> LineOutcome:
         return LineOutcome(i, cid, ResultStatus.FAILED, 500, None, ResultError("boom", "no"))
 
+    # an unrelated batch made first, with the same custom_ids at other indexes: never looked at
+    await store.create_batch(batch_row(project="p", created_at=T0 - 5),
+                             [NewRequest(f"r{i}", "sim/m", {"decoy": i}) for i in (2, 1, 0)])
     root = await store.create_batch(batch_row(project="p", created_at=T0),
                                     [NewRequest(f"r{i}", "sim/m", {"i": i}) for i in range(3)])
     await store.store_results(root.id, [ok(0, "r0"), bad(1, "r1"), bad(2, "r2")])
@@ -1064,6 +1067,14 @@ async def test_capacity_slots_are_taken_once_and_run_out(store: Store, monkeypat
     assert await store.take_slot("x", 5, "h5", T0 + 30) == 1
     assert await store.take_slot("x", 5, "h6", T0 + 30) == 3
     assert (await slots(store, "y")) == {0: ("hy", T0 + 20)}
+    # x's slots 0-3 held, only 4 free, while z has four free slots 0-3: x gets its slot 4
+    await store.ensure_capacity("z", 4, 1.0)
+    assert await store.take_slot("x", 5, "h7", T0 + 30) == 4
+    assert await store.take_slot("x", 5, "h8", T0 + 30) is None
+    # a holder that took slots of two providers hands back only the one named
+    assert await store.take_slot("z", 4, "h7", T0 + 30) == 0
+    await store.free_slot("x", "h7")
+    assert (await slots(store))[4] == (None, None) and (await slots(store, "z"))[0] == ("h7", T0 + 30)
 
 
 async def test_the_adaptive_limit_backs_off_once_per_cooldown_and_recovers(store: Store,
@@ -1098,21 +1109,24 @@ async def test_requests_and_tokens_are_counted_per_minute_within_the_limits(stor
             return {(w.provider, w.minute): (w.requests, w.tokens) for w in
                     (await s.scalars(select(CapacityWindowRow))).all()}
 
+    assert await store.count_request("y", 100, 7, rpm=None, tpm=None)
     assert await store.count_request("x", 100, 10, rpm=2, tpm=25)
     assert await store.count_request("x", 100, 15, rpm=2, tpm=25)  # exactly the token budget
     assert not await store.count_request("x", 100, 0, rpm=2, tpm=None)  # a third request this minute
-    assert await windows() == {("x", 100): (2, 25)}
+    assert await windows() == {("x", 100): (2, 25), ("y", 100): (1, 7)}
     assert await store.count_request("x", 101, 30, rpm=5, tpm=25)  # larger than the budget: alone
     assert await store.count_request("x", 101, 0, rpm=None, tpm=None)  # no limits: counted whatever the window
-    assert await windows() == {("x", 100): (2, 25), ("x", 101): (2, 30)}  # this minute's window only
+    assert await windows() == {("x", 100): (2, 25), ("x", 101): (2, 30), ("y", 100): (1, 7)}  # this minute's only
     assert not await store.count_request("x", 101, 1, rpm=5, tpm=25)
-    await store.correct_tokens("x", 101, -10)
+    assert await store.count_request("y", 101, 1000, rpm=None, tpm=None)
+    await store.correct_tokens("x", 101, -10)  # x's window only
+    assert not await store.count_request("x", 101, 6, rpm=5, tpm=25)  # 20 + 6 > 25
     assert await store.count_request("x", 101, 5, rpm=5, tpm=25)  # 20 + 5
     await store.correct_tokens("x", 101, 0)
-    assert await store.count_request("y", 101, 1000, rpm=None, tpm=None)
-    assert await windows() == {("x", 100): (2, 25), ("x", 101): (3, 25), ("y", 101): (1, 1000)}
+    assert await windows() == {("x", 100): (2, 25), ("x", 101): (3, 25), ("y", 100): (1, 7), ("y", 101): (1, 1000)}
     assert await store.count_request("x", 102, 1, rpm=1, tpm=None)
-    assert await windows() == {("x", 101): (3, 25), ("x", 102): (1, 1), ("y", 101): (1, 1000)}  # older: dropped
+    assert await windows() == {("x", 101): (3, 25), ("x", 102): (1, 1), ("y", 100): (1, 7),
+                               ("y", 101): (1, 1000)}  # x's older windows dropped, not y's
 
 
 async def test_running_parts_per_project(store: Store) -> None:
