@@ -901,7 +901,7 @@ async def _ended(store: Store, batch_id: str) -> BatchRow:
 
 async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
     """root (r0 completed, r1 and r2 failed); retry1 of root (r1 completed, r2 failed); retry2 of
-    retry1 (r2 pending); retry3 of root (r1 completed again)."""
+    retry1 (r2 pending); retry3 of root (r1 and r0 completed again)."""
     def ok(i: int, cid: str) -> LineOutcome:
         return LineOutcome(i, cid, ResultStatus.COMPLETED, 200, {"ok": cid})
 
@@ -910,7 +910,7 @@ async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
 
     # an unrelated batch made first, with the same custom_ids at other indexes: never looked at
     await store.create_batch(batch_row(project="p", created_at=T0 - 5),
-                             [NewRequest(f"r{i}", "sim/m", {"decoy": i}) for i in (2, 1, 0)])
+                             [NewRequest(f"r{i}", "sim/m", {"decoy": i}, origin_idx=i) for i in (2, 1, 0)])
     root = await store.create_batch(batch_row(project="p", created_at=T0),
                                     [NewRequest(f"r{i}", "sim/m", {"i": i}) for i in range(3)])
     await store.store_results(root.id, [ok(0, "r0"), bad(1, "r1"), bad(2, "r2")])
@@ -919,11 +919,11 @@ async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
         row = batch_row(project="p", created_at=T0 + age, chain_id=root.id, retry_of=of.id)
         return await store.create_batch(row, [NewRequest(f"r{o}", "sim/m", {"i": o}, origin_idx=o) for o in origins])
 
-    r3 = await retry(root, 3, [1])  # made first, but dated last: the chain goes by created_at, not by id
+    r3 = await retry(root, 3, [1, 0])  # made first, but dated last: the chain goes by created_at, not by id
     r1 = await retry(root, 1, [1, 2])
     await store.store_results(r1.id, [ok(0, "r1"), bad(1, "r2")])
     r2 = await retry(r1, 2, [2])
-    await store.store_results(r3.id, [ok(0, "r1")])
+    await store.store_results(r3.id, [ok(0, "r1"), ok(1, "r0")])
     return (await _ended(store, root.id), await _ended(store, r1.id), await store.engine_batch(r2.id),
             await store.engine_batch(r3.id))
 
@@ -942,7 +942,7 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     with pytest.raises(NotFound):
         await store.chain("q", root.id)
     rows = [r async for r in store.iter_requests(r3.id)]
-    assert await store.attempt_numbers(chain, r3, rows) == {0: 3}  # root, retry1, then retry3
+    assert await store.attempt_numbers(chain, r3, rows) == {0: 3, 1: 2}  # r1: root, retry1, retry3; r0: root, retry3
     assert await store.attempt_numbers(chain, r2, [r async for r in store.iter_requests(r2.id)]) == {0: 3}
     assert await store.attempt_numbers(chain, r1, [r async for r in store.iter_requests(r1.id)]) == {0: 2, 1: 2}
     assert await store.attempt_numbers(chain, root, [r async for r in store.iter_requests(root.id)]) == {
@@ -952,7 +952,7 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     latest, more = await store.latest_attempts(chain, "", 10)
     assert not more
     assert [(a.request.custom_id, a.batch.id, a.number, a.result.status if a.result else None) for a in latest] == [
-        ("r0", root.id, 1, ResultStatus.COMPLETED), ("r1", r3.id, 3, ResultStatus.COMPLETED),
+        ("r0", r3.id, 2, ResultStatus.COMPLETED), ("r1", r3.id, 3, ResultStatus.COMPLETED),
         ("r2", r2.id, 3, None)]
     latest, more = await store.latest_attempts(chain, "r0", 1)
     assert [a.request.custom_id for a in latest] == ["r1"] and more
@@ -965,7 +965,8 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     attempts = await store.line_attempts(chain, "r2")
     assert [(a.batch.id, a.number, a.request.idx, a.result.status if a.result else None) for a in attempts] == [
         (root.id, 1, 2, ResultStatus.FAILED), (r1.id, 2, 1, ResultStatus.FAILED), (r2.id, 3, 0, None)]
-    assert [a.number for a in await store.line_attempts(chain, "r0")] == [1]
+    assert [(a.batch.id, a.number, a.request.idx) for a in await store.line_attempts(chain, "r0")] == [
+        (root.id, 1, 0), (r3.id, 2, 1)]
     with pytest.raises(NotFound) as info:
         await store.line_attempts(chain, "r9")
     assert (info.value.message, info.value.param, info.value.code) == (
