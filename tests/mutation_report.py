@@ -89,6 +89,63 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
+    # service/storage/repository.py (numbers as of its scoring on 2026-11-30, after issue 13; they shift when
+    # the Store changes: re-check each by its diff, `mutmut show NAME`). "PostgreSQL-only" entries are code a
+    # SQLite run cannot tell apart; each fails tests/test_mutation_storage.py's test of that function on
+    # PostgreSQL in `make test` (checked by hand for _insert_requests' COPY table, back_off's `/ factor` and
+    # count_request's conflict target in capitals).
+    **{f"service.storage.repository.xǁStoreǁlast_file_index_block__mutmut_{n}":
+       "limit(None)/limit(2) instead of limit(1): `scalar` takes the first row of the same order" for n in (3, 8)},
+    "service.storage.repository.xǁStoreǁresult_page__mutmut_9":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
+        "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":
+        "a default page of 1001 lines instead of 1000: the same lines, in pages of another size",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_4":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_29":
+        "no page limit: every line in one page, then an empty one; the same lines in the same order",
+    **{f"service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_{n}":
+       "the input file id not passed to `_fill_bodies`, which then reads the batch's own `input_file_id`: the "
+       "same file" for n in (48, 51)},
+    "service.storage.repository.x__with_models__mutmut_6":
+        "reading every line of the batch instead of the stored ones: only the stored ones are looked up in it",
+    **{f"service.storage.repository.x__with_models__mutmut_{n}":
+       "the label of a result whose line is not in the batch: `store_results` is only ever given outcomes of the "
+       "batch's own lines (the engine's), so the default is never used" for n in (32, 34, 35, 36, 43)},
+    **{f"service.storage.repository.xǁStoreǁlatest_attempts__mutmut_{n}":
+       "no limit, or limit + 2, on the first batch's lines: the page is cut to `limit` and `has_more` is "
+       "`len > limit` either way" for n in (33, 36)},
+    "service.storage.repository.xǁStoreǁ_attempts__mutmut_6":
+        "`retries or runs` instead of `and`: with either empty the query's IN () matches no row",
+    **{f"service.storage.repository.xǁStoreǁrunning_parts__mutmut_{n}":
+       "the join without its ON clause: SQLAlchemy infers the same one from the foreign key" for n in (11, 13)},
+    **{f"service.storage.repository.xǁStoreǁensure_capacity__mutmut_{n}":
+       "a new slot's `holder`/`until` key misspelt: the key is ignored and both columns are NULL by default, "
+       "which is the value written" for n in (15, 16, 18)},
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_27":
+        "`backed_off_at` left out: its column default is the same 0.0",
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_29":
+        "`backed_off_at` 1.0 instead of 0.0: the cooldown compares it with the clock (about 1.8e9 s), both are "
+        "long past",
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "ON CONFLICT DO NOTHING without a target: the table's only unique key is its primary key, so the same "
+       "rows are skipped on both databases" for name in ("ensure_capacity__mutmut_5", "ensure_capacity__mutmut_21",
+                                                         "count_request__mutmut_2")},
+    **{f"service.storage.repository.xǁStoreǁcount_request__mutmut_{n}":
+       "the new window's `requests`/`tokens` 0 left out: both columns default to 0" for n in (9, 10)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "PostgreSQL-only: a conflict target in capitals, which SQLite matches case-insensitively; PostgreSQL "
+       "fails it (no such column)" for name in ("count_request__mutmut_15", "count_request__mutmut_17",
+                                                "ensure_capacity__mutmut_8", "ensure_capacity__mutmut_10",
+                                                "ensure_capacity__mutmut_31")},
+    **{f"service.storage.repository.xǁStoreǁback_off__mutmut_{n}":
+       "PostgreSQL-only: the `greatest(...)` branch, or SQLite's two-argument `max` sent to PostgreSQL, where "
+       "`max` is an aggregate; the adaptive-limit test fails on PostgreSQL" for n in (17, 26, 27, 28, 29, 30)},
+    **{f"service.storage.repository.xǁStoreǁrecover__mutmut_{n}":
+       "PostgreSQL-only: the `least(...)` branch, or SQLite's two-argument `min` sent to PostgreSQL, where "
+       "`min` is an aggregate; the adaptive-limit test fails on PostgreSQL" for n in (7, 16, 17, 18, 19, 20)},
 }
 
 
