@@ -140,6 +140,39 @@ EQUIVALENT: dict[str, str] = {
        "fails it (no such column)" for name in ("count_request__mutmut_15", "count_request__mutmut_17",
                                                 "ensure_capacity__mutmut_8", "ensure_capacity__mutmut_10",
                                                 "ensure_capacity__mutmut_31")},
+    **{f"service.storage.repository.xǁStoreǁchain__mutmut_{n}":
+       "the SQL order of the chain's batches: they are sorted again in Python by (not the root, created_at, id)"
+       for n in (11, 12, 13, 14)},
+    "service.storage.repository.xǁStoreǁchain__mutmut_17":
+        "the chain's batches not filtered by project: `get_batch` checked the tenant first, and a retry is always "
+        "made in its batch's project, so every batch of the chain is the caller's",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_4":
+        "finding the batch in the chain unconditionally: callers always pass the batch's own chain",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_11":
+        "taking `origin_idx` even when it is None: only a first batch's lines have none, and a first batch "
+        "returns 1 for every line before",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_20":
+        "`earlier or origins` instead of `and`: with either empty the query's IN () matches no row",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_31":
+        "counting every origin of the earlier batches, not only the ones asked for: only those are looked up",
+    "service.storage.repository.xǁStoreǁ_attempts__mutmut_33":
+        "reading every result of a batch of the chain, not only the wanted lines': only those are looked up",
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_17":
+        "a new slot's `until` key misspelt: the key is ignored and the column is NULL by default, the value written",
+    "service.storage.repository.xǁStoreǁ_reserve__mutmut_4":
+        "ON CONFLICT DO NOTHING without a target: the table's only unique key is its primary key, so the same "
+        "rows are skipped on both databases",
+    **{f"service.storage.repository.xǁStoreǁ_reserve__mutmut_{n}":
+       "the new spend row's `reserved`/`spent` 0.0 left out: both columns default to 0.0" for n in (11, 12)},
+    **{f"service.storage.repository.xǁStoreǁ_reserve__mutmut_{n}":
+       "the case of no spend row when a reservation is refused: the row was inserted just before, in the same "
+       "transaction, so there always is one" for n in (51, 53)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "PostgreSQL-only: an upsert without a conflict target, or with a column in capitals; SQLite accepts "
+       "both, PostgreSQL refuses them (SQLAlchemy needs a target for DO UPDATE; no such column), and the key "
+       "tests call `put_api_keys` twice on PostgreSQL" for name in (
+           "put_api_keys__mutmut_13", "put_api_keys__mutmut_15", "put_api_keys__mutmut_18",
+           "put_api_keys__mutmut_20", "_reserve__mutmut_17", "_reserve__mutmut_19")},
     **{f"service.storage.repository.xǁStoreǁback_off__mutmut_{n}":
        "PostgreSQL-only: the `greatest(...)` branch, or SQLite's two-argument `max` sent to PostgreSQL, where "
        "`max` is an aggregate; the adaptive-limit test fails on PostgreSQL" for n in (17, 26, 27, 28, 29, 30)},

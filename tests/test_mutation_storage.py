@@ -364,6 +364,13 @@ async def test_a_reservation_is_taken_only_for_a_batch_with_lines_and_within_the
     def row() -> BatchRow:
         return batch_row(project="p", created_at=T0)
 
+    last_month = month_of(T0 - 40 * 86400)
+    assert last_month != month
+    # p's spend of another month, and q's of this month: neither moves with p's reservations below
+    await store.create_batch(batch_row(project="p", created_at=T0 - 40 * 86400), [NewRequest("a", "sim/m", {})],
+                             reservation=Reservation(9.0, None))
+    await store.create_batch(batch_row(project="q", created_at=T0), [NewRequest("a", "sim/m", {})],
+                             reservation=Reservation(1.0, None))
     await store.create_batch(row(), [], reservation=Reservation(5.0, 10.0))
     assert await store.spend("p", month) == repository.Spend("p", month)  # no lines: nothing reserved
     first = await store.create_batch(row(), [NewRequest("a", "sim/m", {})], reservation=Reservation(6.0, 10.0))
@@ -380,18 +387,24 @@ async def test_a_reservation_is_taken_only_for_a_batch_with_lines_and_within_the
     unlimited = await store.create_batch(row(), [NewRequest("a", "sim/m", {})], reservation=Reservation(100.0, None))
     assert (await store.spend("p", month)).reserved == 110.0
     assert await store.spend("other", month) == repository.Spend("other", month, 0.0, 0.0)
+    assert await store.spend("p", last_month) == repository.Spend("p", last_month, 9.0, 0.0)
+    assert await store.spend("q", month) == repository.Spend("q", month, 1.0, 0.0)
     async with store.sessions() as s:
         charges = {c.batch_id: (c.project, c.month, c.reserved, c.actual) for c in
-                   (await s.scalars(select(ChargeRow))).all()}
+                   (await s.scalars(select(ChargeRow).where(ChargeRow.project == "p", ChargeRow.month == month)))}
         batches = int(await s.scalar(select(func.count()).select_from(BatchRow)) or 0)
     assert charges == {first.id: ("p", month, 6.0, None), exact.id: ("p", month, 4.0, None),
                        unlimited.id: ("p", month, 100.0, None)}
-    assert batches == 4  # the refused one left nothing
+    assert batches == 6  # the refused one left nothing
     with pytest.raises(InsufficientQuota) as info:
-        await store.create_batch(batch_row(project="q", created_at=T0), [NewRequest("a", "sim/m", {})],
+        await store.create_batch(batch_row(project="r", created_at=T0), [NewRequest("a", "sim/m", {})],
                                  reservation=Reservation(3.0, 2.0))
-    assert "project 'q' has $2.0000 left of its $2.00 limit" in info.value.message
+    assert "project 'r' has $2.0000 left of its $2.00 limit" in info.value.message
     assert "($0.0000 spent or reserved" in info.value.message
+    with pytest.raises(InsufficientQuota) as info:  # a limit of zero: nothing left
+        await store.create_batch(batch_row(project="r", created_at=T0), [NewRequest("a", "sim/m", {})],
+                                 reservation=Reservation(0.5, 0.0))
+    assert "project 'r' has $0.0000 left of its $0.00 limit" in info.value.message
 
 
 async def test_ending_a_batch_settles_its_reservation_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -415,6 +428,12 @@ async def test_ending_a_batch_settles_its_reservation_once(store: Store, monkeyp
     async with store.sessions.begin() as s:  # a second settle (cannot happen by transition) changes nothing
         await store._settle(s, a.id)
     assert await store.spend("p", month) == repository.Spend("p", month, 2.0, 0.75)
+    # what was spent counts against the limit as much as what is reserved: 2 + 0.75 + 7.5 > 10
+    with pytest.raises(InsufficientQuota) as info:
+        await store.create_batch(batch_row(project="p", created_at=T0), [NewRequest("a", "sim/m", {})],
+                                 reservation=Reservation(7.5, 10.0))
+    assert "has $7.2500 left of its $10.00 limit" in info.value.message
+    assert "($2.7500 spent or reserved" in info.value.message
     assert await store.transition(b.id, BatchStatus.VALIDATING, BatchStatus.EXPIRED)
     assert await store.spend("p", month) == repository.Spend("p", month, 0.0, 0.75)
     plain = await store.create_batch(batch_row(project="p"), [NewRequest("a", "sim/m", {})])
@@ -901,7 +920,7 @@ async def _ended(store: Store, batch_id: str) -> BatchRow:
 
 async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
     """root (r0 completed, r1 and r2 failed); retry1 of root (r1 completed, r2 failed); retry2 of
-    retry1 (r2 pending); retry3 of root (r1 and r0 completed again)."""
+    retry1 (r2 pending); retry3 of root (r1 and r0 completed again); retry4 of retry3 (r0 pending)."""
     def ok(i: int, cid: str) -> LineOutcome:
         return LineOutcome(i, cid, ResultStatus.COMPLETED, 200, {"ok": cid})
 
@@ -923,6 +942,7 @@ async def _chain(store: Store) -> tuple[BatchRow, BatchRow, BatchRow, BatchRow]:
     r1 = await retry(root, 1, [1, 2])
     await store.store_results(r1.id, [ok(0, "r1"), bad(1, "r2")])
     r2 = await retry(r1, 2, [2])
+    await retry(r3, 4, [0])  # retry4, of retry3: r0 a third time (pending)
     await store.store_results(r3.id, [ok(0, "r1"), ok(1, "r0")])
     return (await _ended(store, root.id), await _ended(store, r1.id), await store.engine_batch(r2.id),
             await store.engine_batch(r3.id))
@@ -937,8 +957,9 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     with pytest.raises(NotFound):
         await store.get_batch_with_retries("q", root.id)
     chain = await store.chain("p", r2.id)
-    assert [b.id for b in chain] == [root.id, r1.id, r2.id, r3.id]
-    assert [b.id for b in await store.chain("p", root.id)] == [root.id, r1.id, r2.id, r3.id]
+    r4 = chain[-1]
+    assert [b.id for b in chain] == [root.id, r1.id, r2.id, r3.id, r4.id] and r4.retry_of == r3.id
+    assert [b.id for b in await store.chain("p", root.id)] == [root.id, r1.id, r2.id, r3.id, r4.id]
     with pytest.raises(NotFound):
         await store.chain("q", root.id)
     rows = [r async for r in store.iter_requests(r3.id)]
@@ -948,11 +969,14 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     assert await store.attempt_numbers(chain, root, [r async for r in store.iter_requests(root.id)]) == {
         0: 1, 1: 1, 2: 1}
     assert await store.attempt_numbers(chain, r3, []) == {}
+    # any rows with idx and origin_idx: origin 0 ran in retry3, origin 1 in retry1 and retry3, 2 in retry1 and 2
+    rows = [SimpleNamespace(idx=i, origin_idx=o) for i, o in enumerate((0, 1, 2))]
+    assert await store.attempt_numbers(chain, r4, rows) == {0: 3, 1: 4, 2: 4}
 
     latest, more = await store.latest_attempts(chain, "", 10)
     assert not more
     assert [(a.request.custom_id, a.batch.id, a.number, a.result.status if a.result else None) for a in latest] == [
-        ("r0", r3.id, 2, ResultStatus.COMPLETED), ("r1", r3.id, 3, ResultStatus.COMPLETED),
+        ("r0", r4.id, 3, None), ("r1", r3.id, 3, ResultStatus.COMPLETED),
         ("r2", r2.id, 3, None)]
     latest, more = await store.latest_attempts(chain, "r0", 1)
     assert [a.request.custom_id for a in latest] == ["r1"] and more
@@ -966,7 +990,7 @@ async def test_a_retry_chain_its_attempts_and_their_numbers(store: Store) -> Non
     assert [(a.batch.id, a.number, a.request.idx, a.result.status if a.result else None) for a in attempts] == [
         (root.id, 1, 2, ResultStatus.FAILED), (r1.id, 2, 1, ResultStatus.FAILED), (r2.id, 3, 0, None)]
     assert [(a.batch.id, a.number, a.request.idx) for a in await store.line_attempts(chain, "r0")] == [
-        (root.id, 1, 0), (r3.id, 2, 1)]
+        (root.id, 1, 0), (r3.id, 2, 1), (r4.id, 3, 0)]
     with pytest.raises(NotFound) as info:
         await store.line_attempts(chain, "r9")
     assert (info.value.message, info.value.param, info.value.code) == (
