@@ -98,6 +98,14 @@ EQUIVALENT: dict[str, str] = {
        "limit(None)/limit(2) instead of limit(1): `scalar` takes the first row of the same order" for n in (3, 8)},
     "service.storage.repository.xǁStoreǁresult_page__mutmut_9":
         "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁget_batch_with_retries__mutmut_7":
+        "asking for the retries of a batch that has none (the one-statement read said so): the answer is the same "
+        "empty list, one query later",
+    **{f"service.storage.repository.xǁStoreǁget_batch_with_retries__mutmut_{n}":
+       "the default of a retried batch missing from `retries_of`'s answer: it is there, since a batch retries it"
+       for n in (9, 11)},
+    "service.storage.repository.xǁStoreǁresult_page__mutmut_22":
+        "limit + 2 instead of + 1: the page is cut to `limit` and `has_more` is `len > limit` either way",
     "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
         "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
     "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":

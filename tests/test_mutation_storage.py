@@ -900,6 +900,8 @@ async def test_request_keys_and_results_are_per_batch(store: Store) -> None:
     assert [(r.custom_id, r.response_json) for r in rows] == [("r1", '{"b":1}')] and more
     rows, more = await store.result_page(row_b, 5, "")
     assert [r.idx for r in rows] == [0, 1, 2] and not more
+    rows, more = await store.result_page(row_b, 3, "")  # exactly the last page: nothing more
+    assert [r.idx for r in rows] == [0, 1, 2] and not more
     with pytest.raises(NotFound) as info:
         await store.result_page(row_b, 5, "nope")
     assert info.value.message == f"No request with custom_id 'nope' in batch '{b}'."
@@ -1012,6 +1014,17 @@ async def test_a_line_retried_twice_is_its_third_attempt_in_the_batch_as_a_calle
     assert rows == []  # r2's line has no result yet: the numbers come from the request rows
     assert await store.attempt_numbers(await store.chain("p", root.id), await store.get_batch("p", root.id),
                                        lines) == {0: 1}
+
+
+async def test_retries_made_in_the_same_second_are_listed_by_id(store: Store) -> None:
+    root = await store.create_batch(batch_row(project="p", created_at=T0), [NewRequest("a", "sim/m", {})])
+    for suffix in ("z", "a", "m"):  # stored in this order, listed by id within their second
+        await store.create_batch(batch_row(project="p", created_at=T0 + 1, id=f"batch_retry_{suffix}",
+                                           chain_id=root.id, retry_of=root.id), [NewRequest("a", "sim/m", {})])
+    want = ["batch_retry_a", "batch_retry_m", "batch_retry_z"]
+    assert await store.retries_of([root.id]) == {root.id: want}
+    assert (await store.get_batch_with_retries("p", root.id))[1] == want
+    assert [b.id for b in await store.chain("p", "batch_retry_z")] == [root.id, *want]
 
 
 async def test_the_lines_a_retry_runs_again(store: Store) -> None:
