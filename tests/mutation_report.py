@@ -106,6 +106,19 @@ EQUIVALENT: dict[str, str] = {
        for n in (9, 11)},
     "service.storage.repository.xǁStoreǁresult_page__mutmut_22":
         "limit + 2 instead of + 1: the page is cut to `limit` and `has_more` is `len > limit` either way",
+    "service.storage.repository.xǁStoreǁ_claim_key__mutmut_7":
+        "dropping the project's other expired keys too, not only this one: no read finds an expired key "
+        "(`find_idempotency_key` checks its age) and each may be used again",
+    "service.storage.repository.xǁStoreǁ_bodies_from_file__mutmut_16":
+        "stopping at the first run whose content is gone instead of skipping it: every run is of the same file, "
+        "so the content is gone for all of them",
+    **{f"service.storage.repository.x_line_runs__mutmut_{n}":
+       "the initial `start`/`end` (None or 1 instead of 0): never read, the first line always opens a run"
+       for n in (2, 3)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "no limit, or limit + 2: the page is cut to `limit` and `has_more` is `len > limit` either way"
+       for name in ("list_batches__mutmut_34", "list_batches__mutmut_40", "list_results__mutmut_31",
+                    "list_results__mutmut_34")},
     "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
         "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
     "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":

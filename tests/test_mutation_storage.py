@@ -136,6 +136,9 @@ def test_line_runs_group_nearby_lines_in_file_order_within_the_span() -> None:
     assert line_runs([e, f]) == [[e, f]]
     g = (1, RUN_BYTES - 10, 11)
     assert line_runs([e, g]) == [[e], [g]]
+    # the span is measured from the run's start, wherever in the file it is
+    q, r = (0, RUN_BYTES, 10), (1, RUN_BYTES + 20, 10)
+    assert line_runs([q, r]) == [[q, r]]
     # a line longer than RUN_BYTES is a run of its own
     h, i = (0, 0, RUN_BYTES + 5), (1, RUN_BYTES + 5, 1)
     assert line_runs([h, i]) == [[h], [i]]
@@ -449,8 +452,9 @@ async def test_idempotency_keys_last_24_hours(store: Store, monkeypatch: pytest.
         "p", "key-1", "hash-1", first.id, T0)
     assert await store.find_idempotency_key("other", "key-1") is None
     assert await store.find_idempotency_key("p", "key-2") is None
-    with pytest.raises(KeyTaken):
+    with pytest.raises(KeyTaken) as taken:
         await store.create_batch(batch_row(project="p"), [], idempotency=claim)
+    assert taken.value.args == ("key-1",)
     other = await store.create_batch(batch_row(project="other"), [], idempotency=claim)  # per project
     freeze(monkeypatch, T0 + IDEMPOTENCY_TTL - 1)
     assert (await store.find_idempotency_key("p", "key-1")) is not None
@@ -565,8 +569,10 @@ async def test_expired_files_are_not_found_from_their_expiry_second(store: Store
     assert (info.value.message, info.value.param, info.value.code) == (
         "No such File object: f-exp", "id", "file_not_found")
     assert [r.id for r in (await store.list_files("p", "", 10, "", True))[0]] == ["f-later"]
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound) as info:
         await store.mark_file_deleted("p", "f-exp")
+    assert (info.value.message, info.value.param, info.value.code) == (
+        "No such File object: f-exp", "id", "file_not_found")
 
 
 async def test_an_upload_is_touched_and_finished_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -885,6 +891,8 @@ async def test_pending_lines_stop_at_the_limit_and_the_byte_budget(store: Store)
 
 
 async def test_request_keys_and_results_are_per_batch(store: Store) -> None:
+    # made first, with the same custom_ids at other indexes: a cursor is looked up in its own batch only
+    await store.create_batch(batch_row(project="p"), [NewRequest(f"r{i}", "sim/m", {}) for i in (2, 1, 0)])
     a = await new_batch(store, 3, project="p")
     b = await new_batch(store, 3, project="p")
     assert set(await store.request_keys(a, [0, 2])) == {0, 2}
