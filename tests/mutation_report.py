@@ -119,6 +119,19 @@ EQUIVALENT: dict[str, str] = {
        "no limit, or limit + 2: the page is cut to `limit` and `has_more` is `len > limit` either way"
        for name in ("list_batches__mutmut_34", "list_batches__mutmut_40", "list_results__mutmut_31",
                     "list_results__mutmut_34")},
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_32":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_36":
+        "no page limit: every line of the batch copied in one page, then an empty one; the same bodies stored",
+    **{f"service.storage.repository.xǁStoreǁlist_files__mutmut_{n}":
+       "no limit, or limit + 2: the page is cut to `limit` and `has_more` is `len > limit` either way"
+       for n in (55, 57)},
+    **{f"service.storage.repository.xǁStoreǁsweep_files__mutmut_{n}":
+       "the `IS NOT NULL` guard left out: a comparison with NULL is never true, so the same files match"
+       for n in (16, 45)},
+    **{f"service.storage.repository.xǁStoreǁsweep_files__mutmut_{n}":
+       "claiming every doomed file at once instead of the chunk just selected (no limit, or the UPDATE without "
+       "the ids): the same files are removed, in larger transactions" for n in (55, 70)},
     "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
         "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
     "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":

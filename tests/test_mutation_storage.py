@@ -258,7 +258,7 @@ async def test_lines_read_before_the_sweeper_copied_them_in_get_the_copied_bodie
         await store._fill_bodies(batch_id, stale)
 
 
-@pytest.mark.logs_errors(r"sweep: The request bodies of batch .* file-gone is gone")
+@pytest.mark.logs_errors(r"repository: sweep: The request bodies of batch .* file-gone is gone\.$")
 async def test_the_sweeper_copies_bodies_in_before_it_purges_an_input_file(store: Store) -> None:
     running = await by_reference(store, "file-in", BODIES[:3])
     await store.mark_file_deleted("p", "file-in")
@@ -648,6 +648,7 @@ async def test_the_sweeper_removes_what_is_due_at_its_exact_bounds(store: Store,
         "exp-input-running": dict(expires_at=T0 - 10),
         "exp-input-ended": dict(expires_at=T0 - 10),
         "exp-deleted": dict(status=FileStatus.DELETED, updated_at=T0, expires_at=T0 - 10),
+        "old-published": dict(updated_at=T0 - 7200),  # published long ago: not a purge to take over
     }
     for file_id, fields in files.items():
         await add_file(store, file_id, **fields)  # type: ignore[arg-type]
@@ -663,7 +664,7 @@ async def test_the_sweeper_removes_what_is_due_at_its_exact_bounds(store: Store,
     assert sorted(swept.expired) == ["exp-due", "exp-edge", "exp-input-ended"]
     assert swept.total == 3 and without_expiry.total == 3
     assert await file_ids(store) == {"up-edge", "up-engine", "del-edge", "purge-edge", "exp-later", "exp-none",
-                                     "exp-input-running", "exp-deleted"}
+                                     "exp-input-running", "exp-deleted", "old-published"}
     for gone in ("up-stale", "del-old", "purge-dead", "exp-due"):
         assert [c async for c in store.blobs.get(gone)] == []
     assert b"".join([c async for c in store.blobs.get("exp-later")]) == b"a\n"
@@ -740,6 +741,7 @@ async def test_part_updates_touch_only_their_part(store: Store, monkeypatch: pyt
     await store.schedule_part(batch.id, 1, T0 + 5.5)
     assert await store.record_poll_failure(batch.id, 1) == 1
     assert await store.record_poll_failure(batch.id, 1) == 2
+    assert await store.record_poll_failure("batch_none", 1) == 0
     p0, p1 = await parts()
     assert (p1.submit_started_at, p1.provider_batch_id, p1.status, p1.cancel_sent_at, p1.next_poll_at,
             p1.poll_failures) == (T0, "pb-1", BatchStatus.IN_PROGRESS, T0, T0 + 5.5, 2)
@@ -767,6 +769,7 @@ async def test_part_updates_touch_only_their_part(store: Store, monkeypatch: pyt
     p0, p1 = await parts()
     assert (p1.status, p1.errors, p1.ended_at) == (BatchStatus.FAILED, why, T0)
     assert (p0.status, p0.errors, p0.ended_at) == (BatchStatus.COMPLETED, None, T0)
+    assert await store.record_poll_failure(batch.id) == 1  # part 0 by default
     (untouched,) = (await store.engine_batch(other)).parts
     assert (untouched.status, untouched.provider_batch_id, untouched.poll_failures) == (
         BatchStatus.VALIDATING, None, 0)
