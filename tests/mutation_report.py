@@ -132,6 +132,11 @@ EQUIVALENT: dict[str, str] = {
     **{f"service.storage.repository.xǁStoreǁsweep_files__mutmut_{n}":
        "claiming every doomed file at once instead of the chunk just selected (no limit, or the UPDATE without "
        "the ids): the same files are removed, in larger transactions" for n in (55, 70)},
+    **{f"service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_{n}":
+       "the page cursor not moved on (no `idx > last`, or `>=`): each copied line leaves the `line_offset IS NOT "
+       "NULL` filter, so every page is still the next uncopied lines" for n in (42, 51)},
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_61":
+        "a missing line length read as 1 instead of 0: a line stored by reference always has its length",
     "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
         "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
     "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":

@@ -770,6 +770,7 @@ async def test_part_updates_touch_only_their_part(store: Store, monkeypatch: pyt
     assert (p1.status, p1.errors, p1.ended_at) == (BatchStatus.FAILED, why, T0)
     assert (p0.status, p0.errors, p0.ended_at) == (BatchStatus.COMPLETED, None, T0)
     assert await store.record_poll_failure(batch.id) == 1  # part 0 by default
+    assert [p.poll_failures for p in await parts()] == [1, 0]
     (untouched,) = (await store.engine_batch(other)).parts
     assert (untouched.status, untouched.provider_batch_id, untouched.poll_failures) == (
         BatchStatus.VALIDATING, None, 0)
