@@ -113,7 +113,7 @@ async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
 @pytest.fixture
 async def store(db_url: str) -> AsyncIterator[Store]:
     """A migrated, empty store on each backend."""
-    await migrate(db_url)
+    await migrate(db_url)  # already migrated (tests/databases.py): checks, changes nothing
     s = Store(create_engine(db_url))
     try:
         yield s

@@ -120,6 +120,138 @@ EQUIVALENT: dict[str, str] = {
         "`_flush(last=None)` for False: only its truth is read",
     "service.intake.line_index.xǁLineIndexWriterǁ_flush__mutmut_18":
         "block numbers 0, 2, 4, ...: they only order the blocks (as for numbering from 1)",
+    # service/storage/repository.py (numbers as of its scoring on 2026-11-30, after issue 13; they shift when
+    # the Store changes: re-check each by its diff, `mutmut show NAME`). "PostgreSQL-only" entries are code a
+    # SQLite run cannot tell apart; each fails tests/test_mutation_storage.py's test of that function on
+    # PostgreSQL in `make test` (checked by hand for _insert_requests' COPY table, back_off's `/ factor` and
+    # count_request's conflict target in capitals).
+    **{f"service.storage.repository.xǁStoreǁlast_file_index_block__mutmut_{n}":
+       "limit(None)/limit(2) instead of limit(1): `scalar` takes the first row of the same order" for n in (3, 8)},
+    "service.storage.repository.xǁStoreǁresult_page__mutmut_9":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁget_batch_with_retries__mutmut_7":
+        "asking for the retries of a batch that has none (the one-statement read said so): the answer is the same "
+        "empty list, one query later",
+    **{f"service.storage.repository.xǁStoreǁget_batch_with_retries__mutmut_{n}":
+       "the default of a retried batch missing from `retries_of`'s answer: it is there, since a batch retries it"
+       for n in (9, 11)},
+    "service.storage.repository.xǁStoreǁresult_page__mutmut_22":
+        "limit + 2 instead of + 1: the page is cut to `limit` and `has_more` is `len > limit` either way",
+    "service.storage.repository.xǁStoreǁ_claim_key__mutmut_7":
+        "dropping the project's other expired keys too, not only this one: no read finds an expired key "
+        "(`find_idempotency_key` checks its age) and each may be used again",
+    "service.storage.repository.xǁStoreǁ_bodies_from_file__mutmut_16":
+        "stopping at the first run whose content is gone instead of skipping it: every run is of the same file, "
+        "so the content is gone for all of them",
+    **{f"service.storage.repository.x_line_runs__mutmut_{n}":
+       "the initial `start`/`end` (None or 1 instead of 0): never read, the first line always opens a run"
+       for n in (2, 3)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "no limit, or limit + 2: the page is cut to `limit` and `has_more` is `len > limit` either way"
+       for name in ("list_batches__mutmut_34", "list_batches__mutmut_40", "list_results__mutmut_31",
+                    "list_results__mutmut_34")},
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_32":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_36":
+        "no page limit: every line of the batch copied in one page, then an empty one; the same bodies stored",
+    **{f"service.storage.repository.xǁStoreǁlist_files__mutmut_{n}":
+       "no limit, or limit + 2: the page is cut to `limit` and `has_more` is `len > limit` either way"
+       for n in (55, 57)},
+    **{f"service.storage.repository.xǁStoreǁsweep_files__mutmut_{n}":
+       "the `IS NOT NULL` guard left out: a comparison with NULL is never true, so the same files match"
+       for n in (16, 45)},
+    **{f"service.storage.repository.xǁStoreǁsweep_files__mutmut_{n}":
+       "claiming every doomed file at once instead of the chunk just selected (no limit, or the UPDATE without "
+       "the ids): the same files are removed, in larger transactions" for n in (55, 70)},
+    **{f"service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_{n}":
+       "the page cursor not moved on (no `idx > last`, or `>=`): each copied line leaves the `line_offset IS NOT "
+       "NULL` filter, so every page is still the next uncopied lines" for n in (42, 51)},
+    "service.storage.repository.xǁStoreǁcopy_bodies_in__mutmut_61":
+        "a missing line length read as 1 instead of 0: a line stored by reference always has its length",
+    "service.storage.repository.xǁStoreǁknown_custom_ids__mutmut_9":
+        "a window starting at every id instead of every 500th: the windows overlap, the set found is the same",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_1":
+        "a default page of 1001 lines instead of 1000: the same lines, in pages of another size",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_4":
+        "the starting cursor -2 instead of -1: line indexes start at 0, so both select every line",
+    "service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_29":
+        "no page limit: every line in one page, then an empty one; the same lines in the same order",
+    **{f"service.storage.repository.xǁStoreǁiter_retry_lines__mutmut_{n}":
+       "the input file id not passed to `_fill_bodies`, which then reads the batch's own `input_file_id`: the "
+       "same file" for n in (48, 51)},
+    "service.storage.repository.x__with_models__mutmut_6":
+        "reading every line of the batch instead of the stored ones: only the stored ones are looked up in it",
+    **{f"service.storage.repository.x__with_models__mutmut_{n}":
+       "the label of a result whose line is not in the batch: `store_results` is only ever given outcomes of the "
+       "batch's own lines (the engine's), so the default is never used" for n in (32, 34, 35, 36, 43)},
+    **{f"service.storage.repository.xǁStoreǁlatest_attempts__mutmut_{n}":
+       "no limit, or limit + 2, on the first batch's lines: the page is cut to `limit` and `has_more` is "
+       "`len > limit` either way" for n in (33, 36)},
+    "service.storage.repository.xǁStoreǁ_attempts__mutmut_6":
+        "`retries or runs` instead of `and`: with either empty the query's IN () matches no row",
+    **{f"service.storage.repository.xǁStoreǁrunning_parts__mutmut_{n}":
+       "the join without its ON clause: SQLAlchemy infers the same one from the foreign key" for n in (11, 13)},
+    **{f"service.storage.repository.xǁStoreǁensure_capacity__mutmut_{n}":
+       "a new slot's `holder`/`until` key misspelt: the key is ignored and both columns are NULL by default, "
+       "which is the value written" for n in (15, 16, 18)},
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_27":
+        "`backed_off_at` left out: its column default is the same 0.0",
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_29":
+        "`backed_off_at` 1.0 instead of 0.0: the cooldown compares it with the clock (about 1.8e9 s), both are "
+        "long past",
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "ON CONFLICT DO NOTHING without a target: the table's only unique key is its primary key, so the same "
+       "rows are skipped on both databases" for name in ("ensure_capacity__mutmut_5", "ensure_capacity__mutmut_21",
+                                                         "count_request__mutmut_2")},
+    **{f"service.storage.repository.xǁStoreǁcount_request__mutmut_{n}":
+       "the new window's `requests`/`tokens` 0 left out: both columns default to 0" for n in (9, 10)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "PostgreSQL-only: a conflict target in capitals, which SQLite matches case-insensitively; PostgreSQL "
+       "fails it (no such column)" for name in ("count_request__mutmut_15", "count_request__mutmut_17",
+                                                "ensure_capacity__mutmut_8", "ensure_capacity__mutmut_10",
+                                                "ensure_capacity__mutmut_31")},
+    **{f"service.storage.repository.xǁStoreǁchain__mutmut_{n}":
+       "the SQL order of the chain's batches: they are sorted again in Python by (not the root, created_at, id)"
+       for n in (11, 12, 13, 14)},
+    "service.storage.repository.xǁStoreǁchain__mutmut_17":
+        "the chain's batches not filtered by project: `get_batch` checked the tenant first, and a retry is always "
+        "made in its batch's project, so every batch of the chain is the caller's",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_4":
+        "finding the batch in the chain unconditionally: callers always pass the batch's own chain",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_11":
+        "taking `origin_idx` even when it is None: only a first batch's lines have none, and a first batch "
+        "returns 1 for every line before",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_20":
+        "`earlier or origins` instead of `and`: with either empty the query's IN () matches no row",
+    "service.storage.repository.xǁStoreǁattempt_numbers__mutmut_31":
+        "counting every origin of the earlier batches, not only the ones asked for: only those are looked up",
+    "service.storage.repository.xǁStoreǁ_attempts__mutmut_33":
+        "reading every result of a batch of the chain, not only the wanted lines': only those are looked up",
+    "service.storage.repository.xǁStoreǁensure_capacity__mutmut_17":
+        "a new slot's `until` key misspelt: the key is ignored and the column is NULL by default, the value written",
+    "service.storage.repository.xǁStoreǁ_reserve__mutmut_4":
+        "ON CONFLICT DO NOTHING without a target: the table's only unique key is its primary key, so the same "
+        "rows are skipped on both databases",
+    **{f"service.storage.repository.xǁStoreǁ_reserve__mutmut_{n}":
+       "the new spend row's `reserved`/`spent` 0.0 left out: both columns default to 0.0" for n in (11, 12)},
+    **{f"service.storage.repository.xǁStoreǁ_reserve__mutmut_{n}":
+       "the case of no spend row when a reservation is refused: the row was inserted just before, in the same "
+       "transaction, so there always is one" for n in (51, 53)},
+    **{f"service.storage.repository.xǁStoreǁ{name}":
+       "PostgreSQL-only: an upsert without a conflict target, or with a column in capitals; SQLite accepts "
+       "both, PostgreSQL refuses them (SQLAlchemy needs a target for DO UPDATE; no such column), and the key "
+       "tests call `put_api_keys` twice on PostgreSQL" for name in (
+           "put_api_keys__mutmut_13", "put_api_keys__mutmut_15", "put_api_keys__mutmut_18",
+           "put_api_keys__mutmut_20")},
+    **{f"service.storage.repository.xǁStoreǁ_reserve__mutmut_{n}":
+       "PostgreSQL-only: a conflict target in capitals, which SQLite matches case-insensitively; PostgreSQL "
+       "fails it (no such column), and the reservation tests run there" for n in (17, 19)},
+    **{f"service.storage.repository.xǁStoreǁback_off__mutmut_{n}":
+       "PostgreSQL-only: the `greatest(...)` branch, or SQLite's two-argument `max` sent to PostgreSQL, where "
+       "`max` is an aggregate; the adaptive-limit test fails on PostgreSQL" for n in (17, 26, 27, 28, 29, 30)},
+    **{f"service.storage.repository.xǁStoreǁrecover__mutmut_{n}":
+       "PostgreSQL-only: the `least(...)` branch, or SQLite's two-argument `min` sent to PostgreSQL, where "
+       "`min` is an aggregate; the adaptive-limit test fails on PostgreSQL" for n in (7, 16, 17, 18, 19, 20)},
 }
 
 

@@ -117,6 +117,11 @@ async def test_failed_lines_are_retried_into_a_linked_batch_and_merged(db_url: s
         history = await c.stub.ListResultAttempts(batch_pb2.ListResultAttemptsRequest(
             batch_id=first.id, custom_id="b-flaky"), metadata=md())
         assert [x.attempt for x in history.data] == [1, 2, 3] and history.data[-1].batch_id == third.id
+        # The third batch's own results say the same (they were numbered 2 before a fix).
+        assert [(x.custom_id, x.attempt) for x in await c.results(third.id)] == [("b-flaky", 3)]
+        one = await c.stub.GetBatchResult(batch_pb2.GetBatchResultRequest(batch_id=third.id, custom_id="b-flaky"),
+                                          metadata=md())
+        assert one.attempt == 3
         assert [x.batch_id for x in await across(c, first.id, limit=100)][1] == third.id
         assert list((await c.get(second.id)).retries) == [third.id]
 

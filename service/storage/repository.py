@@ -660,7 +660,8 @@ class Store:
                               requests: Sequence[Any]) -> dict[int, int]:
         """idx -> the attempt a line of `batch` is, across the chain (1 on the first batch).
         `requests`: request rows, or any rows with their `idx` and `origin_idx`."""
-        earlier = [b.id for b in chain[1:chain.index(batch)]] if batch in chain else []
+        ids = [b.id for b in chain]  # by id: `batch` is never the chain's own instance (another read)
+        earlier = ids[1:ids.index(batch.id)] if batch.id in ids else []
         origins = {r.idx: r.origin_idx if r.origin_idx is not None else r.idx for r in requests}
         if batch.chain_id is None:
             return dict.fromkeys(origins, 1)
