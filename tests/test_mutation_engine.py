@@ -7,6 +7,7 @@ visible, the lifetime of output files. A real `Store` on SQLite (and PostgreSQL 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -107,10 +108,12 @@ async def test_output_files_live_as_long_as_the_batch_asks(store: Store) -> None
     assert f.expires_at == f.created_at + 3600
 
 
-async def test_a_failed_write_leaves_no_file_and_the_next_one_writes_both(store: Store,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure while the lines are written (a database error, a cancelled step): both files stay
-    invisible, their content is dropped, and the next finalization writes them whole."""
+@pytest.mark.parametrize("fails_at", [0, 1, 3], ids=["before-any-line", "after-an-output-line", "after-both"])
+async def test_a_failed_write_leaves_no_file_and_the_next_one_writes_both(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                                         fails_at: int) -> None:
+    """A failure while the lines are written (a database error, a cancelled step), whichever files
+    were begun: the caller gets that failure, both files stay invisible, their content is dropped,
+    no upload is left running, and the next finalization writes them whole."""
     batch = await store.create_batch(batch_row(project="p"), [
         NewRequest(custom_id=f"c{i}", model="sim/m", body={"model": "sim/m"}) for i in range(4)])
     await store.store_results(batch.id, [
@@ -123,15 +126,18 @@ async def test_a_failed_write_leaves_no_file_and_the_next_one_writes_both(store:
 
     async def fails_after_three(batch_id: str, page: int = 1000) -> AsyncIterator[Any]:
         n = 0
-        async for r in results(batch_id, page):
-            if n == 3:
-                raise RuntimeError("database hiccup")
-            n += 1
-            yield r
+        async with contextlib.aclosing(results(batch_id, page)) as rows:
+            async for r in rows:
+                if n == fails_at:
+                    raise RuntimeError("database hiccup")
+                n += 1
+                yield r
 
     monkeypatch.setattr(store, "iter_results", fails_after_three)
     with pytest.raises(RuntimeError, match="database hiccup"):
         await OutputFiles(store)(batch)
+    lingering = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    assert lingering == [], "a failed write left an upload running"
     for file_id in (out_id, err_id):
         with pytest.raises(NotFound):
             await store.get_file("p", file_id)
