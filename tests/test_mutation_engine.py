@@ -292,3 +292,44 @@ async def test_a_batch_whose_input_file_content_is_lost_can_still_be_cancelled(s
     done = await step(make_engine(store, fx), batch.id)
     assert done.status is BatchStatus.CANCELLED and fx.calls == []
     assert statuses(await results(store, batch.id)) == dict.fromkeys(["c0", "c1"], ResultStatus.CANCELLED)
+
+
+async def test_a_line_failing_unexpectedly_in_the_grace_is_left_to_run_again(store: Store,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the grace after a cancel, a line whose call ends in an unexpected exception (not a
+    provider's answer) is dropped: the step still ends the batch, the answers that arrived in the
+    grace are kept, and the failed line is closed with the batch like one that never ran."""
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 0.0)
+    fx = FakeExecutor(concurrency=3)
+    batch_id = await add_batch(store, "exec", 4)
+    grace_started = asyncio.Event()
+    c0_and_c1_running = asyncio.Event()
+    running: set[str] = set()
+    real_wait = asyncio.wait
+
+    async def recorded(tasks: Any, *, timeout: float | None = None,
+                       return_when: str = asyncio.ALL_COMPLETED) -> Any:
+        if return_when == asyncio.ALL_COMPLETED:
+            grace_started.set()
+        return await real_wait(tasks, timeout=timeout, return_when=return_when)
+
+    async def in_the_grace(line: RequestLine) -> LineResult:
+        running.add(line.custom_id)
+        if running >= {"c0", "c1"}:
+            c0_and_c1_running.set()
+        await grace_started.wait()
+        if line.custom_id == "c0":
+            raise RuntimeError("an adapter's bug")
+        return answer(line)
+
+    async def cancels(line: RequestLine) -> LineResult:
+        await c0_and_c1_running.wait()
+        await store.request_cancel("alpha", batch_id)
+        return answer(line)
+
+    fx.script = {"c0": [in_the_grace], "c1": [in_the_grace], "c2": [cancels]}
+    monkeypatch.setattr(asyncio, "wait", recorded)
+    done = await step(make_engine(store, fx), batch_id)
+    assert done.status is BatchStatus.CANCELLED and done.lease_owner is None
+    assert statuses(await results(store, batch_id)) == {"c0": ResultStatus.CANCELLED, "c1": ResultStatus.COMPLETED,
+                                                        "c2": ResultStatus.COMPLETED, "c3": ResultStatus.CANCELLED}
