@@ -31,6 +31,9 @@ EQUIVALENT: dict[str, str] = {
     **{f"service.engine.output_files.xǁOutputFilesǁ_row__mutmut_{n}":
        "the new file row's `bytes`/`line_count` placeholders: `finish_file` sets both before the row leaves "
        "`uploading`, so no reader ever sees the placeholder" for n in (6, 7, 15, 16, 26, 27)},
+    "service.engine.output_files.xǁ_FileWriterǁ_flush__mutmut_1":
+        "`self.buffer or ...`: with a writer and an empty buffer it writes an empty chunk, which `BlobWriter.write` "
+        "skips; there is never a buffer without a writer (`add` opens one first)",
     "service.engine.output_files.xǁOutputFilesǁ_merged_lines__mutmut_6":
         "the first page's cursor None instead of '': `latest_attempts` only tests it for truth",
     "service.engine.output_files.xǁOutputFilesǁ_merged_lines__mutmut_22":

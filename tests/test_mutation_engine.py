@@ -21,7 +21,7 @@ from service.domain.errors import Internal, NotFound
 from service.domain.model import BatchStatus, FileStatus, LineOutcome, ResultError, ResultStatus, now
 from service.engine import engine as engine_module
 from service.engine import output_files
-from service.engine.output_files import OutputFiles, output_bytes, output_line
+from service.engine.output_files import OutputFiles, _FileWriter, output_bytes, output_line
 from service.storage.repository import NewPart, NewRequest, OutputFileIds, Store, new_id
 from service.storage.tables import BatchRow, FileRow, ResultRow
 from tests.test_engine_unit import PROVIDER_MODEL, FakeExecutor, add_batch, answer, make_engine, results, statuses, step
@@ -147,6 +147,23 @@ async def test_a_failed_write_leaves_no_file_and_the_next_one_writes_both(store:
     _, ok = await stored_file(store, "p", out_id)
     _, bad = await stored_file(store, "p", err_id)
     assert [x["custom_id"] for x in ok] == ["c0", "c2"] and [x["custom_id"] for x in bad] == ["c1", "c3"]
+
+
+async def test_the_finalizer_of_an_ended_batch_returns_both_its_files_untouched(store: Store) -> None:
+    batch = await store.create_batch(batch_row(project="p", status="completed", output_file_id="file-o",
+                                               error_file_id="file-e"), [])
+    assert await OutputFiles(store)(batch) == OutputFileIds(output_file_id="file-o", error_file_id="file-e")
+    assert (await store.list_files("p", "", 10, "", ascending=True))[0] == []
+
+
+async def test_a_line_given_as_a_json_value_is_written_compact(store: Store) -> None:
+    writer = _FileWriter(store, FileRow(id="file-v", project="p", filename="v.jsonl", purpose="batch_output",
+                                        bytes=0, line_count=0, status="uploading", created_at=now()))
+    await writer.add({"a": 1, "b": [1, "x"], "c": {"d": None}})
+    await writer.add(b'{"as":"given"}\n')
+    assert await writer.close() == "file-v"
+    assert b"".join([c async for c in store.blobs.get("file-v")]) == (
+        b'{"a":1,"b":[1,"x"],"c":{"d":null}}\n{"as":"given"}\n')
 
 
 async def retry_chain(store: Store) -> tuple[BatchRow, BatchRow]:
