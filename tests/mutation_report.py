@@ -93,6 +93,8 @@ EQUIVALENT: dict[str, str] = {
     "service.engine.engine.xǁEngineǁ_advance__mutmut_64":
         "waiting for all executor parts instead of the first, with a timeout of at most CHECK_SECONDS: a finished "
         "part is only noticed at the timeout, and nothing is done with it then but logging its failure",
+    "service.engine.engine.xǁEngineǁ_close_unfinished__mutmut_4":
+        "`bodies=None` instead of False: `pending_requests` only tests it for truth",
     "service.engine.engine.xǁEngineǁ_store_native__mutmut_35":
         "the lookup key of a failed result without an error (an HTTP error answer), '' or 'XXXX': neither is a "
         "code in _ENDED_BY_BATCH, so the line is failed either way",
