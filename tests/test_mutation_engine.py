@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from adapters.base import LineResult, RequestLine
+from adapters.base import LineResult, ProviderState, RequestLine
 from service.domain.errors import Internal, NotFound
 from service.domain.model import BatchStatus, FileStatus, LineOutcome, ResultError, ResultStatus, now
 from service.engine import engine as engine_module
@@ -24,7 +24,21 @@ from service.engine import output_files
 from service.engine.output_files import OutputFiles, _FileWriter, output_bytes, output_line
 from service.storage.repository import NewPart, NewRequest, OutputFileIds, Store, new_id
 from service.storage.tables import BatchRow, FileRow, ResultRow
-from tests.test_engine_unit import PROVIDER_MODEL, FakeExecutor, add_batch, answer, make_engine, results, statuses, step
+from tests.harness import until
+from tests.test_engine_unit import (
+    PROVIDER_MODEL,
+    FakeExecutor,
+    FakeNative,
+    add_batch,
+    add_parts_batch,
+    answer,
+    make_engine,
+    result,
+    results,
+    status,
+    statuses,
+    step,
+)
 from tests.test_store import batch_row
 
 
@@ -350,3 +364,38 @@ async def test_a_line_failing_unexpectedly_in_the_grace_is_left_to_run_again(sto
     assert done.status is BatchStatus.CANCELLED and done.lease_owner is None
     assert statuses(await results(store, batch_id)) == {"c0": ResultStatus.CANCELLED, "c1": ResultStatus.COMPLETED,
                                                         "c2": ResultStatus.COMPLETED, "c3": ResultStatus.CANCELLED}
+
+
+async def test_while_an_executor_part_runs_the_loop_waits_no_longer_than_until_a_native_part_is_due(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop that steps native parts while an executor part runs sleeps until the next part is
+    due, never longer (here a part is due every 0.2 s; the periodic look is an hour away): every
+    wait it chooses is recorded, and none is longer than the time to the next due part."""
+    monkeypatch.setattr(engine_module, "CHECK_SECONDS", 3600.0)
+    fx, fake = FakeExecutor(), FakeNative()
+    fake.polls = [status(ProviderState.IN_PROGRESS), status(ProviderState.IN_PROGRESS),
+                  status(ProviderState.COMPLETED)]
+    fake.outputs = [result(1)]
+    batch_id = await add_parts_batch(store, [("exec", 1), ("native", 1)])
+    real_wait = asyncio.wait
+    waits: list[float] = []
+
+    async def recorded(tasks: Any, *, timeout: float | None = None,
+                       return_when: str = asyncio.ALL_COMPLETED) -> Any:
+        parts = all("_run_executor_part" in t.get_coro().__qualname__ for t in tasks)  # not the lines' wait
+        if parts and fake.called("results") == 0 and (timeout or 0) > 0.5:
+            waits.append(timeout or 0)  # while the native part runs: longer than its next look (0.2 s)
+        return await real_wait(tasks, timeout=timeout, return_when=return_when)
+
+    async def until_collected(line: RequestLine) -> LineResult:
+        async def collected() -> bool:
+            return fake.called("results") == 1
+
+        await until("the native part to be collected", collected, 30)
+        return answer(line)
+
+    fx.script = {"c0": [until_collected]}
+    monkeypatch.setattr(asyncio, "wait", recorded)
+    row = await step(make_engine(store, fx, fake, poll_seconds=0.2), batch_id)
+    assert waits == []
+    assert row.status is BatchStatus.COMPLETED and fake.called("poll") == 3
