@@ -232,6 +232,20 @@ async def test_a_retry_writes_its_own_files_and_the_chains_merged_files(store: S
         assert f.expires_at == f.created_at + 600
 
 
+async def test_a_later_retry_still_running_does_not_take_a_line_out_of_a_retrys_merged_files(store: Store) -> None:
+    """A second retry of the chain, made before the first retry ends and still running, re-runs c0:
+    the first retry's merged output keeps c0 from the first batch (its files are the chain up to
+    it). Seen end to end: c0 was missing from the merged output while its second retry ran."""
+    first, retry = await retry_chain(store)
+    await store.create_batch(batch_row(project="p", id=new_id("batch_"), retry_of=first.id, chain_id=first.id), [
+        NewRequest(custom_id="c0", model="sim/m", body={"model": "sim/m"}, origin_idx=0)])
+    fields = await OutputFiles(store)(retry)
+    assert fields.merged_output_file_id is not None
+    _, ok = await stored_file(store, "p", fields.merged_output_file_id)
+    assert [(x["id"], x["custom_id"]) for x in ok] == [
+        (line_id(first.id, 0), "c0"), (line_id(retry.id, 0), "c1"), (line_id(first.id, 3), "c3")]
+
+
 async def test_a_merged_error_file_is_only_written_when_a_line_failed(store: Store) -> None:
     first, retry = await retry_chain(store)
     await store.store_results(retry.id, [LineOutcome(2, "c4", ResultStatus.COMPLETED, 200, {"run": "retry-4"})])
