@@ -332,8 +332,9 @@ async def test_parts_as_given_or_one_on_the_batchs_provider(store: Store) -> Non
     given = await store.create_batch(batch_row(project="p"), lines, [NewPart(0, "x", "mx", 1, 10),
                                                                      NewPart(1, "y", None, 1, 20)])
     parts = (await store.get_batch("p", given.id)).parts
-    assert [(p.part_no, p.provider, p.provider_model, p.total, p.bytes, p.status) for p in parts] == [
-        (0, "x", "mx", 1, 10, BatchStatus.VALIDATING), (1, "y", None, 1, 20, BatchStatus.VALIDATING)]
+    assert [(p.part_no, p.provider, p.provider_model, p.total, p.bytes, p.status, p.completed, p.failed,
+             p.poll_failures) for p in parts] == [
+        (0, "x", "mx", 1, 10, BatchStatus.VALIDATING, 0, 0, 0), (1, "y", None, 1, 20, BatchStatus.VALIDATING, 0, 0, 0)]
     rows = [r async for r in store.iter_requests(given.id)]
     assert [(r.custom_id, r.model, r.provider_model, r.provider, r.part_no, r.origin_idx) for r in rows] == [
         ("a", "x/m", "mx", "x", 0, None), ("b", "y/m", "my", "y", 1, None)]
@@ -417,6 +418,9 @@ async def test_ending_a_batch_settles_its_reservation_once(store: Store, monkeyp
                                  reservation=Reservation(5.0, None))
     b = await store.create_batch(batch_row(project="p", created_at=T0), [NewRequest("a", "sim/m", {})],
                                  reservation=Reservation(2.0, None))
+    last_month = month_of(T0 - 40 * 86400)  # p's reservation of another month: settling this month's leaves it
+    await store.create_batch(batch_row(project="p", created_at=T0 - 40 * 86400), [NewRequest("a", "sim/m", {})],
+                             reservation=Reservation(9.0, None))
     await store.store_results(a.id, [LineOutcome(0, "a", ResultStatus.COMPLETED, 200, {"x": 1}, None,
                                                  Usage(input_cost=0.25, output_cost=0.5))])
     assert await store.transition(a.id, BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS)
@@ -425,6 +429,7 @@ async def test_ending_a_batch_settles_its_reservation_once(store: Store, monkeyp
     assert await store.spend("p", month) == repository.Spend("p", month, 7.0, 0.0)
     assert await store.transition(a.id, BatchStatus.FINALIZING, BatchStatus.COMPLETED)
     assert await store.spend("p", month) == repository.Spend("p", month, 2.0, 0.75)
+    assert await store.spend("p", last_month) == repository.Spend("p", last_month, 9.0, 0.0)
     async with store.sessions() as s:
         charge = await s.get(ChargeRow, a.id)
     assert charge is not None and (charge.actual, charge.settled_at) == (0.75, T0)
