@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from adapters.openai_compatible import OpenAICompatibleExecutor
 from adapters.sim import SimProvider
@@ -58,14 +60,23 @@ async def test_429s_halve_the_shared_concurrency_then_it_recovers(stub: CompatSt
     async with gateway(make_settings(sqlite_url), router(stub)) as (app, c):
         first = await c.create(lines("w", 40))
         await c.wait_until(first.id, lambda b: b.request_counts.completed >= 8, timeout=60)
+        # The limit as each backoff leaves it, read in the backoff's own transaction: polling it from
+        # outside raced the first recovery, which can follow within milliseconds.
+        backed_off: list[float] = []
+
+        def after(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            flat = " ".join(statement.split()).lower()
+            if flat.startswith("update capacity_state set current_limit") and "backed_off_at" in flat:
+                backed_off.append(conn.exec_driver_sql(
+                    "SELECT current_limit FROM capacity_state WHERE provider = 'local'").scalar())
+
+        event.listen(app.store.engine.sync_engine, "after_cursor_execute", after)
         stub.throttle(3)
 
-        async def lowered() -> float | None:
-            limit = await app.store.capacity_limit("local")
-            return limit if limit is not None and limit < LIMIT else None
+        async def lowered() -> list[float]:
+            return backed_off
 
-        backed_off = await until("the shared limit to drop after 429s", lowered, 30)
-        assert backed_off <= LIMIT / 2
+        assert (await until("the shared limit to drop after 429s", lowered, 30))[0] == LIMIT / 2
         stub.reset_peak()
         done = await c.wait_for(first.id, timeout=120)
         assert done.status == "completed" and done.request_counts.completed == 40  # the 429s were retried
