@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from service.runtime.server import App
-from service.storage.db import create_engine, migrate
+from service.storage.db import create_engine
 from service.storage.repository import Store
 from tests.databases import database_url, sqlite_template  # noqa: F401
 from tests.harness import Client, gateway, make_settings
@@ -112,8 +112,7 @@ async def gw(db_url: str) -> AsyncIterator[tuple[App, Client]]:
 
 @pytest.fixture
 async def store(db_url: str) -> AsyncIterator[Store]:
-    """A migrated, empty store on each backend."""
-    await migrate(db_url)  # already migrated (tests/databases.py): checks, changes nothing
+    """A migrated (tests/databases.py), empty store on each backend."""
     s = Store(create_engine(db_url))
     try:
         yield s

@@ -47,7 +47,7 @@ from service.engine import engine as engine_module
 from service.engine.capacity import Capacity, Ticket
 from service.engine.engine import EXECUTOR_RETRIES, UNROUTABLE_RETRY_SECONDS, Engine, EngineSettings
 from service.providers.routing import ProviderEntry, Router
-from service.storage.db import create_engine, migrate
+from service.storage.db import create_engine
 from service.storage.repository import NewPart, NewRequest, OutputFileIds, Store, new_id
 from service.storage.tables import BatchRow, PartRow
 from tests.harness import move_expiry, until
@@ -167,6 +167,19 @@ class FakeNative(NativeBatchAdapter):
         self._fail("cancel")
 
 
+def answer_once_collected(fake: FakeNative, timeout: float) -> Callable[[RequestLine], Awaitable[LineResult]]:
+    """An executor line that answers only once the native part's results were collected: keeps an
+    executor part running while a native part of the same batch ends."""
+    async def until_collected(line: RequestLine) -> LineResult:
+        async def collected() -> bool:
+            return fake.called("results") == 1
+
+        await until("the native part to be collected", collected, timeout)
+        return answer(line)
+
+    return until_collected
+
+
 def status(state: ProviderState, raw: str | None = None, **counts: Any) -> ProviderStatus:
     return ProviderStatus(status=state, raw_status=raw or state.value, **counts)
 
@@ -199,19 +212,12 @@ class HalfRandom:
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated SQLite file, made once: each test starts from a copy (migrating takes
-    most of a second, copying a millisecond; mutation testing runs these tests many times)."""
-    path = tmp_path_factory.mktemp("engine-template") / "engine.db"
-    asyncio.run(migrate(f"sqlite+aiosqlite:///{path}"))
-    return path
-
-
 @pytest.fixture
-async def store(tmp_path: Path, migrated_database: Path) -> AsyncIterator[Store]:
+async def store(tmp_path: Path, sqlite_template: Path) -> AsyncIterator[Store]:
+    """SQLite only, from the migrated template (tests/databases.py): copying takes a millisecond,
+    migrating most of a second, and mutation testing runs these tests many times."""
     path = tmp_path / "engine.db"
-    shutil.copyfile(migrated_database, path)
+    shutil.copyfile(sqlite_template, path)
     s = Store(create_engine(f"sqlite+aiosqlite:///{path}"))
     try:
         yield s
@@ -1910,14 +1916,7 @@ async def test_native_parts_are_stepped_while_an_executor_part_runs(store: Store
     fake.outputs = [result(1)]
     batch_id = await add_parts_batch(store, [("exec", 1), ("native", 1)])
 
-    async def until_collected(line: RequestLine) -> LineResult:
-        async def collected() -> bool:
-            return fake.called("results") == 1
-
-        await until("the native part to be collected", collected, 10)
-        return answer(line)
-
-    fx.script = {"c0": [until_collected]}
+    fx.script = {"c0": [answer_once_collected(fake, 10)]}
     row = await step(make_engine(store, fx, fake, poll_seconds=0.2), batch_id)
     assert fake.calls == [("submit", f"{batch_id}-p1"), ("poll", "pb_1"), ("results", "pb_1")]
     assert (row.status, row.completed) == (BatchStatus.COMPLETED, 2)

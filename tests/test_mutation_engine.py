@@ -24,7 +24,6 @@ from service.engine import output_files
 from service.engine.output_files import OutputFiles, _FileWriter, output_bytes, output_line
 from service.storage.repository import NewPart, NewRequest, OutputFileIds, Store, new_id
 from service.storage.tables import BatchRow, FileRow, ResultRow
-from tests.harness import until
 from tests.test_engine_unit import (
     PROVIDER_MODEL,
     FakeExecutor,
@@ -32,6 +31,7 @@ from tests.test_engine_unit import (
     add_batch,
     add_parts_batch,
     answer,
+    answer_once_collected,
     make_engine,
     result,
     results,
@@ -401,14 +401,7 @@ async def test_while_an_executor_part_runs_the_loop_waits_no_longer_than_until_a
             waits.append(timeout or 0)  # while the native part runs: longer than its next look (0.2 s)
         return await real_wait(tasks, timeout=timeout, return_when=return_when)
 
-    async def until_collected(line: RequestLine) -> LineResult:
-        async def collected() -> bool:
-            return fake.called("results") == 1
-
-        await until("the native part to be collected", collected, 30)
-        return answer(line)
-
-    fx.script = {"c0": [until_collected]}
+    fx.script = {"c0": [answer_once_collected(fake, 30)]}
     monkeypatch.setattr(asyncio, "wait", recorded)
     row = await step(make_engine(store, fx, fake, poll_seconds=0.2), batch_id)
     assert waits == []
